@@ -1,0 +1,272 @@
+"""Official checkpoint layouts -> llava-min models, and llava-min models -> llava-hf directories.
+
+Layouts read (SPEC section 6):
+- CLIP: a full `CLIPModel` (`vision_model.*` + a text tower we skip) or a vision-only model.
+- LLaMA / Vicuna: `model.*` + `lm_head.weight`.
+- llava-hf: hub names (`vision_tower.vision_model.*`, `language_model.model.*`, `multi_modal_projector.*`),
+  what transformers 5 writes (`vision_tower.*`) and its in-memory names (`model.language_model.*`, ...).
+- official LLaVA (`liuhaotian/llava-v1.5-*`): Vicuna keys + `model.mm_projector.*`; CLIP comes from the
+  directory that `mm_vision_tower` names (or `vision_path`); a stage-1 `mm_projector.bin` goes on top
+  of CLIP + Vicuna.
+Written: llava-hf directories in the hub's names, which transformers 4.x and 5.x both load.
+"""
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .clip import VisionConfig, VisionTower
+from .llama import Llama, LlamaConfig
+from .llava import Llava, LlavaConfig
+from .weights import (CheckpointError, atomic_dir, load_strict, materialize, read_tensors, save_safetensors,
+                      tensor_names, weight_files)
+
+# transformers' CLIPVisionConfig / LlamaConfig defaults, for config.json files that omit a key.
+HF_CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+SELECT_STRATEGY = {"default": "patch", "full": "cls_patch"}  # llava-hf name -> LLaVA name
+
+# Checkpoint key prefix -> llava-min name prefix, first match wins.
+LLAVA_PREFIXES = [
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # official, when the tower was tuned
+    ("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."), ("vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector."),
+    ("model.mm_projector.0.", "projector.linear_1."), ("model.mm_projector.2.", "projector.linear_2."),
+    ("model.mm_projector.", "projector.linear_1."),  # LLaVA v1's single linear layer
+    ("model.language_model.model.", "language_model."), ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."), ("language_model.", "language_model."),
+    ("lm_head.", "language_model.lm_head."), ("model.", "language_model."),
+]
+VISION_PREFIXES = [("vision_model.", ""), ("", "")]
+OFFICIAL_PROJECTOR = [("model.mm_projector.0.", "linear_1."), ("model.mm_projector.2.", "linear_2."),
+                      ("model.mm_projector.", "linear_1.")]
+LLAMA_PREFIXES = [("model.", ""), ("", "")]
+
+
+def ignore_reason(key: str) -> Optional[str]:
+    if key.endswith("position_ids"):
+        return "a buffer of positions 0..N, recomputed"
+    if key.endswith("rotary_emb.inv_freq"):
+        return "RoPE frequencies, recomputed from rope_theta"
+    if key.startswith(("text_model.", "text_projection", "visual_projection", "logit_scale")):
+        return "CLIP's text tower and contrastive head, unused by LLaVA"
+    return None
+
+
+def renamer(prefixes):
+    def rename(key: str) -> Optional[str]:
+        for old, new in prefixes:
+            if key.startswith(old):
+                return (new + key[len(old):]).replace("encoder.layers.", "layers.")
+        return None
+    return rename
+
+
+def read_config(path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    return json.loads(file.read_text())
+
+
+def pick(cls, d: dict, defaults: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in {**defaults, **d}.items() if k in names})
+
+
+def vision_config(d: dict) -> VisionConfig:
+    return pick(VisionConfig, d, HF_CLIP_DEFAULTS)
+
+
+def llama_config(d: dict) -> LlamaConfig:
+    d = {"num_key_value_heads": d.get("num_attention_heads", 32), **d}
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"RoPE scaling {rope} is not supported (plain LLaMA RoPE only)")
+    d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if d.get("pad_token_id") is None:
+        d["pad_token_id"] = 0
+    return pick(LlamaConfig, d, HF_LLAMA_DEFAULTS)
+
+
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def build_on_meta(cls, *args):
+    with torch.device("meta"):
+        return cls(*args)
+
+
+def load_into(module, files, prefixes, dtype, device, keep=lambda key: True, allow_missing=()) -> list:
+    """Strictly loads the kept tensors of `files` into `module`; returns the ignored keys with reasons."""
+    return load_strict(module, read_tensors(files, keep), renamer(prefixes), ignore_reason, dtype, device, allow_missing)
+
+
+# ---------------------------------------------------------------- CLIP and LLaMA on their own
+
+def clip_vision_config(path) -> VisionConfig:
+    cfg = read_config(path)
+    if cfg.get("model_type") == "clip":
+        return vision_config(cfg.get("vision_config") or {})
+    if cfg.get("model_type") != "clip_vision_model":
+        raise CheckpointError(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a CLIP model")
+    return vision_config(cfg)
+
+
+def load_vision(path, select_layer: int = -2, select_feature: str = "patch", dtype=None, device="cpu") -> VisionTower:
+    """A CLIP directory (full CLIPModel or vision-only) -> VisionTower; features = vision(pixel_values)."""
+    model = build_on_meta(VisionTower, clip_vision_config(path), select_layer, select_feature)
+    model.ignored_keys = load_into(model, weight_files(path), VISION_PREFIXES, dtype or default_dtype(device), device)
+    return model.eval()
+
+
+def load_llama(path, dtype=None, device="cpu") -> Llama:
+    """A LLaMA / Vicuna directory -> Llama; logits, loss = llm(input_ids, labels=...)."""
+    model = build_on_meta(Llama, llama_config(read_config(path)))
+    model.ignored_keys = load_into(model, weight_files(path), LLAMA_PREFIXES, dtype or default_dtype(device), device)
+    model.tie_weights()
+    return model.eval()
+
+
+# ---------------------------------------------------------------- LLaVA
+
+def llava_hf_config(cfg: dict) -> LlavaConfig:
+    layer = cfg.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise CheckpointError(f"vision_feature_layer {layer} (several layers) is not supported")
+    extra = cfg.get("llava_min", {})  # what llava-hf configs cannot say (written by save_llava)
+    vision = cfg.get("vision_config")
+    return LlavaConfig(
+        vision=vision_config(vision) if vision else VisionConfig(),
+        text=llama_config(cfg.get("text_config") or {}),
+        projector_type=extra.get("projector_type", "mlp2x_gelu"),
+        select_layer=layer,
+        select_feature=SELECT_STRATEGY[cfg.get("vision_feature_select_strategy", "default")],
+        image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
+        image_aspect_ratio=extra.get("image_aspect_ratio", "pad"),
+        template=extra.get("template", "vicuna_v1"),
+    )
+
+
+def resolve_vision_path(cfg: dict, path, vision_path):
+    """The CLIP directory of an official checkpoint: `vision_path` if given, else `mm_vision_tower`
+    if that names a local directory, else the Hugging Face cache's snapshot of that repo."""
+    if vision_path is not None:
+        return Path(vision_path)
+    name = cfg.get("mm_vision_tower")
+    if name and Path(name).is_dir():
+        return Path(name)
+    cache = Path.home() / ".cache/huggingface/hub" / f"models--{str(name).replace('/', '--')}" / "snapshots"
+    snapshots = sorted(cache.glob("*/config.json")) if name else []
+    if snapshots:
+        return snapshots[-1].parent
+    raise CheckpointError(f"{path}/config.json names the vision tower {name!r}, which is not a local directory "
+                          f"or in the Hugging Face cache: pass vision_path=<CLIP directory>")
+
+
+def is_official_projector(key: str) -> bool:
+    return key.startswith("model.mm_projector.")
+
+
+def official_projector_type(files) -> str:
+    return "mlp2x_gelu" if any(k.startswith("model.mm_projector.2.") for k in tensor_names(files)) else "linear"
+
+
+def build_llava(vision_path, llm_path, projector_type="mlp2x_gelu", select_layer=-2, select_feature="patch",
+                image_token_id=-200, dtype=None, device="cpu", **cfg_kwargs) -> Llava:
+    """CLIP + LLaMA directories and a freshly initialized projector W: the start of stage 1."""
+    dtype = dtype or default_dtype(device)
+    cfg = LlavaConfig(vision=clip_vision_config(vision_path), text=llama_config(read_config(llm_path)),
+                      projector_type=projector_type, select_layer=select_layer, select_feature=select_feature,
+                      image_token_id=image_token_id, **cfg_kwargs)
+    model = build_on_meta(Llava, cfg)
+    model.ignored_keys = (load_into(model.vision_tower, weight_files(vision_path), VISION_PREFIXES, dtype, device)
+                          + load_into(model.language_model, weight_files(llm_path), LLAMA_PREFIXES, dtype, device,
+                                      keep=lambda k: not is_official_projector(k)))
+    materialize(model.projector, device, dtype)
+    model.language_model.tie_weights()
+    return model
+
+
+def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_path=None) -> Llava:
+    """An official LLaVA directory (Vicuna keys + model.mm_projector.*), or a LLaMA directory plus a
+    stage-1 mm_projector.bin; CLIP from `vision_path` or the directory the config names."""
+    proj_files = weight_files(projector_path or path)
+    proj_cfg_file = Path(projector_path).parent / "config.json" if projector_path else None
+    proj_cfg = json.loads(proj_cfg_file.read_text()) if proj_cfg_file and proj_cfg_file.is_file() else cfg
+    if proj_cfg.get("mm_use_im_start_end"):
+        raise CheckpointError("mm_use_im_start_end checkpoints (image start/end tokens) are not supported")
+    vision_path = resolve_vision_path(proj_cfg, path, vision_path)
+    projector_type = proj_cfg.get("mm_projector_type") or official_projector_type(proj_files)
+    model = build_llava(vision_path, path, projector_type, proj_cfg.get("mm_vision_select_layer", -2),
+                        proj_cfg.get("mm_vision_select_feature", "patch"), image_token_id=-200, dtype=dtype,
+                        device=device, image_aspect_ratio=proj_cfg.get("image_aspect_ratio", "pad"))
+    load_into(model.projector, proj_files, OFFICIAL_PROJECTOR, dtype, device, keep=is_official_projector)
+    return model
+
+
+def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None) -> Llava:
+    """Any supported LLaVA layout -> Llava (see the module docstring)."""
+    dtype = dtype or default_dtype(device)
+    cfg = read_config(path)
+    if cfg.get("model_type") == "llava" and "text_config" in cfg:
+        model = build_on_meta(Llava, llava_hf_config(cfg))
+        model.ignored_keys = load_into(model, weight_files(path), LLAVA_PREFIXES, dtype, device)
+        model.language_model.tie_weights()
+    elif "mm_vision_tower" in cfg or (cfg.get("model_type") == "llama" and projector_path is not None):
+        model = load_official(path, cfg, dtype, device, vision_path, projector_path)
+    else:
+        raise CheckpointError(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a LLaVA layout "
+                              "(llava-hf, official LLaVA, or a LLaMA directory + vision_path + projector_path); "
+                              "for CLIP or LLaMA alone use load_vision / load_llama")
+    return model.eval()
+
+
+# ---------------------------------------------------------------- writing llava-hf directories
+
+def hub_key(name: str) -> str:
+    """llava-min name -> the llava-hf hub name (which transformers 4.x and 5.x both load)."""
+    if name.startswith("vision_tower."):
+        return "vision_tower.vision_model." + name[len("vision_tower."):].replace("layers.", "encoder.layers.", 1)
+    if name.startswith("projector."):
+        return "multi_modal_projector." + name[len("projector."):]
+    if name.startswith("language_model.lm_head."):
+        return name
+    return "language_model.model." + name[len("language_model."):]
+
+
+def hf_config(cfg: LlavaConfig) -> dict:
+    text = {k: v for k, v in asdict(cfg.text).items() if k != "rope_theta"}
+    text.update(model_type="llama", rope_theta=cfg.text.rope_theta,
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.text.rope_theta})
+    vision = {**asdict(cfg.vision), "model_type": "clip_vision_model"}
+    strategy = {v: k for k, v in SELECT_STRATEGY.items()}[cfg.select_feature]
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
+        "vision_feature_layer": cfg.select_layer, "vision_feature_select_strategy": strategy,
+        "projector_hidden_act": "gelu", "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,
+        "image_seq_length": cfg.vision.num_patches + (cfg.select_feature == "cls_patch"),
+        "llava_min": {"projector_type": cfg.projector_type, "image_aspect_ratio": cfg.image_aspect_ratio,
+                      "template": cfg.template},
+    }
+
+
+def save_llava(model: Llava, out_dir, tokenizer_path=None, extra_files: Optional[dict] = None) -> None:
+    """Writes `config.json` + `model.safetensors` (+ `tokenizer.model`) atomically."""
+    tied = model.tied_names()
+    tensors = {hub_key(k): v for k, v in model.state_dict().items() if k not in tied}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+        save_safetensors(tensors, tmp / "model.safetensors")
+        if tokenizer_path is not None:
+            (tmp / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)

@@ -1,0 +1,139 @@
+"""Reading and writing weight files, strictly: every tensor consumed, every shape checked.
+
+Formats: `.safetensors` and `.bin` (read with `torch.load(weights_only=True)`, never a full unpickle),
+single files or sharded sets described by a `*.index.json` `weight_map`. Models are built on the meta
+device and receive the file's tensors with `assign=True`, so a 7B model never exists twice in memory.
+"""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the key and the file."""
+
+
+def weight_files(path) -> list:
+    """The weight files of a checkpoint directory (or a single weight file)."""
+    path = Path(path)
+    if path.is_file():
+        candidates = [path]
+    else:
+        candidates = [path / n for n in WEIGHT_NAMES if (path / n).is_file()][:1]
+        if not candidates:
+            raise CheckpointError(f"no weights in {path}: looked for {', '.join(WEIGHT_NAMES)}")
+    if candidates[0].name.endswith(".index.json"):
+        weight_map = json.loads(candidates[0].read_text())["weight_map"]
+        return [candidates[0].parent / f for f in sorted(set(weight_map.values()))]
+    return candidates
+
+
+def read_tensors(files, keep: Callable[[str], bool] = lambda key: True) -> Iterator[tuple]:
+    """Yields (key, tensor, file) for the kept keys, one file at a time, memory-mapped where possible."""
+    for file in files:
+        file = Path(file)
+        if not file.is_file():
+            raise CheckpointError(f"weight file {file} is missing")
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if keep(key):
+                        yield key, f.get_tensor(key), file
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for key, tensor in state.items():
+                if keep(key):
+                    yield key, tensor, file
+
+
+def tensor_names(files) -> list:
+    """The keys of weight files, without reading the tensors."""
+    names = []
+    for file in files:
+        if Path(file).suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                names += list(f.keys())
+        else:
+            names += list(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    return names
+
+
+def load_strict(model: nn.Module, tensors, rename: Callable[[str], Optional[str]], ignore: Callable[[str], Optional[str]],
+                dtype: torch.dtype, device, allow_missing: tuple = ()) -> list:
+    """Assigns checkpoint tensors to a (meta-device) model. Returns the ignored keys with reasons.
+
+    `rename` maps a checkpoint key to the model's name (None: unknown); `ignore` gives a reason to skip
+    a key (None: keep). Unknown, duplicate, misshapen and missing tensors are errors naming key and file.
+    Names starting with a prefix in `allow_missing` may stay unloaded (the caller initializes them).
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = getattr(model, "tied_names", lambda: set())()
+    loaded, ignored, sources = {}, [], set()
+    for key, tensor, file in tensors:
+        sources.add(str(file))
+        reason = ignore(key)
+        if reason:
+            ignored.append((key, reason))
+            continue
+        name = rename(key)
+        if name in tied:
+            ignored.append((key, "tied to the input embedding"))
+            continue
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {key!r} in {file}: the model has no such parameter")
+        if name in loaded:
+            raise CheckpointError(f"tensor {key!r} in {file} maps to {name!r}, which was already loaded")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(f"tensor {key!r} in {file} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(expected[name])} for {name!r}")
+        loaded[name] = tensor.to(device=device, dtype=dtype)
+    missing = [k for k in expected if k not in loaded and k not in tied and not k.startswith(allow_missing)]
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensor(s) missing from {', '.join(sorted(sources)) or 'the checkpoint'}: "
+                              + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    model.load_state_dict(loaded, strict=False, assign=True)  # strictness was checked above, with names
+    return ignored
+
+
+def materialize(module: nn.Module, device, dtype) -> None:
+    """Gives a meta-device module real, freshly initialized weights (for parts a checkpoint lacks)."""
+    module.to_empty(device=device)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    module.to(dtype)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Write a directory under a temporary name and swap it in at the end, so a crash never leaves a
+    half-written checkpoint where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_safetensors(tensors: dict, file, metadata: Optional[dict] = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file), metadata=metadata or {"format": "pt"})

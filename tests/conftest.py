@@ -1,0 +1,75 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# The real LLaMA tokenizer lives beside the checkout for developers; users' checkouts lack it.
+LLAMA_TOKENIZER = Path(os.environ.get("LLAMA_TOKENIZER", ROOT.parent / "shared/fixtures/llama2-tokenizer.model"))
+
+
+@pytest.fixture
+def llama_tokenizer_path():
+    if not LLAMA_TOKENIZER.is_file():
+        pytest.skip(f"real LLaMA tokenizer not found at {LLAMA_TOKENIZER}")
+    return LLAMA_TOKENIZER
+
+
+# ---------------------------------------------------------------- tiny random reference checkpoints
+# Written by transformers' save_pretrained, so the tests read the real on-disk format.
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=28, patch_size=7, projection_dim=16, layer_norm_eps=1e-5)
+TINY_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+IMAGE_TOKEN = 120
+
+
+def hf_llava_config(**text_overrides):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    return LlavaConfig(vision_config=CLIPVisionConfig(**TINY_VISION),
+                       text_config=LlamaConfig(**{**TINY_TEXT, **text_overrides}), image_token_index=IMAGE_TOKEN,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def hf_reference(cls, path):
+    """A transformers model loaded the bit-faithful way: fp32, eager attention."""
+    import torch
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def hf_llava_dir(tmp_path_factory):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf_llava")
+    LlavaForConditionalGeneration(hf_llava_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_clip_dir(tmp_path_factory):
+    """A full CLIPModel (vision + text towers), as openai/clip-vit-large-patch14 ships."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("hf_clip")
+    cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, projection_dim=16).to_dict(),
+                     vision_config=CLIPVisionConfig(**TINY_VISION).to_dict(), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("hf_llama")
+    LlamaForCausalLM(LlamaConfig(**{**TINY_TEXT, "rope_theta": 500.0})).save_pretrained(path)
+    return path

@@ -1,0 +1,242 @@
+"""Every checkpoint layout loads strictly, and a bad checkpoint fails with a message naming the tensor."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import llava_min
+from llava_min import CheckpointError
+from conftest import IMAGE_TOKEN, hf_reference
+from test_model import TOL, image_prompt, pixels
+
+
+def reference_logits(hf_llava_dir, ids, x):
+    from transformers import LlavaForConditionalGeneration
+    with torch.no_grad():
+        return hf_reference(LlavaForConditionalGeneration, hf_llava_dir)(input_ids=ids, pixel_values=x).logits
+
+
+def copy_with_tensors(src, dst, tensors, fmt="safetensors"):
+    """A copy of checkpoint `src` whose weights are replaced by `tensors` (in the given format)."""
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    if fmt == "safetensors":
+        save_file(tensors, dst / "model.safetensors")
+    else:
+        torch.save(tensors, dst / "pytorch_model.bin")
+    return dst
+
+
+def renamed(tensors, rules):
+    out = {}
+    for k, v in tensors.items():
+        for old, new in rules:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[k] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tensors(hf_llava_dir):
+    return load_file(hf_llava_dir / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def expected(hf_llava_dir):
+    ids, x = image_prompt(16, batch=2), pixels(2)
+    return ids, x, reference_logits(hf_llava_dir, ids, x)
+
+
+def assert_same_logits(model, expected):
+    ids, x, ref = expected
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pixel_values=x)[0], ref, **TOL)
+
+
+# ---------------------------------------------------------------- llava-hf in every naming
+
+HUB = [("vision_tower.", "vision_tower.vision_model.")]
+IN_MEMORY = [("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+             ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")]
+
+
+@pytest.mark.parametrize("naming,rules,fmt", [("transformers5", [], "safetensors"), ("hub", HUB, "safetensors"),
+                                              ("hub-bin", HUB, "bin"), ("in-memory", IN_MEMORY, "safetensors")])
+def test_llava_hf_namings_load(hf_llava_dir, hf_tensors, expected, tmp_path, naming, rules, fmt):
+    path = copy_with_tensors(hf_llava_dir, tmp_path / naming, renamed(hf_tensors, rules), fmt)
+    assert_same_logits(llava_min.load(path), expected)
+
+
+def test_sharded_checkpoint_loads(hf_llava_dir, hf_tensors, expected, tmp_path):
+    path = tmp_path / "sharded"
+    shutil.copytree(hf_llava_dir, path)
+    (path / "model.safetensors").unlink()
+    keys = sorted(hf_tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, shard_keys in shards.items():
+        save_file({k: hf_tensors[k] for k in shard_keys}, path / name)
+    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_logits(llava_min.load(path), expected)
+
+
+def test_load_in_a_chosen_dtype(hf_llava_dir):
+    model = llava_min.load(hf_llava_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+
+
+# ---------------------------------------------------------------- official LLaVA layouts
+
+def official_dir(hf_llava_dir, hf_tensors, tmp_path, vision_tower, include_projector=True):
+    """An official `liuhaotian/llava-v1.5` style directory: Vicuna keys + model.mm_projector.{0,2}."""
+    hf_cfg = json.loads((hf_llava_dir / "config.json").read_text())
+    tensors = {}
+    for k, v in hf_tensors.items():
+        if k.startswith("language_model.model."):
+            tensors["model." + k[len("language_model.model."):]] = v
+        elif k == "language_model.lm_head.weight":
+            tensors["lm_head.weight"] = v
+        elif k.startswith("multi_modal_projector.linear_") and include_projector:
+            tensors[f"model.mm_projector.{0 if 'linear_1' in k else 2}." + k.split(".")[-1]] = v
+    cfg = {**hf_cfg["text_config"], "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+           "mm_vision_tower": str(vision_tower), "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
+           "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+           "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def llava_clip_dir(hf_llava_dir, hf_tensors, tmp_path_factory):
+    """The llava-hf model's vision tower saved as a full CLIPModel directory (text tower included)."""
+    from transformers import CLIPConfig, CLIPModel
+    hf_cfg = json.loads((hf_llava_dir / "config.json").read_text())
+    clip = CLIPModel(CLIPConfig(vision_config=hf_cfg["vision_config"],
+                                text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=4), projection_dim=16))
+    vision = {k[len("vision_tower."):]: v for k, v in hf_tensors.items() if k.startswith("vision_tower.")}
+    clip.vision_model.load_state_dict(vision)
+    path = tmp_path_factory.mktemp("llava_clip")
+    clip.save_pretrained(path)
+    return path
+
+
+def official_ids(expected):
+    ids, x, ref = expected
+    return ids.masked_fill(ids == IMAGE_TOKEN, -200), x, ref
+
+
+def test_official_layout_loads_with_the_clip_it_names(hf_llava_dir, hf_tensors, llava_clip_dir, expected, tmp_path):
+    path = official_dir(hf_llava_dir, hf_tensors, tmp_path / "official", vision_tower=llava_clip_dir)
+    model = llava_min.load(path)
+    assert model.cfg.image_token_id == -200 and model.cfg.projector_type == "mlp2x_gelu"
+    assert any("text_model" in k for k, _ in model.ignored_keys)
+    assert_same_logits(model, official_ids(expected))
+
+
+def test_official_layout_explicit_vision_path_overrides_the_name(hf_llava_dir, hf_tensors, llava_clip_dir, expected,
+                                                                tmp_path):
+    path = official_dir(hf_llava_dir, hf_tensors, tmp_path / "official", vision_tower="openai/clip-vit-large-patch14-336")
+    with pytest.raises(CheckpointError, match="vision_path"):
+        llava_min.load(path)
+    assert_same_logits(llava_min.load(path, vision_path=llava_clip_dir), official_ids(expected))
+
+
+def test_stage1_projector_on_clip_and_vicuna(hf_llava_dir, hf_tensors, llava_clip_dir, expected, tmp_path):
+    vicuna = official_dir(hf_llava_dir, hf_tensors, tmp_path / "vicuna", vision_tower="unused", include_projector=False)
+    cfg = json.loads((vicuna / "config.json").read_text())
+    (vicuna / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("mm_")}
+                                                   | {"model_type": "llama"}))
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    proj = {f"model.mm_projector.{0 if 'linear_1' in k else 2}." + k.split(".")[-1]: v.to(torch.bfloat16)
+            for k, v in hf_tensors.items() if k.startswith("multi_modal_projector.")}
+    torch.save(proj, stage1 / "mm_projector.bin")
+    model = llava_min.load(vicuna, vision_path=llava_clip_dir, projector_path=stage1 / "mm_projector.bin")
+    ids, x, ref = official_ids(expected)
+    with torch.no_grad():  # the projector went through bf16, as the official release stores it
+        torch.testing.assert_close(model(ids, pixel_values=x)[0], ref, atol=5e-2, rtol=0)
+    with pytest.raises(CheckpointError, match="load_llama"):
+        llava_min.load(vicuna)
+
+
+def test_build_llava_initializes_only_the_projector(hf_clip_dir, hf_llama_dir):
+    model = llava_min.build_llava(hf_clip_dir, hf_llama_dir, projector_type="linear")
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.projector.linear_2 is None
+    ref = llava_min.load_llama(hf_llama_dir)
+    torch.testing.assert_close(model.language_model.lm_head.weight, ref.lm_head.weight, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- CLIP and LLaMA directories
+
+def test_clip_vision_only_and_full_model_agree(hf_clip_dir, tmp_path):
+    from transformers import CLIPVisionModel
+    vision_only = tmp_path / "vision_only"
+    hf_reference(CLIPVisionModel, hf_clip_dir).save_pretrained(vision_only)
+    full = llava_min.load_vision(hf_clip_dir)
+    reasons = dict(full.ignored_keys)
+    assert "logit_scale" in reasons and any(k.startswith("text_model.") for k in reasons)
+    x = pixels(1)
+    torch.testing.assert_close(llava_min.load_vision(vision_only)(x), full(x), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- bad checkpoints
+
+@pytest.mark.parametrize("case", ["missing", "extra", "misshapen"])
+def test_bad_checkpoint_names_the_tensor_and_file(hf_llava_dir, hf_tensors, tmp_path, case):
+    tensors = dict(hf_tensors)
+    key = "language_model.model.layers.1.mlp.up_proj.weight"
+    if case == "missing":
+        del tensors[key]
+        match = f"missing from .*model.safetensors.*{key.replace('language_model.model.', 'language_model.')}"
+    elif case == "extra":
+        tensors["language_model.model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+        match = "unexpected tensor 'language_model.model.layers.1.mlp.extra.weight' in .*model.safetensors"
+    else:
+        tensors[key] = tensors[key][:, :-1].contiguous()
+        match = f"'{key}' in .*model.safetensors has shape \\(96, 63\\), the model expects \\(96, 64\\)"
+    path = copy_with_tensors(hf_llava_dir, tmp_path / case, tensors)
+    with pytest.raises(CheckpointError, match=match):
+        llava_min.load(path)
+
+
+def test_no_weights_is_a_clear_error(hf_llava_dir, tmp_path):
+    shutil.copy(hf_llava_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no weights in"):
+        llava_min.load(tmp_path)
+
+
+def test_bin_files_are_not_unpickled(hf_llava_dir, tmp_path):
+    """A .bin holding arbitrary Python objects is refused (weights_only=True), never executed."""
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = copy_with_tensors(hf_llava_dir, tmp_path / "evil", {"x": torch.zeros(1)}, fmt="bin")
+    torch.save({"x": Evil()}, path / "pytorch_model.bin")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
+        llava_min.load(path)
+
+
+# ---------------------------------------------------------------- writing llava-hf directories
+
+def test_saved_checkpoint_loads_back_and_in_transformers(hf_llava_dir, expected, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    model = llava_min.load(hf_llava_dir)
+    llava_min.save_llava(model, tmp_path / "out")
+    keys = load_file(tmp_path / "out" / "model.safetensors").keys()
+    assert any(k.startswith("vision_tower.vision_model.encoder.layers.") for k in keys)
+    assert any(k.startswith("language_model.model.layers.") for k in keys)
+    assert_same_logits(llava_min.load(tmp_path / "out"), expected)
+    ids, x, ref = expected
+    with torch.no_grad():
+        theirs = hf_reference(LlavaForConditionalGeneration, tmp_path / "out")(input_ids=ids, pixel_values=x).logits
+    torch.testing.assert_close(theirs, ref, **TOL)
+    assert not list(tmp_path.glob(".out.*")), "temporary directories were left behind"
