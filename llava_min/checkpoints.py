@@ -11,6 +11,7 @@ Layouts read (SPEC section 6):
 Written: llava-hf directories in the hub's names, which transformers 4.x and 5.x both load.
 """
 import json
+import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,7 @@ LLAVA_PREFIXES = [
     ("lm_head.", "language_model.lm_head."), ("model.", "language_model."),
 ]
 VISION_PREFIXES = [("vision_model.", ""), ("", "")]
+PROJECTOR_NAMES = ("mm_projector.safetensors", "mm_projector.bin")
 OFFICIAL_PROJECTOR = [("model.mm_projector.0.", "linear_1."), ("model.mm_projector.2.", "linear_2."),
                       ("model.mm_projector.", "linear_1.")]
 LLAMA_PREFIXES = [("model.", ""), ("", "")]
@@ -155,20 +157,33 @@ def llava_hf_config(cfg: dict) -> LlavaConfig:
     )
 
 
+def local_dir(name, base) -> Optional[Path]:
+    """A directory named in a config: relative to the checkpoint first, then to the working directory."""
+    for candidate in (Path(base) / str(name), Path(str(name))):
+        if name and candidate.is_dir():
+            return candidate
+    return None
+
+
 def resolve_vision_path(cfg: dict, path, vision_path):
     """The CLIP directory of an official checkpoint: `vision_path` if given, else `mm_vision_tower`
     if that names a local directory, else the Hugging Face cache's snapshot of that repo."""
     if vision_path is not None:
         return Path(vision_path)
     name = cfg.get("mm_vision_tower")
-    if name and Path(name).is_dir():
-        return Path(name)
+    if local_dir(name, path):
+        return local_dir(name, path)
     cache = Path.home() / ".cache/huggingface/hub" / f"models--{str(name).replace('/', '--')}" / "snapshots"
     snapshots = sorted(cache.glob("*/config.json")) if name else []
     if snapshots:
         return snapshots[-1].parent
     raise CheckpointError(f"{path}/config.json names the vision tower {name!r}, which is not a local directory "
                           f"or in the Hugging Face cache: pass vision_path=<CLIP directory>")
+
+
+def stage1_projector_file(path) -> Optional[Path]:
+    """The projector of an official stage-1 release (`mm_projector.bin`, or our `.safetensors`)."""
+    return next((Path(path) / n for n in PROJECTOR_NAMES if (Path(path) / n).is_file()), None)
 
 
 def is_official_projector(key: str) -> bool:
@@ -180,39 +195,71 @@ def official_projector_type(files) -> str:
 
 
 def build_llava(vision_path, llm_path, projector_type="mlp2x_gelu", select_layer=-2, select_feature="patch",
-                image_token_id=-200, dtype=None, device="cpu", **cfg_kwargs) -> Llava:
-    """CLIP + LLaMA directories and a freshly initialized projector W: the start of stage 1."""
+                image_token_id: Optional[int] = None, dtype=None, device="cpu", **cfg_kwargs) -> Llava:
+    """CLIP + LLaMA directories and a freshly initialized projector W: the start of stage 1.
+
+    `image_token_id=None` adds an `<image>` token after the vocabulary, as llava-hf does (32000 for
+    Vicuna, the vocabulary padded to a multiple of 64), so transformers can load what we train.
+    """
     dtype = dtype or default_dtype(device)
-    cfg = LlavaConfig(vision=clip_vision_config(vision_path), text=llama_config(read_config(llm_path)),
-                      projector_type=projector_type, select_layer=select_layer, select_feature=select_feature,
-                      image_token_id=image_token_id, **cfg_kwargs)
+    text = llama_config(read_config(llm_path))
+    cfg = LlavaConfig(vision=clip_vision_config(vision_path), text=text, projector_type=projector_type,
+                      select_layer=select_layer, select_feature=select_feature,
+                      image_token_id=text.vocab_size if image_token_id is None else image_token_id, **cfg_kwargs)
     model = build_on_meta(Llava, cfg)
     model.ignored_keys = (load_into(model.vision_tower, weight_files(vision_path), VISION_PREFIXES, dtype, device)
                           + load_into(model.language_model, weight_files(llm_path), LLAMA_PREFIXES, dtype, device,
                                       keep=lambda k: not is_official_projector(k)))
     materialize(model.projector, device, dtype)
     model.language_model.tie_weights()
+    if image_token_id is None:
+        model.language_model.resize_vocab(-(-(text.vocab_size + 1) // 64) * 64)
     return model
 
 
-def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_path=None) -> Llava:
-    """An official LLaVA directory (Vicuna keys + model.mm_projector.*), or a LLaMA directory plus a
-    stage-1 mm_projector.bin; CLIP from `vision_path` or the directory the config names."""
+def save_stage1(model: Llava, out_dir, vision_path, llm_path, tokenizer_path=None) -> None:
+    """Stage 1's output, as the official stage-1 releases: the projector alone (official key names) and
+    a config naming the CLIP and LLM directories it goes with (relative paths: the tree can move)."""
+    cfg, out_dir = model.cfg, Path(out_dir)
+    rel = lambda p: os.path.relpath(Path(p).resolve(), out_dir.resolve())  # noqa: E731
+    config = {**read_config(llm_path), "_name_or_path": rel(llm_path), "mm_vision_tower": rel(vision_path),
+              "mm_projector_type": cfg.projector_type, "mm_hidden_size": cfg.vision.hidden_size,
+              "mm_vision_select_layer": cfg.select_layer, "mm_vision_select_feature": cfg.select_feature,
+              "image_aspect_ratio": cfg.image_aspect_ratio, "mm_use_im_start_end": False,
+              "image_token_index": cfg.image_token_id}
+    rename = lambda k: "model.mm_" + k.replace("linear_1", "0").replace("linear_2", "2")  # noqa: E731
+    save_pretrained(model.projector, config, out_dir, lambda k: rename("projector." + k), tokenizer_path,
+                    weights_name="mm_projector.safetensors")
+
+
+def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_path=None, llm_path=None) -> Llava:
+    """An official LLaVA directory (Vicuna keys + model.mm_projector.*), a stage-1 release (config +
+    mm_projector.bin; the LLM from `llm_path` or the local directory `_name_or_path` names), or a LLaMA
+    directory plus `projector_path`. CLIP comes from `vision_path` or the directory the config names."""
+    if projector_path is None and stage1_projector_file(path):
+        projector_path = stage1_projector_file(path)
+        llm_path = llm_path or local_dir(cfg.get("_name_or_path"), path)
+        if llm_path is None:
+            raise CheckpointError(f"{path} holds a stage-1 projector; its LLM {cfg.get('_name_or_path')!r} is not a "
+                                  "local directory: pass llm_path=<LLaMA directory>")
+        path = llm_path
     proj_files = weight_files(projector_path or path)
     proj_cfg_file = Path(projector_path).parent / "config.json" if projector_path else None
     proj_cfg = json.loads(proj_cfg_file.read_text()) if proj_cfg_file and proj_cfg_file.is_file() else cfg
     if proj_cfg.get("mm_use_im_start_end"):
         raise CheckpointError("mm_use_im_start_end checkpoints (image start/end tokens) are not supported")
-    vision_path = resolve_vision_path(proj_cfg, path, vision_path)
+    vision_path = resolve_vision_path(proj_cfg, Path(projector_path).parent if projector_path else path, vision_path)
     projector_type = proj_cfg.get("mm_projector_type") or official_projector_type(proj_files)
+    # the official placeholder -200, or (our stage 1) an `<image>` token appended to the vocabulary
+    image_token_id = None if proj_cfg.get("image_token_index", -1) >= 0 else -200
     model = build_llava(vision_path, path, projector_type, proj_cfg.get("mm_vision_select_layer", -2),
-                        proj_cfg.get("mm_vision_select_feature", "patch"), image_token_id=-200, dtype=dtype,
+                        proj_cfg.get("mm_vision_select_feature", "patch"), image_token_id=image_token_id, dtype=dtype,
                         device=device, image_aspect_ratio=proj_cfg.get("image_aspect_ratio", "pad"))
     load_into(model.projector, proj_files, OFFICIAL_PROJECTOR, dtype, device, keep=is_official_projector)
     return model
 
 
-def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None) -> Llava:
+def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, llm_path=None) -> Llava:
     """Any supported LLaVA layout -> Llava (see the module docstring)."""
     dtype = dtype or default_dtype(device)
     cfg = read_config(path)
@@ -221,7 +268,7 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None) 
         model.ignored_keys = load_into(model, weight_files(path), LLAVA_PREFIXES, dtype, device)
         model.language_model.tie_weights()
     elif "mm_vision_tower" in cfg or (cfg.get("model_type") == "llama" and projector_path is not None):
-        model = load_official(path, cfg, dtype, device, vision_path, projector_path)
+        model = load_official(path, cfg, dtype, device, vision_path, projector_path, llm_path)
     else:
         raise CheckpointError(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a LLaVA layout "
                               "(llava-hf, official LLaVA, or a LLaMA directory + vision_path + projector_path); "
@@ -234,7 +281,7 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None) 
 def hub_key(name: str) -> str:
     """llava-min name -> the llava-hf hub name (which transformers 4.x and 5.x both load)."""
     if name.startswith("vision_tower."):
-        return "vision_tower.vision_model." + name[len("vision_tower."):].replace("layers.", "encoder.layers.", 1)
+        return "vision_tower." + vision_key(name[len("vision_tower."):])
     if name.startswith("projector."):
         return "multi_modal_projector." + name[len("projector."):]
     if name.startswith("language_model.lm_head."):
@@ -242,11 +289,17 @@ def hub_key(name: str) -> str:
     return "language_model.model." + name[len("language_model."):]
 
 
+def hf_text_config(cfg: LlamaConfig) -> dict:
+    return {**asdict(cfg), "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+
+
+def hf_vision_config(cfg: VisionConfig) -> dict:
+    return {**asdict(cfg), "model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"]}
+
+
 def hf_config(cfg: LlavaConfig) -> dict:
-    text = {k: v for k, v in asdict(cfg.text).items() if k != "rope_theta"}
-    text.update(model_type="llama", rope_theta=cfg.text.rope_theta,
-                rope_parameters={"rope_type": "default", "rope_theta": cfg.text.rope_theta})
-    vision = {**asdict(cfg.vision), "model_type": "clip_vision_model"}
+    text, vision = hf_text_config(cfg.text), hf_vision_config(cfg.vision)
     strategy = {v: k for k, v in SELECT_STRATEGY.items()}[cfg.select_feature]
     return {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
@@ -259,14 +312,35 @@ def hf_config(cfg: LlavaConfig) -> dict:
     }
 
 
-def save_llava(model: Llava, out_dir, tokenizer_path=None, extra_files: Optional[dict] = None) -> None:
-    """Writes `config.json` + `model.safetensors` (+ `tokenizer.model`) atomically."""
-    tied = model.tied_names()
-    tensors = {hub_key(k): v for k, v in model.state_dict().items() if k not in tied}
+def vision_key(name: str) -> str:
+    return "vision_model." + (("encoder." + name) if name.startswith("layers.") else name)
+
+
+def save_pretrained(module, config: dict, out_dir, rename, tokenizer_path=None, extra_files: Optional[dict] = None,
+                    weights_name="model.safetensors"):
+    """`config.json` + `model.safetensors` (+ `tokenizer.model`), written atomically."""
+    tied = module.tied_names() if hasattr(module, "tied_names") else set()
+    tensors = {rename(k): v for k, v in module.state_dict().items() if k not in tied}
     with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
-        save_safetensors(tensors, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_safetensors(tensors, tmp / weights_name)
         if tokenizer_path is not None:
             (tmp / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+
+
+def save_vision(tower: VisionTower, out_dir) -> None:
+    """A CLIP vision directory (`CLIPVisionModel` layout) that `load_vision` and transformers read."""
+    save_pretrained(tower, hf_vision_config(tower.cfg), out_dir, vision_key)
+
+
+def save_llama(llm: Llama, out_dir, tokenizer_path=None) -> None:
+    """A LLaMA directory (`LlamaForCausalLM` layout)."""
+    rename = lambda k: k if k.startswith("lm_head.") else "model." + k  # noqa: E731
+    save_pretrained(llm, hf_text_config(llm.cfg), out_dir, rename, tokenizer_path)
+
+
+def save_llava(model: Llava, out_dir, tokenizer_path=None, extra_files: Optional[dict] = None) -> None:
+    """A llava-hf directory in the hub's key names."""
+    save_pretrained(model, hf_config(model.cfg), out_dir, hub_key, tokenizer_path, extra_files)

@@ -190,6 +190,16 @@ class Llama(nn.Module):
     def tied_names(self) -> set:
         return {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()
 
+    @torch.no_grad()
+    def resize_vocab(self, new_size: int) -> None:
+        """Appends token rows initialized to the mean of the existing ones (llava-hf adds `<image>` so)."""
+        old = self.cfg.vocab_size
+        for module in (self.embed_tokens, self.lm_head):
+            w = module.weight
+            module.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(new_size - old, -1)]))
+        self.cfg.vocab_size = self.embed_tokens.num_embeddings = self.lm_head.out_features = new_size
+        self.tie_weights()
+
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         w = self.embed_tokens.weight
         return KVCache(self.cfg, batch_size, max_len, w.dtype, w.device)

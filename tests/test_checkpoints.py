@@ -172,7 +172,14 @@ def test_build_llava_initializes_only_the_projector(hf_clip_dir, hf_llama_dir):
     assert not any(p.is_meta for p in model.parameters())
     assert model.projector.linear_2 is None
     ref = llava_min.load_llama(hf_llama_dir)
-    torch.testing.assert_close(model.language_model.lm_head.weight, ref.lm_head.weight, atol=0, rtol=0)
+    # `<image>` is appended after the vocabulary (llava-hf style), padded to a multiple of 64
+    assert model.cfg.image_token_id == 128 and model.cfg.text.vocab_size == 192
+    for name in ("embed_tokens", "lm_head"):
+        ours, theirs = getattr(model.language_model, name).weight, getattr(ref, name).weight
+        torch.testing.assert_close(ours[:128], theirs, atol=0, rtol=0)
+        torch.testing.assert_close(ours[128:], theirs.mean(0).expand(64, -1))
+    x = pixels(1)
+    torch.testing.assert_close(model.vision_tower(x), llava_min.load_vision(hf_clip_dir)(x), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------- CLIP and LLaMA directories
