@@ -1,0 +1,189 @@
+"""Talk to a LLaVA model about an image (LLaVA Sec. 5.1, the multimodal chatbot).
+
+    python chat.py --model runs/toy/full/stage2 --image data/toy/images/eval/000000.png
+    python chat.py --model DIR --image IMG --prompt "What is in the image?"    # answer once and exit
+
+In the chat: `/image PATH` starts a new conversation about another image, `/clear` forgets the
+conversation, `/quit` leaves. The KV cache carries over between turns: a new turn prefills only the
+tokens that are new, never the history.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import llava_min
+from llava_min.conversation import tokenize_prompt
+from llava_min.generate import generate
+from llava_min.image import load_image, preprocess
+from llava_min.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Chat:
+    """One conversation: its turns, its image, and a KV cache holding everything already seen."""
+
+    def __init__(self, model, tok, template: str, max_new_tokens=512, temperature=0.2, top_p=1.0, seed=0):
+        self.model, self.tok, self.template = model, tok, template
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+        self.max_len = model.cfg.text.max_position_embeddings
+        self.cache = model.new_cache(1, self.max_len)
+        self.pixel_values, self.prefilled = None, 0
+        self.clear()
+
+    def clear(self) -> None:
+        self.turns, self.cached_ids = [], []
+        self.cache.length = 0
+
+    def set_image(self, path) -> None:
+        """A new image starts a new conversation (raises ImageError with the file named)."""
+        cfg = self.model.cfg
+        pixels = preprocess(load_image(path), size=cfg.vision.image_size, aspect=cfg.image_aspect_ratio)
+        param = next(self.model.parameters())
+        self.pixel_values = pixels[None].to(param.device, param.dtype)
+        self.clear()
+
+    def prompt_ids(self, turns) -> list:
+        return tokenize_prompt(turns, self.tok, self.template, num_image_tokens=self.model.num_image_tokens,
+                               image_token_id=self.model.cfg.image_token_id, has_image=self.pixel_values is not None)
+
+    def reuse(self, ids: list) -> int:
+        """How many leading tokens of `ids` the cache already holds (never splitting the image)."""
+        k = 0
+        for a, b in zip(self.cached_ids, ids):
+            if a != b:
+                break
+            k += 1
+        image = [i for i, t in enumerate(ids) if t == self.model.cfg.image_token_id]
+        if image and image[0] < k <= image[-1]:
+            k = image[0]
+        return k
+
+    def ask(self, text: str, stream=None) -> str:
+        """Answers one user turn; `stream(piece)` receives the reply's text as it is generated."""
+        turns = self.turns + [{"from": "human", "value": text}]
+        ids = self.prompt_ids(turns)
+        if len(ids) + 1 > self.max_len:
+            raise ValueError(f"the conversation is {len(ids)} tokens, the model's context is {self.max_len}: /clear")
+        k = self.reuse(ids)
+        self.cache.length = k
+        new = torch.tensor([ids[k:]], device=self.cache.k.device)
+        has_image = bool((new == self.model.cfg.image_token_id).any())
+        self.prefilled += new.shape[1]
+        reply_ids, shown = [], ""
+
+        def on_token(token):
+            nonlocal shown
+            reply_ids.append(int(token))
+            text_so_far = self.tok.decode([t for t in reply_ids if t != self.tok.eos_id])
+            if stream is not None and len(text_so_far) > len(shown):
+                stream(text_so_far[len(shown):])
+            shown = text_so_far
+        budget = min(self.max_new_tokens, self.max_len - len(ids))
+        generate(self.model, new, budget, temperature=self.temperature, top_p=self.top_p,
+                 eos_id=self.model.cfg.text.eos_token_id, generator=self.generator, cache=self.cache,
+                 on_token=on_token, pixel_values=self.pixel_values if has_image else None)
+        self.cached_ids = ids + reply_ids[:-1]  # the last sampled token was never fed back
+        reply = shown.strip()
+        self.turns = turns + [{"from": "gpt", "value": reply}]
+        return reply
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="any layout llava_min.load accepts")
+    p.add_argument("--image", type=Path)
+    p.add_argument("--prompt", help="answer this once and exit")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", type=Path, help="default: MODEL/tokenizer.model")
+    p.add_argument("--vision", type=Path, help="CLIP directory for official checkpoints, if not the one named")
+    p.add_argument("--llm", type=Path, help="LLM directory for a stage-1 projector checkpoint")
+    p.add_argument("--template", help="conversation template (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def open_chat(args) -> Chat:
+    tokenizer = args.tokenizer or args.model / "tokenizer.model"
+    if not Path(tokenizer).is_file():
+        sys.exit(f"no tokenizer at {tokenizer}: pass --tokenizer PATH/tokenizer.model")
+    model = llava_min.load(args.model, dtype=DTYPES.get(args.dtype), device=args.device, vision_path=args.vision,
+                           llm_path=args.llm)
+    return Chat(model, Tokenizer(tokenizer), args.template or model.cfg.template, args.max_new_tokens,
+                args.temperature, args.top_p, args.seed)
+
+
+def say(chat: Chat, text: str) -> None:
+    try:
+        chat.ask(text, stream=lambda piece: print(piece, end="", flush=True))
+    except ValueError as e:
+        print(f"[{e}]", end="")
+    print()
+
+
+def command(chat: Chat, line: str) -> bool:
+    """Handles a /command; False means quit."""
+    name, _, arg = line.partition(" ")
+    if name == "/quit":
+        return False
+    if name == "/clear":
+        chat.clear()
+        print("[conversation cleared]")
+    elif name == "/image":
+        try:
+            chat.set_image(Path(arg.strip()).expanduser())
+            print(f"[new conversation about {arg.strip()}]")
+        except (OSError, ValueError) as e:
+            print(f"[{e}]")
+    else:
+        print("[commands: /image PATH, /clear, /quit]")
+    return True
+
+
+def user_lines():
+    """Lines typed at a `USER:` prompt, or read from a pipe (scripts, tests)."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input("USER: ")
+        except EOFError:
+            return
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    chat = open_chat(args)
+    if args.image is not None:
+        try:
+            chat.set_image(args.image)
+        except (OSError, ValueError) as e:
+            if args.prompt is not None:
+                sys.exit(str(e))
+            print(f"[{e}] (chatting without an image; /image PATH to add one)")
+    if args.prompt is not None:
+        say(chat, args.prompt)
+        return
+    print("[/image PATH: new image, /clear: forget the conversation, /quit: leave]")
+    for line in user_lines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not command(chat, line):
+                break
+            continue
+        print("ASSISTANT: ", end="", flush=True)
+        say(chat, line)
+
+
+if __name__ == "__main__":
+    main()

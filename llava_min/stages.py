@@ -1,0 +1,139 @@
+"""What each training stage trains, on what data, with which loss.
+
+LLaVA Sec. 4.2: stage 1 (feature alignment) trains only the projection W, with CLIP and the LLM
+frozen; stage 2 (end-to-end fine-tuning) trains W and the LLM, CLIP still frozen. The toy world adds
+two stages before them, because LLaVA starts from a pretrained CLIP and a pretrained LLM:
+`clip` (contrastive image-caption pretraining) and `lm` (next-token pretraining on text).
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from .image import load_image, preprocess
+from .llama import IGNORE_INDEX
+
+FROZEN, TRAINED = False, True
+# Sec. 4.2, the one place that says what trains: part -> trained? (LoRA replaces "language_model")
+STAGE_PARTS = {
+    "1": {"vision_tower": FROZEN, "projector": TRAINED, "language_model": FROZEN},
+    "2": {"vision_tower": FROZEN, "projector": TRAINED, "language_model": TRAINED},
+}
+
+
+def freeze_for_stage(model, stage: str, lr: float, projector_lr: float = None, lora=None) -> list:
+    """Sets requires_grad per part and returns the optimizer's parameter groups (one per trained part).
+    With `lora` (a LoRAConfig), stage 2 trains LoRA adapters in place of the LLM's weights."""
+    groups = []
+    for part, trained in STAGE_PARTS[stage].items():
+        module = getattr(model, part)
+        module.requires_grad_(trained)
+        if not trained:
+            continue
+        if part == "language_model" and lora is not None:
+            from .lora import add_lora
+            module.requires_grad_(False)
+            groups.append({"params": add_lora(module, lora), "lr": lr, "name": "lora"})
+            continue
+        part_lr = projector_lr if part == "projector" and projector_lr else lr
+        groups.append({"params": list(module.parameters()), "lr": part_lr, "name": part})
+    model.vision_tower.eval()
+    return groups
+
+
+# ---------------------------------------------------------------- losses: (sum over targets, target count)
+
+def num_targets(batch) -> int:
+    """Supervised tokens of a batch (labels are shifted by one inside the model)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if len(batch["input_ids"]) else 0
+
+
+def zero_loss(model) -> torch.Tensor:
+    """A zero that still touches every trained parameter (keeps DDP's gradient all-reduce in step)."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+def llava_loss(model, batch) -> torch.Tensor:
+    """Eq. 3 summed over the assistant tokens (Table 2: only they carry labels)."""
+    n = num_targets(batch)
+    if n == 0:
+        return zero_loss(model)
+    _, loss = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), labels=batch["labels"])
+    return loss * n
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    _, loss = model(batch["input_ids"], labels=batch["labels"])
+    return loss * num_targets(batch)
+
+
+def clip_loss(model, batch) -> torch.Tensor:
+    return model(batch["pixel_values"], batch["input_ids"], batch["eot_index"])
+
+
+# ---------------------------------------------------------------- toy datasets
+
+class PackedText(torch.utils.data.Dataset):
+    """`corpus.txt` (one document per line) as BOS doc EOS BOS doc EOS ..., cut into equal windows."""
+
+    def __init__(self, corpus_path, tok, seq_len: int):
+        ids = []
+        for line in Path(corpus_path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                ids += tok.encode(line.strip(), bos=True, eos=True)
+        self.windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        return self.windows[i]
+
+
+def collate_text(windows) -> dict:
+    ids = torch.stack(windows)
+    return {"input_ids": ids, "labels": ids}
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """(image, caption) pairs from an LLaVA-format caption file (the stage-1 `pretrain.json`)."""
+
+    def __init__(self, data_path, image_folder, tok, image_size: int, max_len: int = 64):
+        self.records = json.loads(Path(data_path).read_text())
+        self.image_folder, self.tok, self.image_size, self.max_len = image_folder, tok, image_size, max_len
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        caption = record["conversations"][-1]["value"]
+        ids = self.tok.encode(caption, bos=True)[: self.max_len - 1] + [self.tok.eos_id]
+        image = load_image(record["image"], image_folder=self.image_folder)
+        return torch.tensor(ids), preprocess(image, size=self.image_size, aspect="crop")
+
+
+def collate_pairs(pairs, pad_id: int = 0) -> dict:
+    lengths = torch.tensor([len(ids) for ids, _ in pairs])
+    ids = torch.full((len(pairs), int(lengths.max())), pad_id)
+    for row, (caption, _) in enumerate(pairs):
+        ids[row, : len(caption)] = caption
+    return {"input_ids": ids, "eot_index": lengths - 1, "pixel_values": torch.stack([p for _, p in pairs])}
+
+
+# ---------------------------------------------------------------- MFU accounting
+
+def count_params(module, embeddings: bool = False) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if embeddings or "embed" not in n)
+
+
+def llava_flops_per_token(model, stage: str, seq_len: int) -> float:
+    """Training FLOPs per sequence token: 6N for a trained part (2N forward, 4N backward), 4N for a
+    frozen part that gradients still pass through (the LLM in stage 1), 2N for a part with no
+    gradient path (CLIP); plus attention, 12·L·d·T when trained. Visual tokens are a fraction of T."""
+    llm, cfg = model.language_model, model.cfg.text
+    image_share = min(1.0, model.num_image_tokens / seq_len)
+    llm_factor = 6 if stage == "2" else 4
+    attention = llm_factor * 2 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    vision = (2 * count_params(model.vision_tower) + 6 * count_params(model.projector)) * image_share
+    return llm_factor * count_params(llm) + attention + vision

@@ -1,0 +1,147 @@
+"""The toy pipeline behind `python train.py`: the whole method, from data to scores, on a laptop.
+
+synthetic world (gen_data) -> tokenizer -> clip -> lm -> stage 1 -> stage 2 -> held-out evaluation.
+Each step is skipped when its output exists, so a rerun resumes where the last one stopped. The
+pretrained parts (data, tokenizer, clip, lm) are shared by every ablation; stage 1 and stage 2 live
+in one directory per variant (runs/toy/full, runs/toy/linear, ...).
+"""
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the README's table)
+    "full": [],
+    "no-stage2": ["--no-stage2"],
+    "no-stage1": ["--no-stage1"],
+    "linear": ["--projector", "linear"],
+    "last-layer": ["--select-layer", "-1"],
+    "half-data": ["--data-fraction", "0.5"],
+}
+
+
+def variant_name(args) -> str:
+    parts = [name for name, on in [("no-stage1", args.no_stage1), ("no-stage2", args.no_stage2),
+                                   ("linear", args.projector == "linear"), ("last-layer", args.select_layer == -1),
+                                   ("half-data", args.data_fraction == 0.5)] if on]
+    if args.data_fraction not in (0.5, 1.0):
+        parts.append(f"data-{args.data_fraction:g}")
+    return "-".join(parts) or "full"
+
+
+def step(name: str, done: bool, fn, timings: dict) -> None:
+    if done:
+        print(f"[{name}] output exists, skipped")
+        return
+    print(f"[{name}] ...", flush=True)
+    t0 = time.perf_counter()
+    fn()
+    timings[name] = round(time.perf_counter() - t0, 1)
+    print(f"[{name}] done in {timings[name]:.0f}s", flush=True)
+
+
+def stage_args(args, **fields) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **fields})
+
+
+def device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_pipeline(args, preset, stages) -> dict:
+    import gen_data
+    from .tokenizer import train_tokenizer
+
+    t_start, timings = time.perf_counter(), {}
+    data, root = args.data_dir, args.out
+    images, tokenizer = data / "images", root / "tokenizer.model"
+    run_dir = root / variant_name(args)
+    num_images, num_eval = args.num_images or preset.num_images, args.num_eval or preset.num_eval
+    step("data", (data / "eval.json").is_file(),
+         lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size),
+         timings)
+    step("tokenizer", tokenizer.is_file(), lambda: train_tokenizer(data / "corpus.txt", tokenizer, preset.vocab_size),
+         timings)
+    common = dict(tokenizer=tokenizer, image_folder=images, init=None)
+    clip, lm = root / "clip", root / "lm"
+    step("clip", (clip / "config.json").is_file(),
+         lambda: stages["clip"](stage_args(args, **common, data=data / "pretrain.json", out=clip), preset), timings)
+    step("lm", (lm / "config.json").is_file(),
+         lambda: stages["lm"](stage_args(args, **common, data=data / "corpus.txt", out=lm), preset), timings)
+    parts = dict(vision=clip, llm=lm, **common)
+    stage1, stage2 = run_dir / "stage1", run_dir / "stage2"
+    if not args.no_stage1:
+        step("stage 1", (stage1 / "config.json").is_file(),
+             lambda: stages["1"](stage_args(args, **parts, data=data / "pretrain.json", out=stage1), preset), timings)
+    if not args.no_stage2:
+        init = None if args.no_stage1 else stage1
+        step("stage 2", (stage2 / "config.json").is_file(),
+             lambda: stages["2"](stage_args(args, **{**parts, "init": init}, data=data / "instruct.json", out=stage2),
+                                 preset), timings)
+    final = stage1 if args.no_stage2 else stage2
+    results = evaluate_run(final, data, args)
+    results.update(variant=variant_name(args), seed=args.seed, device=device_name(args.device),
+                   stage_seconds=timings, wall_seconds=round(time.perf_counter() - t_start, 1),
+                   num_train_images=len(json.loads((data / "pretrain.json").read_text())))
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    report(results)
+    from .plot import plot_losses
+    curves = {name: d / "metrics.jsonl" for name, d in [("stage 1", stage1), ("stage 2", stage2)]}
+    plot_losses({k: v for k, v in curves.items() if v.is_file()}, run_dir / "loss.png")
+    return results
+
+
+def evaluate_run(model_dir: Path, data: Path, args) -> dict:
+    import llava_min
+    from .eval import evaluate
+    from .tokenizer import Tokenizer
+    model = llava_min.load(model_dir, dtype=torch.float32, device=args.device)
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    seen = evaluate(model, tok, data / "eval.json", data / "images", progress=not args.no_progress)
+    blind = evaluate(model, tok, data / "eval.json", data / "images", blind=True, progress=not args.no_progress)
+    samples = [p for p in seen["predictions"] if not p["id"].endswith("-choice")][:6]
+    return {"model": str(model_dir), "scores": seen["scores"], "blind_scores": blind["scores"], "samples": samples}
+
+
+def report(results: dict) -> None:
+    print(f"\nheld-out results ({results['variant']}, {results['device']}, {results['wall_seconds']:.0f}s)")
+    print(f"{'question type':<14}{'accuracy':>10}{'blind':>10}{'n':>6}")
+    for fmt, kinds in results["scores"].items():
+        for kind, s in kinds.items():
+            blind = results["blind_scores"].get(fmt, {}).get(kind, {}).get("accuracy", float("nan"))
+            label = f"{fmt}:{kind}" if fmt != "short" else kind
+            print(f"{label:<14}{s['accuracy']:>10.1f}{blind:>10.1f}{s['n']:>6}")
+    print("\nsample answers (prediction | truth):")
+    for s in results["samples"]:
+        print(f"  {s['id']}: {s['prediction']!r} | {s['answer']!r}")
+
+
+def run_ablations(args, preset, stages) -> None:
+    """Every row of the README's ablation table, each a real run of the pipeline with one flag."""
+    from train import parse_args
+    base = [a for a in ("--seed", str(args.seed), "--out", str(args.out), "--data-dir", str(args.data_dir),
+                        "--device", args.device)]
+    rows = {}
+    for name, flags in ABLATIONS.items():
+        print(f"\n=== ablation: {name} ({' '.join(flags) or 'no flag'}) ===")
+        rows[name] = run_pipeline(parse_args(base + flags + (["--no-progress"] if args.no_progress else [])),
+                                  preset, stages)
+    table = ablation_table(rows)
+    (args.out / "ablations.md").write_text(table)
+    print("\n" + table)
+
+
+def ablation_table(rows: dict) -> str:
+    lines = ["| variant | short-answer acc. | blind | multiple choice | stage 1 + 2 time |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        short, choice = r["scores"].get("short", {}), r["scores"].get("choice", {})
+        t = sum(v for k, v in r["stage_seconds"].items() if k.startswith("stage"))
+        lines.append(f"| {name} | {short.get('overall', {}).get('accuracy', 0):.1f} | "
+                     f"{r['blind_scores'].get('short', {}).get('overall', {}).get('accuracy', 0):.1f} | "
+                     f"{choice.get('overall', {}).get('accuracy', 0):.1f} | {t:.0f}s |")
+    return "\n".join(lines) + "\n"

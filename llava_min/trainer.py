@@ -1,0 +1,248 @@
+"""One training loop for every stage: AdamW, warmup + cosine, gradient accumulation, clipping, bf16
+autocast and TF32 on CUDA, DDP under torchrun, a JSONL metrics log, and exact resume.
+
+The stage supplies the model, its parameter groups, a dataset + collate function, `loss_fn(model,
+batch)` giving the *sum* of the per-target losses and `count_fn(batch)` giving the number of targets.
+Each optimizer step divides by the count over all its micro-batches and all processes, so two
+processes with batch B give the same update as one process with batch 2B (a per-micro-batch mean
+would weight the tokens of short samples more).
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .weights import atomic_dir, save_safetensors
+
+# Dense bf16 peak FLOP/s for MFU, keyed by a substring of torch.cuda.get_device_name().
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    lr: float
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    clip_grad: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # steps between resumable snapshots; 0 = only at the end
+    num_workers: int = 0
+    resume: bool = False
+    stop_after: Optional[int] = None  # leave after this many steps, as if interrupted (tests, time limits)
+    progress: bool = True
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup, then cosine decay to zero (the official recipe's schedule)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def world() -> tuple:
+    """(rank, world_size); starts the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def peak_flops(device) -> Optional[float]:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Trainer:
+    def __init__(self, model, param_groups: list, dataset, collate: Callable, loss_fn: Callable, count_fn: Callable,
+                 cfg: TrainConfig, device="cpu", flops_per_token: float = 0.0):
+        self.model, self.dataset, self.collate, self.cfg = model, dataset, collate, cfg
+        self.loss_fn, self.count_fn = loss_fn, count_fn
+        self.device = torch.device(device)
+        self.rank, self.world_size = world()
+        self.params = [p for g in param_groups for p in g["params"]]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        for group in self.optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.world_size
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} samples are fewer than one global batch of {self.global_batch}")
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
+        self.warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
+        self.step, self.skipped = 0, 0
+        self.ddp = None
+        if self.world_size > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if fused else None)
+        self.state_dir = Path(cfg.out_dir) / "resume"
+        self.log_file = Path(cfg.out_dir) / "metrics.jsonl"
+
+    # ------------------------------------------------------------ data order
+    def micro_batch_indices(self, first_step: int):
+        """This process's micro-batches of dataset indices from `first_step` on, in an epoch-seeded order
+        that depends only on the seed: a resumed run sees exactly the batches it would have seen."""
+        B, W, G = self.cfg.batch_size, self.world_size, self.global_batch
+        for step in range(first_step, self.total_steps):
+            epoch, within = divmod(step, self.steps_per_epoch)
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+            for j in range(self.cfg.grad_accum):
+                start = within * G + (j * W + self.rank) * B
+                yield order[start: start + B].tolist()
+
+    def step_batches(self, first_step: int):
+        """Lists of `grad_accum` collated micro-batches, one list per optimizer step (workers prefetch)."""
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.micro_batch_indices(first_step),
+                                             collate_fn=self.collate, num_workers=self.cfg.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        group = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.cfg.grad_accum:
+                yield group
+                group = []
+
+    # ------------------------------------------------------------ one optimizer step
+    def count(self, batches) -> torch.Tensor:
+        n = torch.tensor(float(sum(self.count_fn(b) for b in batches)), device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(n)
+        return n
+
+    def train_step(self, batches) -> tuple:
+        total = self.count(batches)
+        loss_sum = torch.zeros((), device=self.device)
+        model = self.ddp or self.model
+        for j, batch in enumerate(batches):
+            sync = j == len(batches) - 1
+            ctx = model.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+            with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+                part = self.loss_fn(model, batch)
+                # DDP averages gradients over processes; scale back up so the result is sum / total.
+                (part * self.world_size / total).backward()
+            loss_sum += part.detach()
+            self.skipped += batch.get("num_skipped", 0)
+        if self.world_size > 1:
+            dist.all_reduce(loss_sum)
+        loss = loss_sum / total
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: stopping. The last saved checkpoint "
+                                     f"in {self.cfg.out_dir} is intact; lower --lr or check the data.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad) if self.cfg.clip_grad else None
+        lr_scale = lr_at(self.step, self.total_steps, self.warmup, 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), grad_norm
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, save: Callable[[], None]) -> list:
+        """Runs to `total_steps` (or `stop_after`), calls `save()` at the end; returns the step losses."""
+        torch.manual_seed(self.cfg.seed + self.rank)
+        random.seed(self.cfg.seed + self.rank)
+        if self.cfg.resume and (self.state_dir / "state.pt").is_file():
+            self.load_state()
+        self.trim_log()
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not self.cfg.progress,
+                   dynamic_ncols=True)
+        losses, stop = [], self.cfg.stop_after
+        for batches in self.step_batches(self.step):
+            if stop is not None and len(losses) >= stop:
+                break
+            tokens = sum(int(b["input_ids"].numel()) if "input_ids" in b else 0 for b in batches) * self.world_size
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss, grad_norm = self.train_step([to_device(b, self.device) for b in batches])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # honest timing: wait for the GPU before reading the clock
+            dt = time.perf_counter() - t0
+            self.step += 1
+            losses.append(loss)
+            self.log(loss, grad_norm, tokens, dt, bar)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                self.save_state()
+        bar.close()
+        if self.step >= self.total_steps:
+            if self.rank == 0:
+                save()
+        else:
+            self.save_state()  # interrupted on purpose: leave a resumable snapshot
+        return losses
+
+    def log(self, loss, grad_norm, tokens, dt, bar) -> None:
+        if self.rank != 0:
+            return
+        record = {"step": self.step, "loss": round(loss, 6), "lr": self.optimizer.param_groups[0]["lr"],
+                  "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4)}
+        if grad_norm is not None:
+            record["grad_norm"] = round(float(grad_norm), 4)
+        if self.peak and self.flops_per_token:
+            record["mfu"] = round(self.flops_per_token * tokens / dt / self.peak, 4)
+        Path(self.cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.update(1)
+        if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            bar.set_postfix({k: record[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if k in record})
+
+    def trim_log(self) -> None:
+        """Keep only the log lines of steps this run has already done (none on a fresh start)."""
+        if self.rank == 0 and self.log_file.is_file():
+            lines = [l for l in self.log_file.read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
+            self.log_file.write_text("".join(l + "\n" for l in lines))
+
+    # ------------------------------------------------------------ resume
+    def trainable_state(self) -> dict:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: p for p in self.params}
+
+    def save_state(self) -> None:
+        if self.rank == 0:
+            with atomic_dir(self.state_dir) as tmp:
+                save_safetensors(self.trainable_state(), tmp / "trainable.safetensors")
+                torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "skipped": self.skipped,
+                            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "state.pt")
+        if self.world_size > 1:
+            dist.barrier()
+
+    def load_state(self) -> None:
+        from safetensors.torch import load_file
+        saved = load_file(self.state_dir / "trainable.safetensors")
+        params = self.trainable_state()
+        if set(saved) != set(params):
+            raise ValueError(f"{self.state_dir}: snapshot holds {sorted(set(saved) ^ set(params))[:4]}... "
+                             "which this run does not train (different stage or flags?)")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        state = torch.load(self.state_dir / "state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

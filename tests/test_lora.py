@@ -1,0 +1,78 @@
+"""LoRA: starts as the base model, trains only adapters (+ projector), merges to the same function."""
+import torch
+
+import llava_min
+from llava_min.lora import LoRAConfig, add_lora, adapter_state, load_adapter, merge_lora, save_adapter
+from llava_min.stages import freeze_for_stage
+from test_model import image_prompt, pixels
+
+CFG = LoRAConfig(r=4, alpha=8.0, dropout=0.0)
+
+
+def batch():
+    ids, x = image_prompt(16, batch=2), pixels(2)
+    return ids, x, ids.masked_fill(ids >= 100, -100)
+
+
+def test_lora_at_init_changes_nothing(hf_llava_dir):
+    model = llava_min.load(hf_llava_dir)
+    ids, x, _ = batch()
+    before = model(ids, pixel_values=x)[0]
+    add_lora(model.language_model, CFG)
+    torch.testing.assert_close(model(ids, pixel_values=x)[0], before, atol=0, rtol=0)
+
+
+def train_a_few_steps(model, steps=3):
+    groups = freeze_for_stage(model, "2", lr=1e-2, lora=CFG)
+    opt = torch.optim.AdamW(groups)
+    ids, x, labels = batch()
+    for _ in range(steps):
+        model(ids, pixel_values=x, labels=labels)[1].backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_only_lora_and_projector_change(hf_llava_dir):
+    model = llava_min.load(hf_llava_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_a_few_steps(model)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("projector.") for k in changed)  # the base weights are untouched
+    lora = [k for k in after if ".lora_B" in k]
+    assert len(lora) == 2 * 7 and all(after[k].abs().sum() > 0 for k in lora)  # every adapter moved
+
+
+def test_merged_weights_give_the_same_logits(hf_llava_dir, tmp_path):
+    """Tolerance 1e-5 (fp32): merging only reorders the sum W x + s B A x."""
+    from transformers import LlavaForConditionalGeneration
+    from conftest import hf_reference
+    model = llava_min.load(hf_llava_dir)
+    train_a_few_steps(model)
+    model.eval()
+    ids, x, _ = batch()
+    with torch.no_grad():
+        expected = model(ids, pixel_values=x)[0]
+        merge_lora(model.language_model)
+        assert not any(".lora_" in k for k in model.state_dict())
+        torch.testing.assert_close(model(ids, pixel_values=x)[0], expected, atol=1e-5, rtol=1e-5)
+    llava_min.save_llava(model, tmp_path / "merged")
+    with torch.no_grad():
+        theirs = hf_reference(LlavaForConditionalGeneration, tmp_path / "merged")(input_ids=ids, pixel_values=x).logits
+        torch.testing.assert_close(llava_min.load(tmp_path / "merged")(ids, pixel_values=x)[0], expected, atol=1e-5,
+                                   rtol=1e-5)
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_saves_alone_and_loads_on_the_base(hf_llava_dir, tmp_path):
+    model = llava_min.load(hf_llava_dir)
+    train_a_few_steps(model)
+    save_adapter(model, tmp_path / "adapter", base=hf_llava_dir)
+    saved = set(adapter_state(model))
+    assert saved and all(".lora_" in k or k.startswith("projector.") for k in saved)
+    again = llava_min.load(hf_llava_dir)
+    load_adapter(again, tmp_path / "adapter")
+    model.eval(), again.eval()
+    ids, x, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, pixel_values=x)[0], model(ids, pixel_values=x)[0], atol=0, rtol=0)

@@ -1,0 +1,229 @@
+"""Two-stage visual instruction tuning (LLaVA Sec. 4.2), and the toy pipeline that shows it end to end.
+
+    python train.py                        # the whole toy pipeline: data, tokenizer, clip, lm, stage 1, stage 2, eval
+    python train.py --stage 1 --vision CLIP_DIR --llm LLM_DIR --data pretrain.json --image-folder IMAGES --out OUT
+    python train.py --stage 2 --init STAGE1_DIR --data instruct.json --image-folder IMAGES --out OUT
+    torchrun --nproc_per_node 8 train.py --stage 2 ...   # DDP; rank 0 logs and saves
+
+Stage 1 (feature alignment) trains only the projector W on caption pairs; stage 2 (end-to-end
+fine-tuning) trains W and the LLM on instruction data; CLIP stays frozen in both. The toy world also
+needs `--stage clip` and `--stage lm`, because LLaVA starts from a pretrained CLIP and LLM.
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import llava_min
+from llava_min import stages
+from llava_min.checkpoints import save_llama, save_stage1, save_vision
+from llava_min.clip import VisionConfig, VisionTower
+from llava_min.clip_pretrain import ContrastiveCLIP
+from llava_min.data import LlavaDataset, collate
+from llava_min.llama import Llama, LlamaConfig
+from llava_min.tokenizer import Tokenizer
+from llava_min.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class StageSettings:
+    lr: float
+    epochs: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+
+
+@dataclass
+class Preset:
+    stage1: StageSettings
+    stage2: StageSettings
+    projector: str = "mlp2x_gelu"
+    select_layer: int = -2
+    template: str = "vicuna_v1"
+    image_aspect: str = "pad"
+    max_length: int = 2048
+    grad_checkpointing: bool = False
+    # toy only: the world, the tiny models and their pretraining
+    num_images: int = 0
+    num_eval: int = 0
+    vocab_size: int = 0
+    vision: Optional[VisionConfig] = None
+    text: Optional[LlamaConfig] = None
+    clip_text: Optional[LlamaConfig] = None
+    clip: Optional[StageSettings] = None
+    lm: Optional[StageSettings] = None
+    lm_seq_len: int = 128
+
+
+PRESETS = {
+    # SPEC section 7: LLaVA-1.5's official recipe. Global batch 256 / 128 = batch x accumulation x GPUs.
+    "llava-v1.5-7b": Preset(stage1=StageSettings(lr=1e-3, batch_size=16, grad_accum=16),
+                            stage2=StageSettings(lr=2e-5, batch_size=8, grad_accum=16), grad_checkpointing=True),
+    # The synthetic world on a laptop CPU: a 64 px CLIP with 8 px patches and a ~1M-parameter LLaMA.
+    "toy": Preset(
+        stage1=StageSettings(lr=1e-3, epochs=1, batch_size=32),
+        stage2=StageSettings(lr=1e-3, epochs=2, batch_size=32),
+        image_aspect="crop", max_length=256, num_images=8000, num_eval=500, vocab_size=1024,
+        vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                            image_size=64, patch_size=8),
+        text=LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+        clip_text=LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128),
+        clip=StageSettings(lr=1e-3, epochs=2, batch_size=128),
+        lm=StageSettings(lr=2e-3, epochs=1, batch_size=32)),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["clip", "lm", "1", "2"], help="one stage; none = the whole toy pipeline")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    p.add_argument("--data", type=Path, help="training data (LLaVA JSON/JSONL; corpus.txt for --stage lm)")
+    p.add_argument("--image-folder", type=Path)
+    p.add_argument("--init", type=Path, help="stage 2: the stage-1 directory to start from")
+    p.add_argument("--vision", type=Path, help="CLIP directory (stage 1, or stage 2 without stage 1)")
+    p.add_argument("--llm", type=Path, help="LLaMA / Vicuna directory")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one beside the LLM / init)")
+    p.add_argument("--out", type=Path, default=Path("runs/toy"))
+    p.add_argument("--data-dir", type=Path, default=Path("data/toy"), help="toy pipeline: where the world lives")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--projector-lr", type=float)
+    p.add_argument("--projector", choices=["linear", "mlp2x_gelu"])
+    p.add_argument("--select-layer", type=int, help="CLIP layer for the visual features (-2: penultimate)")
+    p.add_argument("--template", help="conversation template for stage 2")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume")
+    p.add_argument("--save-every", type=int, default=0, help="steps between resumable snapshots")
+    p.add_argument("--stop-after", type=int, help="leave after this many steps with a resumable snapshot")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: fail fast or skip")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+    # toy pipeline switches (issue: each ablation is one flag)
+    p.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 from a random projector")
+    p.add_argument("--no-stage2", action="store_true", help="ablation: alignment only, no instruction tuning")
+    p.add_argument("--data-fraction", type=float, default=1.0, help="ablation: use this share of instruct.json")
+    p.add_argument("--num-images", type=int, help="toy world size (train images)")
+    p.add_argument("--num-eval", type=int, help="toy world size (held-out images)")
+    p.add_argument("--ablations", action="store_true", help="run the whole ablation table")
+    return p.parse_args(argv)
+
+
+def settings(args, preset_stage: StageSettings) -> StageSettings:
+    """The preset's settings for a stage, with any command-line overrides."""
+    overrides = {k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "grad_accum") if getattr(args, k)}
+    return dataclasses.replace(preset_stage, **overrides)
+
+
+def run(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSettings, save, flops=0.0):
+    cfg = TrainConfig(out_dir=str(args.out), lr=s.lr, epochs=s.epochs, max_steps=args.max_steps,
+                      batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
+                      save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
+                      progress=not args.no_progress)
+    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops)
+    losses = trainer.fit(save)
+    if trainer.skipped:
+        print(f"skipped {trainer.skipped} bad record(s) (--on-error skip)")
+    return losses
+
+
+# ---------------------------------------------------------------- stages
+
+def stage_clip(args, preset: Preset):
+    tok = Tokenizer(args.tokenizer)
+    text_cfg = dataclasses.replace(preset.clip_text, vocab_size=tok.vocab_size)
+    torch.manual_seed(args.seed)
+    model = ContrastiveCLIP(VisionTower(preset.vision, select_layer=-1), text_cfg).to(args.device)
+    data = stages.CaptionPairs(args.data, args.image_folder, tok, preset.vision.image_size)
+    groups = [{"params": list(model.parameters())}]
+    return run(args, model, groups, data, stages.collate_pairs, stages.clip_loss, lambda batch: 1, settings(args, preset.clip),
+               lambda: save_vision(model.vision_tower, args.out))
+
+
+def stage_lm(args, preset: Preset):
+    tok = Tokenizer(args.tokenizer)
+    torch.manual_seed(args.seed)
+    model = Llama(dataclasses.replace(preset.text, vocab_size=tok.vocab_size)).to(args.device)
+    data = stages.PackedText(args.data, tok, preset.lm_seq_len)
+    groups = [{"params": list(model.parameters())}]
+    return run(args, model, groups, data, stages.collate_text, stages.lm_loss, stages.num_targets,
+               settings(args, preset.lm), lambda: save_llama(model, args.out, args.tokenizer))
+
+
+def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
+    data = LlavaDataset(args.data, tok, image_folder=args.image_folder, template=template,
+                        num_image_tokens=model.num_image_tokens, image_token_id=model.cfg.image_token_id,
+                        image_size=model.cfg.vision.image_size, image_aspect=model.cfg.image_aspect_ratio,
+                        max_length=max_length, on_error=args.on_error)
+    if data_fraction < 1.0:  # a fixed, seeded subset (the half-data ablation)
+        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+        data = torch.utils.data.Subset(data, keep[: int(len(data) * data_fraction)].tolist())
+    return data
+
+
+def train_llava(args, preset: Preset, stage: str, model, tok, save):
+    s = settings(args, preset.stage1 if stage == "1" else preset.stage2)
+    groups = stages.freeze_for_stage(model, stage, s.lr, args.projector_lr)
+    if torch.device(args.device).type == "cuda":  # frozen parts in bf16; trained ones keep fp32 masters
+        for part, trained in stages.STAGE_PARTS[stage].items():
+            if not trained:
+                getattr(model, part).to(torch.bfloat16)
+    model.language_model.grad_checkpointing = preset.grad_checkpointing if args.grad_checkpointing is None \
+        else args.grad_checkpointing
+    template = "plain" if stage == "1" else (args.template or preset.template)
+    max_length = args.max_length or preset.max_length
+    data = llava_dataset(args, model, tok, template, max_length, args.data_fraction if stage == "2" else 1.0)
+    flops = stages.llava_flops_per_token(model, stage, max_length)
+    pad = lambda items: collate(items, pad_id=tok.pad_id)  # noqa: E731
+    return run(args, model, groups, data, pad, stages.llava_loss, stages.num_targets, s, save, flops)
+
+
+def stage_1(args, preset: Preset):
+    tokenizer = args.tokenizer or args.llm / "tokenizer.model"
+    model = llava_min.build_llava(args.vision, args.llm, args.projector or preset.projector,
+                                  select_layer=args.select_layer or preset.select_layer, dtype=torch.float32,
+                                  device=args.device, image_aspect_ratio=preset.image_aspect,
+                                  template=args.template or preset.template)
+    save = lambda: save_stage1(model, args.out, args.vision, args.llm, tokenizer)  # noqa: E731
+    return train_llava(args, preset, "1", model, Tokenizer(tokenizer), save)
+
+
+def stage_2(args, preset: Preset):
+    if args.init is not None:
+        model = llava_min.load(args.init, dtype=torch.float32, device=args.device)
+        tokenizer = args.tokenizer or args.init / "tokenizer.model"
+    else:  # no stage 1: CLIP + LLM + a random projector
+        model = llava_min.build_llava(args.vision, args.llm, args.projector or preset.projector,
+                                      select_layer=args.select_layer or preset.select_layer, dtype=torch.float32,
+                                      device=args.device, image_aspect_ratio=preset.image_aspect)
+        tokenizer = args.tokenizer or args.llm / "tokenizer.model"
+    model.cfg.template = args.template or preset.template
+    save = lambda: llava_min.save_llava(model, args.out, tokenizer)  # noqa: E731
+    return train_llava(args, preset, "2", model, Tokenizer(tokenizer), save)
+
+
+STAGES = {"clip": stage_clip, "lm": stage_lm, "1": stage_1, "2": stage_2}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.stage is not None:
+        STAGES[args.stage](args, preset)
+        return
+    from llava_min.toy import run_ablations, run_pipeline  # the toy pipeline (and its ablation table)
+    (run_ablations if args.ablations else run_pipeline)(args, preset, STAGES)
+
+
+if __name__ == "__main__":
+    main()
