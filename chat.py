@@ -60,7 +60,7 @@ class Chat:
         image = [i for i, t in enumerate(ids) if t == self.model.cfg.image_token_id]
         if image and image[0] < k <= image[-1]:
             k = image[0]
-        return k
+        return min(k, len(ids) - 1)  # at least one token to feed
 
     def ask(self, text: str, stream=None) -> str:
         """Answers one user turn; `stream(piece)` receives the reply's text as it is generated."""

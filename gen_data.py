@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llava_min.conversation import render_prompt
 from llava_min.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, ChatClient, MalformedResponse, build_messages,
                                 parse_response, run_requests)
 from llava_min.questions import (CHOICE_DOMAINS, QUESTION_TYPES, SHORT_PROMPT, ask, multiple_choice, rule_response)
@@ -78,9 +79,13 @@ def train_scene(scene: Scene, rng: random.Random, caps: list) -> dict:
     records = [vqa_record(f"{rid}-vqa", scene, rng, 3), teacher_record(f"{rid}-{rtype}", scene, rng, rtype, caps)]
     if scene.index % 4 == 0:
         records.append(choice_record(f"{rid}-choice", scene, rng, "train"))
-    dialogue = " ".join(f"{qa.question} {qa.sentence}" for qa in (ask(scene, rng, t) for t in QUESTION_TYPES))
     return {"pretrain": pretrain, "instruct": [r for r in records if r], "malformed": records.count(None),
-            "corpus": caps + [describe(scene), dialogue]}
+            "corpus": caps + [describe(scene)] + [chat_text(r) for r in records if r]}
+
+
+def chat_text(record: dict) -> str:
+    """A record as the text-only chat a language model pretrains on (Vicuna saw chats; so does ours)."""
+    return render_prompt(record["conversations"], "vicuna_v1", has_image=False).replace("\n", " ")
 
 
 def eval_scene(scene: Scene, rng: random.Random) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .conversation import IMAGE, check_turns, tokenize_conversation
-from .image import ImageError, load_image, preprocess
+from .image import MAX_PIXELS, ImageError, load_image, preprocess
 from .llama import IGNORE_INDEX
 
 
@@ -56,13 +56,13 @@ def check_record(record) -> None:
 
 class LlavaDataset(torch.utils.data.Dataset):
     def __init__(self, data_path, tok, image_folder=None, template="vicuna_v1", num_image_tokens=576,
-                 image_token_id=-200, image_size=336, image_aspect="crop", max_length=2048, on_error="raise"):
+                 image_token_id=-200, image_size=336, image_aspect="crop", max_length=2048, on_error="raise", max_pixels=MAX_PIXELS):
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
         self.tok, self.image_folder, self.template = tok, image_folder, template
         self.num_image_tokens, self.image_token_id = num_image_tokens, image_token_id
         self.image_size, self.image_aspect, self.max_length, self.on_error = image_size, image_aspect, max_length, on_error
-        self.skipped = Counter()
+        self.max_pixels, self.skipped = max_pixels, Counter()
         self.records = [r for i, r in enumerate(read_records(data_path)) if self.valid(i, r)]
 
     def record_id(self, index, record) -> str:
@@ -98,7 +98,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         return ids, labels
 
     def pixels(self, record):
-        image = load_image(record["image"], image_folder=self.image_folder)
+        image = load_image(record["image"], image_folder=self.image_folder, max_pixels=self.max_pixels)
         return preprocess(image, size=self.image_size, aspect=self.image_aspect)
 
     def __getitem__(self, i):

@@ -6,6 +6,7 @@ relative score (LLaVA Sec. 5.1). Greedy decoding, batched with left padding.
     python -m llava_min.eval --model DIR --bench bench.json --image-folder IMAGES --api-base URL --judge-model M
 """
 import argparse
+import argparse
 import json
 import re
 import string
@@ -34,7 +35,7 @@ def parse_choice(text: str, num_choices: int):
     """ScienceQA's parsing: an exact letter, a "B. ..." prefix, or a single "The answer is B." Else None."""
     letters = string.ascii_uppercase[:num_choices]
     text = text.strip()
-    if text in letters:
+    if len(text) == 1 and text in letters:
         return text
     if len(text) >= 2 and text[0] in letters and text[1] == ".":
         return text[0]
@@ -118,3 +119,108 @@ def evaluate(model, tok, data_path, image_folder, blind=False, batch_size=32, li
     predictions = answer(model, tok, records, image_folder, blind=blind, batch_size=batch_size, progress=progress)
     return {"scores": score(records, predictions),
             "predictions": [{"id": r["id"], "prediction": p, "answer": r["answer"]} for r, p in zip(records, predictions)]}
+
+
+# ---------------------------------------------------------------- LLaVA-Bench: a text-only judge
+
+JUDGE_RULE = ("Two AI assistants answered the user's question about an image. You cannot see the image; the "
+              "context above describes it. Rate how helpful, relevant, accurate and detailed each answer is, on a "
+              "scale of 1 to 10 (higher is better). On the first line, write only the two scores, for Assistant 1 "
+              "and Assistant 2, separated by a space. Then explain your rating, without letting the order of the "
+              "answers sway you.")
+
+
+def judge_messages(context: str, question: str, reference: str, answer: str) -> list:
+    """LLaVA-Bench's request: [Context], [Question], [Assistant 1] = the reference, [Assistant 2] = the model."""
+    content = (f"[Context]\n{context}\n\n[Question]\n{question}\n\n[Assistant 1]\n{reference}\n\n[End of Assistant 1]"
+               f"\n\n[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_RULE}\n\n")
+    return [{"role": "system", "content": "You are a helpful and precise assistant for checking the quality of "
+                                          "answers."}, {"role": "user", "content": content}]
+
+
+def parse_scores(text: str):
+    """The two scores on the judge's first line, or None when it did not follow the format."""
+    try:
+        first = text.strip().splitlines()[0].replace(",", " ").split()
+        scores = [float(first[0]), float(first[1])]
+    except (IndexError, ValueError):
+        return None
+    return scores if len(first) == 2 else None
+
+
+def relative_scores(judged: list) -> dict:
+    """[(category, (reference score, model score))] -> per category mean(model) / mean(reference) x 100."""
+    by_cat = defaultdict(list)
+    for category, scores in judged:
+        by_cat[category].append(scores)
+        by_cat["all"].append(scores)
+    return {c: {"relative": round(100 * sum(s[1] for s in v) / max(1e-9, sum(s[0] for s in v)), 1),
+                "reference": round(sum(s[0] for s in v) / len(v), 2), "model": round(sum(s[1] for s in v) / len(v), 2),
+                "n": len(v)} for c, v in sorted(by_cat.items())}
+
+
+def llava_bench(model, tok, bench_path, image_folder, judge, batch_size=8, max_new_tokens=512) -> dict:
+    """bench.json: [{"id", "image", "category", "context", "question", "reference"}]; `judge(messages)`
+    returns the judge's text (a ChatClient). Unparseable verdicts are counted, not scored."""
+    items = json.loads(Path(bench_path).read_text())
+    records = [{**it, "conversations": [{"from": "human", "value": "<image>\n" + it["question"]}]} for it in items]
+    answers = answer(model, tok, records, image_folder, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    judged, failed = [], 0
+    for it, ans in zip(items, answers):
+        scores = parse_scores(judge(judge_messages(it["context"], it["question"], it["reference"], ans)))
+        if scores is None:
+            failed += 1
+        else:
+            judged.append((it["category"], scores))
+    return {"llava_bench": relative_scores(judged), "unparsed_verdicts": failed,
+            "answers": [{"id": it["id"], "answer": a} for it, a in zip(items, answers)]}
+
+
+def print_table(scores: dict, blind=None) -> None:
+    print(f"{'format':<8}{'type':<12}{'accuracy':>10}" + (f"{'blind':>8}" if blind else "") + f"{'n':>7}")
+    for fmt, kinds in scores.items():
+        for kind, s in kinds.items():
+            b = f"{blind.get(fmt, {}).get(kind, {}).get('accuracy', float('nan')):>8.1f}" if blind else ""
+            print(f"{fmt:<8}{kind:<12}{s['accuracy']:>10.1f}{b}{s['n']:>7}")
+
+
+def main(argv=None):
+    from .checkpoints import load
+    from .gpt_data import ChatClient
+    from .tokenizer import Tokenizer
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="eval.json: short-answer and multiple-choice records")
+    p.add_argument("--bench", type=Path, help="LLaVA-Bench style bench.json, scored by a judge")
+    p.add_argument("--image-folder", type=Path)
+    p.add_argument("--blind", action="store_true", help="also answer without the image, to see how much it looks")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--api-base", default="https://api.openai.com/v1")
+    p.add_argument("--judge-model", default="gpt-4o-mini")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if not args.data and not args.bench:
+        p.error("give --data and/or --bench")
+    model = load(args.model, device=args.device)
+    tok = Tokenizer(args.model / "tokenizer.model")
+    results = {}
+    if args.data:
+        results.update(evaluate(model, tok, args.data, args.image_folder, batch_size=args.batch_size, limit=args.limit,
+                                progress=True))
+        if args.blind:
+            results["blind_scores"] = evaluate(model, tok, args.data, args.image_folder, blind=True,
+                                               batch_size=args.batch_size, limit=args.limit)["scores"]
+        print_table(results["scores"], results.get("blind_scores"))
+    if args.bench:
+        results.update(llava_bench(model, tok, args.bench, args.image_folder, ChatClient(args.api_base, args.judge_model)))
+        for category, s in results["llava_bench"].items():
+            print(f"LLaVA-Bench {category:<14} relative {s['relative']:>6.1f}  (model {s['model']}, reference "
+                  f"{s['reference']}, n {s['n']})")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -180,9 +180,20 @@ def done_keys(path) -> set:
     return keys
 
 
+def drop_torn_line(path) -> None:
+    """A run killed mid-write leaves half a line; cut it, or the next append would be glued onto it."""
+    path = Path(path)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
 def run_requests(requests: list, teacher, results_path, workers: int = 4, progress=None) -> dict:
     """Sends (key, messages, meta) requests not answered yet; appends {"key", "response"} lines as they
     arrive. Returns counts: done before, answered now, failed (left for the next run)."""
+    drop_torn_line(results_path)
     done = done_keys(results_path)
     todo = [r for r in requests if r[0] not in done]
     lock, counts = threading.Lock(), {"skipped": len(requests) - len(todo), "answered": 0, "failed": 0}

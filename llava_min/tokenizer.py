@@ -114,8 +114,10 @@ class Tokenizer:
         return ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
-        """Text of the ids; special tokens and ids outside the vocabulary (image slots) are left out."""
-        return self.sp.decode([i for i in ids if 2 < i < self.vocab_size])
+        """Text of the ids; special tokens and ids outside the vocabulary (image slots) are left out, and
+        the leading "▁" that encoding adds is dropped again."""
+        text = self.sp.decode([i for i in ids if 2 < i < self.vocab_size])
+        return text[1:] if text.startswith(" ") else text
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)

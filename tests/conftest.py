@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 LLAMA_TOKENIZER = Path(os.environ.get("LLAMA_TOKENIZER", ROOT.parent / "shared/fixtures/llama2-tokenizer.model"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def llama_tokenizer_path():
     if not LLAMA_TOKENIZER.is_file():
         pytest.skip(f"real LLaMA tokenizer not found at {LLAMA_TOKENIZER}")
@@ -72,4 +72,39 @@ def hf_llama_dir(tmp_path_factory):
     torch.manual_seed(2)
     path = tmp_path_factory.mktemp("hf_llama")
     LlamaForCausalLM(LlamaConfig(**{**TINY_TEXT, "rope_theta": 500.0})).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A small LLaMA-style tokenizer trained on toy text: what the toy pipeline uses, no download."""
+    from llava_min.tokenizer import train_tokenizer
+    path = tmp_path_factory.mktemp("tiny_tok")
+    lines = [f"A {c} {s} at the {p}. How many {s}s are there? There are {n} objects."
+             for c in ("red", "green", "blue") for s in ("circle", "square") for p in ("top", "left") for n in range(5)]
+    (path / "corpus.txt").write_text("\n".join(lines * 20))
+    train_tokenizer(path / "corpus.txt", path / "tok.model", vocab_size=300)
+    return path / "tok.model"
+
+
+CHAT_IMAGE_TOKEN = 440
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory, tiny_tokenizer):
+    """A tiny random llava-hf checkpoint whose vocabulary fits the tiny tokenizer, with tokenizer.model."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("chat_model")
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**TINY_VISION),
+                      text_config=LlamaConfig(**{**TINY_TEXT, "vocab_size": 448}), image_token_index=CHAT_IMAGE_TOKEN)
+    LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    shutil.copy(tiny_tokenizer, path / "tokenizer.model")
+    for name, seed in (("cat.png", 0), ("dog.png", 1)):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(path / name)
     return path

@@ -1,0 +1,92 @@
+"""chat.py: greedy answers equal transformers' generate; the KV cache carries over between turns."""
+import io
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import chat
+import llava_min
+from conftest import CHAT_IMAGE_TOKEN as IMAGE_TOKEN, hf_reference
+from llava_min.conversation import tokenize_prompt
+from llava_min.image import preprocess
+from llava_min.tokenizer import Tokenizer
+
+
+
+def open_chat(path, **kw):
+    return chat.open_chat(chat.parse_args(["--model", str(path), "--temperature", "0", "--device", "cpu", *kw.get("extra", [])]))
+
+
+def test_prompt_answer_equals_transformers_generate(chat_model, capsys):
+    from transformers import LlavaForConditionalGeneration
+    tok = Tokenizer(chat_model / "tokenizer.model")
+    ref = hf_reference(LlavaForConditionalGeneration, chat_model)
+    ids = torch.tensor([tokenize_prompt([{"from": "human", "value": "What is in the image?"}], tok, "vicuna_v1",
+                                        num_image_tokens=16, image_token_id=IMAGE_TOKEN)])
+    pixels = preprocess(Image.open(chat_model / "cat.png").convert("RGB"), size=28, aspect="pad")[None]
+    expected = ref.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+    expected = expected.tolist()
+    expected = expected[: expected.index(2)] if 2 in expected else expected
+
+    session = open_chat(chat_model)
+    session.set_image(chat_model / "cat.png")
+    session.max_new_tokens = 24
+    got = []
+    session.ask("What is in the image?", stream=None)
+    got = session.cached_ids[len(ids[0]):]  # the reply's tokens as they were generated and cached
+    assert len(expected) >= 10, "random model stopped too early to compare"
+    assert got == expected[: len(got)] and len(got) >= len(expected) - 1
+
+    chat.main(["--model", str(chat_model), "--image", str(chat_model / "cat.png"), "--prompt", "What is in the image?",
+               "--temperature", "0", "--max-new-tokens", "24", "--device", "cpu"])
+    assert capsys.readouterr().out.strip() == tok.decode(expected).strip()
+
+
+def test_second_turn_prefills_only_new_tokens(chat_model):
+    session = open_chat(chat_model)
+    session.set_image(chat_model / "cat.png")
+    session.max_new_tokens = 8
+    first = session.ask("Describe it.")
+    fed_first = session.prefilled
+    assert fed_first == len(session.prompt_ids([{"from": "human", "value": "Describe it."}]))
+    second = session.ask("And the colors?")
+    fed_second = session.prefilled - fed_first
+    full = len(session.prompt_ids(session.turns[:-1]))
+    # Turn 2 feeds at most the reply (re-read from its text: a detokenized reply may split differently)
+    # and the new question: never the first prompt with its 16 image tokens.
+    assert fed_second <= full - fed_first
+    # the cached conversation answers exactly like a fresh one that prefills the whole history
+    fresh = open_chat(chat_model)
+    fresh.set_image(chat_model / "cat.png")
+    fresh.max_new_tokens = 8
+    fresh.turns = [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": first}]
+    assert fresh.ask("And the colors?") == second
+
+
+def test_interactive_chat_through_stdin(chat_model, monkeypatch, capsys):
+    script = "Hi there\nMore please\n/image " + str(chat_model / "dog.png") + "\nWhat now?\n/image missing.png\n" \
+             "/clear\nAgain?\n/quit\nnever reached\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    chat.main(["--model", str(chat_model), "--image", str(chat_model / "cat.png"), "--temperature", "0",
+               "--max-new-tokens", "6", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count("ASSISTANT:") == 4
+    assert "[new conversation about" in out and "[conversation cleared]" in out
+    assert "missing.png does not exist" in out  # a bad image is reported and the chat goes on
+
+
+def test_bad_inputs_are_clear(chat_model, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="missing.png does not exist"):
+        chat.main(["--model", str(chat_model), "--image", str(tmp_path / "missing.png"), "--prompt", "hi", "--device", "cpu"])
+    shutil.copytree(chat_model, tmp_path / "no_tok")
+    (tmp_path / "no_tok" / "tokenizer.model").unlink()
+    with pytest.raises(SystemExit, match="no tokenizer at"):
+        chat.main(["--model", str(tmp_path / "no_tok"), "--prompt", "hi", "--device", "cpu"])
+    session = open_chat(chat_model)
+    with pytest.raises(ValueError, match="the model's context is 256"):
+        session.ask("word " * 400)
+    assert session.ask("short?", stream=None) is not None  # the chat goes on

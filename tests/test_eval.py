@@ -1,0 +1,112 @@
+"""Answer checking and scoring on hand-made cases; the LLaVA-Bench judge against a fake local server;
+batched left-padded answers equal one-by-one answers."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from llava_min import eval as ev
+from llava_min.gpt_data import ChatClient
+
+
+@pytest.mark.parametrize("pred,answer,ok", [
+    ("Red", "red", True), ("red.", "red", True), ("The red one", "red one", True), ("two", "2", True),
+    ("Two.", "2", True), ("none", "0", True), ("3.5", "3.5", True), ("top left", "top left", True),
+    ("top-left", "top left", True), ("blue", "red", False), ("2 circles", "2", False), ("yes", "no", False),
+])
+def test_short_answer_normalization(pred, answer, ok):
+    assert ev.is_correct({"format": "short", "answer": answer}, pred) is ok
+
+
+@pytest.mark.parametrize("text,letter", [
+    ("B", "B"), ("B.", "B"), ("B. blue", "B"), ("The answer is C.", "C"), (" A ", "A"),
+    ("D", None), ("b", None), ("I think it is B", None), ("The answer is A. The answer is B.", None), ("", None),
+])
+def test_scienceqa_choice_parsing(text, letter):
+    assert ev.parse_choice(text, 3) == letter
+
+
+def test_score_per_type():
+    records = [{"format": "short", "question_type": "color", "answer": "red"},
+               {"format": "short", "question_type": "color", "answer": "blue"},
+               {"format": "short", "question_type": "count", "answer": "2"},
+               {"format": "choice", "question_type": "shape", "answer": "A", "choices": ["x", "y"]}]
+    scores = ev.score(records, ["red", "green", "two", "The answer is A."])
+    assert scores["short"]["overall"] == {"accuracy": 66.67, "n": 3}
+    assert scores["short"]["color"] == {"accuracy": 50.0, "n": 2} and scores["short"]["count"]["accuracy"] == 100.0
+    assert scores["choice"]["overall"] == {"accuracy": 100.0, "n": 1}
+
+
+def test_judge_request_and_relative_scores():
+    messages = ev.judge_messages("A cat on a mat.", "Where is the cat?", "On the mat.", "On a mat.")
+    user = messages[-1]["content"]
+    for part in ("[Context]\nA cat on a mat.", "[Question]\nWhere is the cat?", "[Assistant 1]\nOn the mat.",
+                 "[Assistant 2]\nOn a mat.", "[System]"):
+        assert part in user
+    assert user.index("[Assistant 1]") < user.index("[Assistant 2]")
+    assert ev.parse_scores("8 6\nbecause") == [8.0, 6.0] and ev.parse_scores("8, 7.5") == [8.0, 7.5]
+    assert ev.parse_scores("Assistant 1 is better") is None and ev.parse_scores("") is None
+    rel = ev.relative_scores([("conv", [8, 6]), ("conv", [10, 9]), ("detail", [5, 5])])
+    assert rel["conv"]["relative"] == round(100 * 15 / 18, 1) and rel["detail"]["relative"] == 100.0
+    assert rel["all"]["n"] == 3
+
+
+class FakeJudge:
+    def __init__(self, replies):
+        self.replies, self.seen = list(replies), []
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.seen.append(body["messages"][-1]["content"])
+                data = json.dumps({"choices": [{"message": {"content": judge.replies.pop(0)}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+
+def test_llava_bench_with_a_fake_judge(chat_model, tmp_path):
+    import numpy as np
+    from PIL import Image
+    Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    bench = [{"id": f"q{i}", "image": "x.png", "category": cat, "context": "A black square.", "question": "What is it?",
+              "reference": "A black square."} for i, cat in enumerate(["conv", "conv", "detail"])]
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    judge = FakeJudge(["8 4\nok", "10 6\nok", "no scores here"])
+    model, tok = ev_model(chat_model)
+    out = ev.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0),
+                         max_new_tokens=5)
+    judge.server.shutdown()
+    assert out["llava_bench"]["conv"]["relative"] == 55.6 and out["unparsed_verdicts"] == 1
+    assert all("[Assistant 2]\n" + a["answer"] in seen for a, seen in zip(out["answers"], judge.seen))
+
+
+def ev_model(chat_model):
+    import llava_min
+    from llava_min.tokenizer import Tokenizer
+    return llava_min.load(chat_model), Tokenizer(chat_model / "tokenizer.model")
+
+
+def test_batched_answers_equal_single_answers(chat_model, tmp_path):
+    import numpy as np
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    records = [{"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\n" + q}]}
+               for i, q in enumerate(["red", "a red circle", "red red red red red red"])]
+    model, tok = ev_model(chat_model)
+    model.cfg.text.eos_token_id = -1  # random weights: compare whole continuations
+    batched = ev.answer(model, tok, records, tmp_path, batch_size=3, max_new_tokens=6)
+    single = [ev.answer(model, tok, [r], tmp_path, batch_size=1, max_new_tokens=6)[0] for r in records]
+    assert batched == single
+    blind = ev.answer(model, tok, records, tmp_path, blind=True, batch_size=3, max_new_tokens=6)
+    assert blind != batched  # without the image the model is given other inputs

@@ -1,0 +1,135 @@
+"""train.py on the `smoke` preset: what each stage freezes, that it learns, exact resume, DDP, and
+checkpoints that load back in llava-min and in transformers."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llava_min
+import train
+from llava_min import stages
+from llava_min.data import LlavaDataset, collate
+from llava_min.tokenizer import Tokenizer
+from llava_min.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny world, its tokenizer, and a contrastive CLIP and an LM pretrained for a few steps."""
+    import gen_data
+    from llava_min.tokenizer import train_tokenizer
+    root = tmp_path_factory.mktemp("smoke")
+    data = root / "data"
+    gen_data.build_world(data, num_images=48, num_eval=12, seed=0, image_size=32, workers=1)
+    train_tokenizer(data / "corpus.txt", root / "tokenizer.model", 400)
+    common = ["--preset", "smoke", "--tokenizer", str(root / "tokenizer.model"), "--image-folder", str(data / "images"),
+              "--max-steps", "3", "--no-progress"]
+    train.main(["--stage", "clip", "--data", str(data / "pretrain.json"), "--out", str(root / "clip")] + common)
+    train.main(["--stage", "lm", "--data", str(data / "corpus.txt"), "--out", str(root / "lm")] + common)
+    return root
+
+
+def stage1_model(parts):
+    torch.manual_seed(0)  # the fresh projector
+    return llava_min.build_llava(parts / "clip", parts / "lm", "mlp2x_gelu", dtype=torch.float32)
+
+
+def fit(model, stage, parts, data="pretrain.json", steps=3, out=None, lr=1e-3, **cfg):
+    tok = Tokenizer(parts / "tokenizer.model")
+    ds = LlavaDataset(parts / "data" / data, tok, parts / "data" / "images", "plain" if stage == "1" else "vicuna_v1",
+                      model.num_image_tokens, model.cfg.image_token_id, image_size=32)
+    groups = stages.freeze_for_stage(model, stage, lr)
+    cfg = TrainConfig(out_dir=str(out or parts / f"fit{stage}"), lr=lr, max_steps=steps, batch_size=4,
+                      progress=False, **cfg)
+    trainer = Trainer(model, groups, ds, collate, stages.llava_loss, stages.num_targets, cfg)
+    return trainer.fit(save=lambda: None)
+
+
+def test_stage1_changes_only_the_projector(parts):
+    model = stage1_model(parts)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, "1", parts)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if k.startswith("projector.")}
+
+
+def test_stage2_leaves_the_vision_tower_untouched(parts):
+    model = stage1_model(parts)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, "2", parts, data="instruct.json")
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert not any(k.startswith("vision_tower.") for k in changed)
+    assert any(k.startswith("language_model.layers.") for k in changed) and any(k.startswith("projector.") for k in changed)
+
+
+def test_a_handful_of_records_is_overfit(parts, tmp_path):
+    import json
+    records = json.loads((parts / "data" / "instruct.json").read_text())[:4]
+    (parts / "data" / "few.json").write_text(json.dumps(records))
+    losses = fit(stage1_model(parts), "2", parts, data="few.json", steps=40, lr=1e-2, warmup_ratio=0.0)
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_resume_reproduces_the_uninterrupted_losses(parts, tmp_path):
+    whole = fit(stage1_model(parts), "2", parts, data="instruct.json", steps=6, out=tmp_path / "a")
+    first = fit(stage1_model(parts), "2", parts, data="instruct.json", steps=6, out=tmp_path / "b", stop_after=3)
+    assert (tmp_path / "b" / "resume" / "state.pt").is_file()
+    rest = fit(stage1_model(parts), "2", parts, data="instruct.json", steps=6, out=tmp_path / "b", resume=True)
+    assert first + rest == whole
+    logged = [l for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 6
+
+
+def run_stage2(parts, out, extra, nproc=None):
+    args = ["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
+            "--tokenizer", str(parts / "tokenizer.model"), "--data", str(parts / "data" / "instruct.json"),
+            "--image-folder", str(parts / "data" / "images"), "--max-steps", "3", "--out", str(out), "--no-progress",
+            "--seed", "1"] + extra
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    subprocess.run(launcher + [str(ROOT / "train.py")] + args, check=True, env=env, cwd=ROOT, capture_output=True)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path):
+    """Stage 2 from a random projector (no stage 1): the projector must be seeded the same way too."""
+    run_stage2(parts, tmp_path / "one", ["--batch-size", "4"])
+    run_stage2(parts, tmp_path / "two", ["--batch-size", "2"], nproc=2)
+    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
+def test_checkpoint_loads_back_and_in_transformers(parts, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    from conftest import hf_reference
+    run_stage2(parts, tmp_path / "ckpt", ["--batch-size", "4"])
+    ours = llava_min.load(tmp_path / "ckpt")
+    theirs = hf_reference(LlavaForConditionalGeneration, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "tokenizer.model").is_file()
+    ids = torch.tensor([[1] + [ours.cfg.image_token_id] * ours.num_image_tokens + [5, 6, 7, 8]])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pixel_values=x)[0], theirs(input_ids=ids, pixel_values=x).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
+    calls, clean = [], stages.llava_loss
+
+    def poisoned(model, batch):  # the third step's loss is NaN
+        calls.append(1)
+        loss = clean(model, batch)
+        return loss * float("nan") if len(calls) > 2 else loss
+    monkeypatch.setattr(stages, "llava_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2.*intact"):
+        fit(stage1_model(parts), "2", parts, data="instruct.json", steps=4, out=tmp_path, save_every=1)
+    state = torch.load(tmp_path / "resume" / "state.pt", weights_only=True)
+    assert state["step"] == 2  # the snapshot of the last good step survives
