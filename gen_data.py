@@ -113,7 +113,8 @@ def make_scene(job: tuple) -> dict:
     return {**result, "scene": {**scene.to_json(), "captions": caps}}
 
 
-def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_size: int = 64, workers=None) -> dict:
+def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_size: int = 64, workers=None,
+                progress: bool = True) -> dict:
     """The synthetic world: train and held-out images (never shared), and every output file."""
     out = Path(out_dir)
     for split in ("train", "eval"):
@@ -121,7 +122,8 @@ def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_si
     jobs = [(seed, "train", i, image_size, str(out)) for i in range(num_images)]
     jobs += [(seed, "eval", i, image_size, str(out)) for i in range(num_eval)]
     with Pool(workers or os.cpu_count()) as pool:
-        results = list(tqdm(pool.imap(make_scene, jobs, chunksize=64), total=len(jobs), desc="world", leave=False))
+        results = list(tqdm(pool.imap(make_scene, jobs, chunksize=64), total=len(jobs), desc="world", leave=False,
+                            disable=not progress))
     instruct = [r for res in results for r in res.get("instruct", [])]
     random.Random(seed).shuffle(instruct)
     write_json(out / "scenes.json", [r["scene"] for r in results])

@@ -116,6 +116,10 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="steps between resumable snapshots")
     p.add_argument("--stop-after", type=int, help="leave after this many steps with a resumable snapshot")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--lora", action="store_true", help="stage 2: LoRA adapters instead of the full LLM")
+    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--lora-alpha", type=float, default=256.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: fail fast or skip")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +132,15 @@ def parse_args(argv=None):
     p.add_argument("--num-eval", type=int, help="toy world size (held-out images)")
     p.add_argument("--ablations", action="store_true", help="run the whole ablation table")
     return p.parse_args(argv)
+
+
+def either(value, default):
+    return default if value is None else value
+
+
+def load_dtype(args, preset: Preset):
+    """Real (7B) models load in bf16 on CUDA and are cast per part in train_llava; toy models in fp32."""
+    return torch.bfloat16 if torch.device(args.device).type == "cuda" and preset.vision is None else torch.float32
 
 
 def settings(args, preset_stage: StageSettings) -> StageSettings:
@@ -182,13 +195,21 @@ def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
     return data
 
 
+def lora_config(args):
+    from llava_min.lora import LoRAConfig
+    return LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
+
+
 def train_llava(args, preset: Preset, stage: str, model, tok, save):
     s = settings(args, preset.stage1 if stage == "1" else preset.stage2)
-    groups = stages.freeze_for_stage(model, stage, s.lr, args.projector_lr)
-    if torch.device(args.device).type == "cuda":  # frozen parts in bf16; trained ones keep fp32 masters
+    projector_lr = args.projector_lr
+    if stage == "2" and args.lora and args.lr is None:  # LLaVA-1.5's LoRA recipe: 10x the lr, projector unchanged
+        s, projector_lr = dataclasses.replace(s, lr=10 * s.lr), projector_lr or s.lr
+    lora = lora_config(args) if stage == "2" else None
+    if torch.device(args.device).type == "cuda":  # frozen weights in bf16; trained ones keep fp32 masters
         for part, trained in stages.STAGE_PARTS[stage].items():
-            if not trained:
-                getattr(model, part).to(torch.bfloat16)
+            getattr(model, part).to(torch.float32 if trained and not (lora and part == "language_model") else torch.bfloat16)
+    groups = stages.freeze_for_stage(model, stage, s.lr, projector_lr, lora=lora)  # LoRA adapters are made in fp32
     model.language_model.grad_checkpointing = preset.grad_checkpointing if args.grad_checkpointing is None \
         else args.grad_checkpointing
     template = "plain" if stage == "1" else (args.template or preset.template)
@@ -202,24 +223,29 @@ def train_llava(args, preset: Preset, stage: str, model, tok, save):
 def stage_1(args, preset: Preset):
     tokenizer = args.tokenizer or args.llm / "tokenizer.model"
     model = llava_min.build_llava(args.vision, args.llm, args.projector or preset.projector,
-                                  select_layer=args.select_layer or preset.select_layer, dtype=torch.float32,
-                                  device=args.device, image_aspect_ratio=preset.image_aspect,
-                                  template=args.template or preset.template)
+                                  select_layer=either(args.select_layer, preset.select_layer),
+                                  dtype=load_dtype(args, preset), device=args.device,
+                                  image_aspect_ratio=preset.image_aspect, template=args.template or preset.template)
     save = lambda: save_stage1(model, args.out, args.vision, args.llm, tokenizer)  # noqa: E731
     return train_llava(args, preset, "1", model, Tokenizer(tokenizer), save)
 
 
 def stage_2(args, preset: Preset):
     if args.init is not None:
-        model = llava_min.load(args.init, dtype=torch.float32, device=args.device)
+        model = llava_min.load(args.init, dtype=load_dtype(args, preset), device=args.device)
         tokenizer = args.tokenizer or args.init / "tokenizer.model"
     else:  # no stage 1: CLIP + LLM + a random projector
         model = llava_min.build_llava(args.vision, args.llm, args.projector or preset.projector,
-                                      select_layer=args.select_layer or preset.select_layer, dtype=torch.float32,
-                                      device=args.device, image_aspect_ratio=preset.image_aspect)
+                                      select_layer=either(args.select_layer, preset.select_layer),
+                                      dtype=load_dtype(args, preset), device=args.device,
+                                      image_aspect_ratio=preset.image_aspect)
         tokenizer = args.tokenizer or args.llm / "tokenizer.model"
     model.cfg.template = args.template or preset.template
-    save = lambda: llava_min.save_llava(model, args.out, tokenizer)  # noqa: E731
+    if args.lora:  # the adapter (LoRA + projector) alone; `python -m llava_min.lora merge` makes a full model
+        from llava_min.lora import save_adapter
+        save = lambda: save_adapter(model, args.out, base=args.init, tokenizer_path=tokenizer)  # noqa: E731
+    else:
+        save = lambda: llava_min.save_llava(model, args.out, tokenizer)  # noqa: E731
     return train_llava(args, preset, "2", model, Tokenizer(tokenizer), save)
 
 

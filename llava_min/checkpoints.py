@@ -21,7 +21,7 @@ import torch
 from .clip import VisionConfig, VisionTower
 from .llama import Llama, LlamaConfig
 from .llava import Llava, LlavaConfig
-from .weights import (CheckpointError, atomic_dir, load_strict, materialize, read_tensors, save_safetensors,
+from .weights import (CheckpointError, atomic_write, load_strict, materialize, read_tensors, save_safetensors,
                       tensor_names, weight_files)
 
 # transformers' CLIPVisionConfig / LlamaConfig defaults, for config.json files that omit a key.
@@ -321,13 +321,13 @@ def save_pretrained(module, config: dict, out_dir, rename, tokenizer_path=None, 
     """`config.json` + `model.safetensors` (+ `tokenizer.model`), written atomically."""
     tied = module.tied_names() if hasattr(module, "tied_names") else set()
     tensors = {rename(k): v for k, v in module.state_dict().items() if k not in tied}
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_safetensors(tensors, tmp / weights_name)
-        if tokenizer_path is not None:
-            (tmp / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+    out_dir = Path(out_dir)  # each file atomically, config.json last: it marks a finished checkpoint
+    save_safetensors(tensors, out_dir / weights_name)
+    if tokenizer_path is not None:
+        atomic_write(out_dir / "tokenizer.model", lambda tmp: tmp.write_bytes(Path(tokenizer_path).read_bytes()))
+    for name, data in (extra_files or {}).items():
+        atomic_write(out_dir / name, lambda tmp: tmp.write_bytes(data))
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
 def save_vision(tower: VisionTower, out_dir) -> None:

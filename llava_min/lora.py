@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weights import CheckpointError, atomic_dir, save_safetensors
+from .weights import CheckpointError, atomic_write, save_safetensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -91,12 +91,13 @@ def adapter_state(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("projector.")}
 
 
-def save_adapter(model, out_dir, base=None) -> None:
+def save_adapter(model, out_dir, base=None, tokenizer_path=None) -> None:
     cfg = model.language_model.lora_config
-    with atomic_dir(out_dir) as tmp:
-        save_safetensors(adapter_state(model), tmp / "adapter.safetensors")
-        (tmp / "adapter_config.json").write_text(json.dumps({**asdict(cfg), "base": str(base) if base else None},
-                                                            indent=2))
+    config = json.dumps({**asdict(cfg), "base": str(base) if base else None}, indent=2)
+    save_safetensors(adapter_state(model), Path(out_dir) / "adapter.safetensors")
+    if tokenizer_path is not None:
+        atomic_write(Path(out_dir) / "tokenizer.model", lambda tmp: tmp.write_bytes(Path(tokenizer_path).read_bytes()))
+    atomic_write(Path(out_dir) / "adapter_config.json", lambda tmp: tmp.write_text(config))
 
 
 def load_adapter(model, adapter_dir) -> None:

@@ -63,7 +63,8 @@ def run_pipeline(args, preset, stages) -> dict:
     run_dir = root / variant_name(args)
     num_images, num_eval = args.num_images or preset.num_images, args.num_eval or preset.num_eval
     step("data", (data / "eval.json").is_file(),
-         lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size),
+         lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,
+                                     progress=not args.no_progress),
          timings)
     step("tokenizer", tokenizer.is_file(), lambda: train_tokenizer(data / "corpus.txt", tokenizer, preset.vocab_size),
          timings)

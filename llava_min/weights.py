@@ -135,5 +135,19 @@ def atomic_dir(path):
         raise
 
 
+def atomic_write(path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` a file under a temporary name beside `path`, then rename it into place: a crash
+    never leaves a half-written file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_safetensors(tensors: dict, file, metadata: Optional[dict] = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file), metadata=metadata or {"format": "pt"})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))

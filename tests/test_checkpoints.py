@@ -246,4 +246,4 @@ def test_saved_checkpoint_loads_back_and_in_transformers(hf_llava_dir, expected,
     with torch.no_grad():
         theirs = hf_reference(LlavaForConditionalGeneration, tmp_path / "out")(input_ids=ids, pixel_values=x).logits
     torch.testing.assert_close(theirs, ref, **TOL)
-    assert not list(tmp_path.glob(".out.*")), "temporary directories were left behind"
+    assert not list((tmp_path / "out").glob(".*")), "temporary files were left behind"

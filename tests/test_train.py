@@ -133,3 +133,35 @@ def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
         fit(stage1_model(parts), "2", parts, data="instruct.json", steps=4, out=tmp_path, save_every=1)
     state = torch.load(tmp_path / "resume" / "state.pt", weights_only=True)
     assert state["step"] == 2  # the snapshot of the last good step survives
+
+
+def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
+    import json
+    from llava_min.lora import load_adapter, main as lora_main
+    stage1 = tmp_path / "stage1"
+    train.main(["--stage", "1", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
+                "--tokenizer", str(parts / "tokenizer.model"), "--data", str(parts / "data" / "pretrain.json"),
+                "--image-folder", str(parts / "data" / "images"), "--max-steps", "2", "--out", str(stage1),
+                "--no-progress"])
+    args = ["--stage", "2", "--preset", "smoke", "--init", str(stage1), "--data", str(parts / "data" / "instruct.json"),
+            "--image-folder", str(parts / "data" / "images"), "--max-steps", "4", "--no-progress", "--lora",
+            "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]
+    train.main(args + ["--out", str(tmp_path / "whole")])
+    train.main(args + ["--out", str(tmp_path / "parts"), "--stop-after", "2"])
+    assert not (tmp_path / "parts" / "adapter.safetensors").exists()
+    train.main(args + ["--out", str(tmp_path / "parts"), "--resume"])
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("whole", "parts")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+    adapter = tmp_path / "whole"
+    assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) == [
+        "adapter.safetensors", "adapter_config.json"]
+    lora_main(["merge", "--base", str(stage1), "--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    base = llava_min.load(stage1)
+    load_adapter(base, adapter)
+    merged = llava_min.load(tmp_path / "merged")
+    ids = torch.tensor([[1] + [merged.cfg.image_token_id] * merged.num_image_tokens + [5, 6, 7]])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, pixel_values=x)[0], base.eval()(ids, pixel_values=x)[0], atol=1e-5, rtol=1e-5)
