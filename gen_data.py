@@ -26,6 +26,9 @@ from llava_min.questions import (CHOICE_DOMAINS, QUESTION_TYPES, SHORT_PROMPT, a
 from llava_min.world import Scene, captions, describe, render, sample_scene, scene_rng
 
 
+VQA_QUESTIONS = 7  # short-answer questions per training image (one of each type, in random order)
+
+
 def write_json(path: Path, data) -> None:
     """Atomic: a killed run never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -76,7 +79,7 @@ def train_scene(scene: Scene, rng: random.Random, caps: list) -> dict:
     pretrain = {"id": rid, "image": scene.image, "conversations": [
         {"from": "human", "value": "<image>\n" + rng.choice(BRIEF_INSTRUCTIONS)}, {"from": "gpt", "value": rng.choice(caps)}]}
     rtype = RESPONSE_TYPES[scene.index % 3]
-    records = [vqa_record(f"{rid}-vqa", scene, rng, 3), teacher_record(f"{rid}-{rtype}", scene, rng, rtype, caps)]
+    records = [vqa_record(f"{rid}-vqa", scene, rng, VQA_QUESTIONS), teacher_record(f"{rid}-{rtype}", scene, rng, rtype, caps)]
     if scene.index % 4 == 0:
         records.append(choice_record(f"{rid}-choice", scene, rng, "train"))
     return {"pretrain": pretrain, "instruct": [r for r in records if r], "malformed": records.count(None),

@@ -68,7 +68,7 @@ PRESETS = {
         stage2=StageSettings(lr=1e-3, epochs=1, batch_size=32),
         image_aspect="crop", max_length=256, num_images=8000, num_eval=500, vocab_size=1024,
         vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=64, patch_size=8),
+                            image_size=96, patch_size=32),
         text=LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
         clip_text=LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2,

@@ -1,81 +1,102 @@
 """GPT-assisted visual instruction data (LLaVA Sec. 3).
 
-An image becomes a symbolic context, its captions and (for detail and complex reasoning) its object
-boxes; a text-only teacher, given a system message and a few hand-written (context -> response)
-examples, writes a conversation, a detailed description or a complex-reasoning answer; the response is
-parsed into an LLaVA record. `ChatClient` speaks to any OpenAI-compatible `/v1/chat/completions`
-endpoint with the standard library; `run_requests` keeps a few requests in flight and appends each
-result to a JSONL file as it arrives, so an interrupted run resumes without losing or redoing work.
+An image becomes a symbolic context: its captions and, for detailed description and complex
+reasoning, its object boxes as `label: [x1, y1, x2, y2]` normalized to 0-1. A text-only teacher, given
+a system message and a few hand-written (context -> response) examples, writes a conversation, a
+detailed description or a complex-reasoning answer; the response is parsed into an LLaVA record.
+`ChatClient` speaks to any OpenAI-compatible `/v1/chat/completions` endpoint with the standard library;
+`run_requests` keeps a few requests in flight and appends each answer to a JSONL file as it arrives, so
+an interrupted run resumes without losing or redoing work. Standard library only.
 """
+import http.client
 import json
 import os
 import random
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
-RESPONSE_TYPES = ("conversation", "detail", "complex")
+RESPONSE_TYPES = ("conversation", "detail", "complex")  # Sec. 3: the three types of instruction data
 
-BRIEF_INSTRUCTIONS = (  # stage 1: a brief-description instruction, then a caption
+BRIEF_INSTRUCTIONS = (  # stage 1 (Sec. 4.2): a brief-description instruction, then a caption
     "Describe the image concisely.", "Provide a brief description of the given image.",
     "Give a short and clear explanation of the picture.", "Summarize the visual content of the image.",
-    "Offer a succinct account of the picture.", "Write a terse but informative summary of the image.",
+    "Offer a succinct account of the picture shown.", "Write a terse but informative summary of the image.",
     "Share a concise interpretation of the image provided.", "Present a compact description of the photo.",
-    "Describe the picture in a few words.", "What does the image show, in brief?",
+    "Describe the picture in a few words.", "Relay a brief, clear account of what the image shows.",
     "Create a short caption for the image.",
 )
-DETAIL_INSTRUCTIONS = (
+DETAIL_INSTRUCTIONS = (  # the question placed before a detailed description
     "Describe the following image in detail.", "Provide a detailed description of the given image.",
     "Give an elaborate explanation of the image you see.", "Share a comprehensive rundown of the presented image.",
     "Offer a thorough analysis of the image.", "Explain the various aspects of the image before you.",
-    "Clarify the contents of the displayed image with great detail.", "Characterize the image using a well-detailed "
-    "description.", "Break down the elements of the image in a detailed manner.", "Walk through the important "
-    "details of the image.", "Portray the image with a rich, descriptive narrative.", "Narrate the contents of the "
-    "image with precision.", "Analyze the image in a comprehensive and detailed manner.", "Illustrate the image "
-    "through a descriptive explanation.", "Examine the image closely and share its details.", "Write an exhaustive "
-    "depiction of the given image.",
+    "Clarify the contents of the displayed image with great detail.",
+    "Characterize the image using a well-detailed description.", "Break down the elements of the image in detail.",
+    "Walk through the important details of the image.", "Portray the image with a rich, descriptive narrative.",
+    "Narrate the contents of the image with precision.", "Analyze the image in a comprehensive and detailed manner.",
+    "Illustrate the image through a descriptive explanation.", "Examine the image closely and share its details.",
+    "Write an exhaustive depiction of the given image.",
 )
 
+_BOXES = ("Each object also comes with a box, 'label: [x1, y1, x2, y2]': corners as fractions of the image's "
+          "width and height, from 0 to 1, measured from the top left. ")
 SYSTEM = {
-    "conversation": "You are an AI visual assistant looking at a single image. You do not see the image: you are "
-                    "given its captions. Write a conversation between a person asking about the image and you "
-                    "answering, as if you could see it. Ask about what is visible (objects, their kinds, colors, "
-                    "counts, positions) and answer only with what the captions make certain. Format every exchange "
-                    "as 'Question:' on one line, the question, '===', 'Answer:', the answer, then '===' before the "
-                    "next exchange.",
-    "detail": "You are an AI visual assistant. You are given the captions of an image and the boxes of its objects "
-              "as 'label: [x1, y1, x2, y2]', coordinates between 0 and 1 from the top left. Describe the image in "
-              "one detailed paragraph, as if you could see it: what is there, where, how large. Do not mention "
-              "captions or coordinates.",
-    "complex": "You are an AI visual assistant. You are given the captions of an image and the boxes of its objects "
-               "as 'label: [x1, y1, x2, y2]', coordinates between 0 and 1 from the top left. Ask one question whose "
-               "answer needs reasoning about the image (relations between objects, counting under a condition), and "
-               "answer it step by step, as if you could see the image. Write 'Question:', the question, '===', "
-               "'Answer:', the answer.",
+    "conversation": "You are an AI visual assistant looking at one image. You do not actually see it: you are "
+                    "given several sentences that describe it. Write a conversation between a person who asks "
+                    "about the image and you, answering as if you were looking at it. Ask about what can be seen: "
+                    "the kinds of objects, their colors, how many there are, where they are and what is going on. "
+                    "Only ask questions the descriptions answer with certainty. Write each exchange as 'Question:' "
+                    "and the question on the next line, then '===', then 'Answer:' and the answer on the next "
+                    "line; put '===' between exchanges as well.",
+    "detail": "You are an AI visual assistant looking at one image. You do not actually see it: you are given "
+              "several sentences that describe it. " + _BOXES + "Describe the image in one detailed paragraph, as "
+              "if you were looking at it: what is there, where it is and how large. Never mention the sentences, "
+              "the boxes or the coordinates.",
+    "complex": "You are an AI visual assistant looking at one image. You do not actually see it: you are given "
+               "several sentences that describe it. " + _BOXES + "Ask one question about the image whose answer "
+               "takes reasoning beyond reading off what is visible (relations between objects, counting under a "
+               "condition, what would follow), then answer it step by step, as if you were looking at the image. "
+               "Never mention the sentences, the boxes or the coordinates. Write 'Question:' and the question on "
+               "the next line, then '===', then 'Answer:' and the answer on the next line.",
 }
 
-_EXAMPLE_CAPTIONS = ["A red ball sits next to a blue box on a wooden table.", "A toy ball and a box on a table."]
-_EXAMPLE_BOXES = [("ball", (0.10, 0.40, 0.35, 0.70)), ("box", (0.55, 0.30, 0.90, 0.75)), ("table", (0.0, 0.6, 1.0, 1.0))]
-FEW_SHOT = {
-    "conversation": [(_EXAMPLE_CAPTIONS, None,
-                      "Question:\nWhat color is the ball?\n===\nAnswer:\nThe ball is red.\n===\nQuestion:\nWhat is "
-                      "next to the ball?\n===\nAnswer:\nA blue box stands next to the ball, on the same table.")],
-    "detail": [(_EXAMPLE_CAPTIONS, _EXAMPLE_BOXES,
-                "The image shows a wooden table with two toys on it. On the left there is a red ball, and on the "
-                "right a larger blue box. The table fills the bottom part of the picture.")],
-    "complex": [(_EXAMPLE_CAPTIONS, _EXAMPLE_BOXES,
-                 "Question:\nCould the ball roll into the box without moving anything?\n===\nAnswer:\nNo. The ball is "
-                 "on the left side of the table and the box is on the right, with open space between them, and the "
-                 "box's sides are taller than the ball, so the ball would stop against the box rather than fall in.")],
+_KITCHEN = (["A man in a blue apron cuts a loaf of bread on a kitchen counter.",
+             "Someone slicing bread next to a stove.", "A cook preparing food in a small home kitchen."],
+            [("person", (0.312, 0.104, 0.640, 0.987)), ("knife", (0.508, 0.553, 0.617, 0.641)),
+             ("oven", (0.000, 0.402, 0.268, 1.000)), ("bowl", (0.702, 0.615, 0.874, 0.716))])
+_STREET = (["A red double-decker bus drives down a busy city street.", "A bus passing cars at a traffic light.",
+            "People wait on the sidewalk as a bus goes by."],
+           [("bus", (0.198, 0.220, 0.713, 0.874)), ("car", (0.744, 0.611, 0.998, 0.902)),
+            ("person", (0.021, 0.503, 0.093, 0.891)), ("traffic light", (0.862, 0.080, 0.911, 0.297))])
+FEW_SHOT = {  # Sec. 3: a few hand-written examples of the context -> response mapping, per type
+    "conversation": [(_KITCHEN, "Question:\nWhat is the man doing?\n===\nAnswer:\nHe is cutting a loaf of bread on "
+                                "the kitchen counter.\n===\nQuestion:\nWhat is he wearing?\n===\nAnswer:\nHe wears a "
+                                "blue apron.\n===\nQuestion:\nWhat is next to him?\n===\nAnswer:\nA stove stands to "
+                                "his left, and there is a bowl on the counter to his right."),
+                     (_STREET, "Question:\nWhat color is the bus?\n===\nAnswer:\nThe bus is red.\n===\nQuestion:\n"
+                               "What kind of bus is it?\n===\nAnswer:\nIt is a double-decker bus, with two floors "
+                               "of seats.")],
+    "detail": [(_KITCHEN, "A man wearing a blue apron stands in the middle of a small kitchen, cutting a loaf of "
+                          "bread on the counter with a knife held near the center of the picture. A stove takes up "
+                          "the lower left side of the scene, and a bowl rests on the counter to the right of his "
+                          "hands, waiting for the slices.")],
+    "complex": [(_STREET, "Question:\nWhy might the people on the sidewalk be standing still?\n===\nAnswer:\nThey "
+                          "are probably waiting to cross the street. A traffic light hangs above the road on the "
+                          "right, and a bus and a car are still moving past them, so the pedestrians have to wait "
+                          "until the light changes and the traffic stops before they can cross safely.")],
 }
 
 
 class MalformedResponse(ValueError):
     """A teacher response that does not follow the requested format."""
 
+
+# ---------------------------------------------------------------- requests and responses
 
 def context_text(captions: list, boxes=None) -> str:
     """The symbolic context: captions, then `label: [x1, y1, x2, y2]` boxes normalized to 0-1."""
@@ -86,18 +107,29 @@ def context_text(captions: list, boxes=None) -> str:
 
 
 def build_messages(rtype: str, captions: list, boxes=None) -> list:
-    """System message, few-shot (context -> response) pairs, then the image's context."""
+    """System message, the few-shot (context -> response) pairs, then this image's context."""
+    with_boxes = rtype != "conversation"  # Sec. 3: conversations are written from the captions alone
     messages = [{"role": "system", "content": SYSTEM[rtype]}]
-    for example_captions, example_boxes, response in FEW_SHOT[rtype]:
-        messages.append({"role": "user", "content": context_text(example_captions, example_boxes if rtype != "conversation" else None)})
+    for (example_captions, example_boxes), response in FEW_SHOT[rtype]:
+        messages.append({"role": "user", "content": context_text(example_captions, example_boxes if with_boxes else None)})
         messages.append({"role": "assistant", "content": response})
-    messages.append({"role": "user", "content": context_text(captions, boxes if rtype != "conversation" else None)})
+    messages.append({"role": "user", "content": context_text(captions, boxes if with_boxes else None)})
     return messages
+
+
+def response_type(messages: list) -> str:
+    """Which of the three requests this is, read from its system message."""
+    for rtype, system in SYSTEM.items():
+        if messages and messages[0].get("role") == "system" and messages[0].get("content") == system:
+            return rtype
+    raise ValueError("not a request built by build_messages: unknown system message")
 
 
 def parse_pairs(text: str) -> list:
     """'Question:' / '===' / 'Answer:' blocks -> [(question, answer), ...]."""
     blocks = [b.strip() for b in text.split("===") if b.strip()]
+    if not blocks or len(blocks) % 2:
+        raise MalformedResponse(f"{len(blocks)} blocks do not form Question / Answer pairs")
     pairs = []
     for q, a in zip(blocks[0::2], blocks[1::2]):
         if not q.startswith("Question:") or not a.startswith("Answer:"):
@@ -106,18 +138,23 @@ def parse_pairs(text: str) -> list:
         if not q or not a:
             raise MalformedResponse("an empty question or answer")
         pairs.append((q, a))
-    if not pairs or len(blocks) % 2:
-        raise MalformedResponse(f"{len(blocks)} blocks do not form Question / Answer pairs")
     return pairs
 
 
+LEAKED_BOX = re.compile(r"\[\s*[01]?\.\d+\s*,")  # "[0.312, ..." : the teacher quoted the context's boxes
+
+
+def parse_description(text: str) -> str:
+    if not text or "===" in text or "Question:" in text or LEAKED_BOX.search(text):
+        raise MalformedResponse("a detailed description is prose, without Question:/=== blocks or box numbers")
+    return "\n\n".join(" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip())
+
+
 def parse_response(rtype: str, text: str, rng: random.Random) -> list:
-    """A teacher's response -> conversation turns (the first question carries `<image>`)."""
+    """A teacher's response -> conversation turns; `<image>\\n` opens the first human turn."""
     text = (text or "").strip()
     if rtype == "detail":
-        if not text or "===" in text or "Question:" in text:
-            raise MalformedResponse("a detailed description must be one paragraph")
-        pairs = [(rng.choice(DETAIL_INSTRUCTIONS), " ".join(text.split()))]
+        pairs = [(rng.choice(DETAIL_INSTRUCTIONS), parse_description(text))]
     else:
         pairs = parse_pairs(text)
         if rtype == "complex" and len(pairs) != 1:
@@ -128,54 +165,145 @@ def parse_response(rtype: str, text: str, rng: random.Random) -> list:
     return turns
 
 
+# ---------------------------------------------------------------- COCO-style annotations -> contexts
+
+@dataclass
+class Context:
+    image: str  # file name, relative to the image folder
+    captions: list
+    boxes: list  # [(label, [x1, y1, x2, y2] normalized to 0-1)]
+
+
+def load_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON ({e})") from e
+
+
+def need(ok: bool, path, entry: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{path}: {entry} {what}")
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_coco(captions_file, instances_file, limit=None) -> list:
+    """`captions_*.json` + `instances_*.json` -> [Context], by image id; errors name the file and entry."""
+    caps, inst = load_json(captions_file), load_json(instances_file)
+    for path, data, keys in ((captions_file, caps, ("images", "annotations")),
+                             (instances_file, inst, ("images", "annotations", "categories"))):
+        need(isinstance(data, dict) and all(isinstance(data.get(k), list) for k in keys), path, "top level",
+             f"is not a COCO annotation file (needs the lists {', '.join(keys)})")
+    images = {}
+    for i, im in enumerate(caps["images"]):
+        need(isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str)
+             and all(is_number(im.get(k)) and im[k] > 0 for k in ("width", "height")),
+             captions_file, f"images[{i}]", "needs id, file_name and positive width and height")
+        images[im["id"]] = (im, [], [])
+    names = {}
+    for i, c in enumerate(inst["categories"]):
+        need(isinstance(c, dict) and "id" in c and isinstance(c.get("name"), str), instances_file,
+             f"categories[{i}]", "needs id and name")
+        names[c["id"]] = c["name"]
+    for i, a in enumerate(caps["annotations"]):
+        need(isinstance(a, dict) and a.get("image_id") in images and isinstance(a.get("caption"), str),
+             captions_file, f"annotations[{i}]", "has an image_id not in images, or no caption text")
+        images[a["image_id"]][1].append(" ".join(a["caption"].split()))
+    for i, a in enumerate(inst["annotations"]):
+        ok = isinstance(a, dict) and a.get("image_id") in images and a.get("category_id") in names
+        box = a.get("bbox") if ok else None
+        need(ok and isinstance(box, list) and len(box) == 4 and all(map(is_number, box)) and min(box[2:]) >= 0,
+             instances_file, f"annotations[{i}]", "needs a known image_id and category_id and a bbox [x, y, w, h]")
+        im = images[a["image_id"]][0]
+        x, y, w, h = box
+        corners = [x / im["width"], y / im["height"], (x + w) / im["width"], (y + h) / im["height"]]
+        images[a["image_id"]][2].append((names[a["category_id"]], [min(1.0, max(0.0, v)) for v in corners]))
+    contexts = [Context(im["file_name"], c, b) for _, (im, c, b) in sorted(images.items(), key=lambda kv: str(kv[0])) if c]
+    return contexts[:limit]
+
+
 # ---------------------------------------------------------------- the OpenAI-compatible teacher
 
+class TeacherError(RuntimeError):
+    """A request that failed for good (its message never holds the API key)."""
+
+
+class FatalTeacherError(TeacherError):
+    """The endpoint refuses every request (bad key, no such model or URL): the run stops."""
+
+
 class ChatClient:
-    """POST {api_base}/chat/completions with retries: exponential backoff with jitter on 429, 5xx and
-    connection errors (Retry-After respected). The key is read from the environment and never shown."""
+    """POST {api_base}/chat/completions. Retries 429, 5xx, timeouts and connection errors with exponential
+    backoff and jitter (Retry-After respected). The key is read from the environment at each request and
+    never stored, shown, logged or written."""
 
     def __init__(self, api_base: str, model: str, key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 6, backoff: float = 1.0, temperature: float = 0.7):
+                 max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0, temperature: float = 0.7):
         self.url = api_base.rstrip("/") + "/chat/completions"
-        self.model, self.timeout, self.max_retries, self.backoff = model, timeout, max_retries, backoff
-        self.temperature, self._key = temperature, os.environ.get(key_env, "")
+        self.model, self.key_env, self.timeout, self.temperature = model, key_env, timeout, temperature
+        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
 
     def __repr__(self):
-        return f"ChatClient({self.url!r}, model={self.model!r})"  # no key
+        return f"ChatClient({self.url!r}, model={self.model!r}, key from ${self.key_env})"
 
-    def request(self, messages: list) -> str:
+    def redact(self, text: str) -> str:
+        key = os.environ.get(self.key_env)
+        return text.replace(key, "[redacted]") if key else text
+
+    def post(self, messages: list) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature}).encode()
         headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = "Bearer " + self._key
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as response:
-            return json.loads(response.read())["choices"][0]["message"]["content"]
+        if os.environ.get(self.key_env):
+            headers["Authorization"] = "Bearer " + os.environ[self.key_env]
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            raw = response.read()
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise TeacherError(f"{self.url}: malformed reply, no choices[0].message.content ({type(e).__name__})")
+        if not isinstance(content, str):
+            raise TeacherError(f"{self.url}: malformed reply, content is {type(content).__name__}")
+        return content
+
+    def delay(self, attempt: int, retry_after) -> float:
+        try:
+            return min(self.max_backoff, max(0.0, float(retry_after)))
+        except (TypeError, ValueError):  # absent, or an HTTP date: plain backoff
+            return min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
 
     def __call__(self, messages: list, meta=None) -> str:
         for attempt in range(self.max_retries + 1):
+            retry_after = None
             try:
-                return self.request(messages)
+                return self.post(messages)
             except urllib.error.HTTPError as e:
-                retryable, wait = e.code == 429 or e.code >= 500, e.headers.get("Retry-After")
-                reason = f"HTTP {e.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                retryable, wait, reason = True, None, type(e).__name__
-            if not retryable or attempt == self.max_retries:
-                raise RuntimeError(f"{self.url}: {reason} after {attempt + 1} attempt(s)")
-            delay = float(wait) if wait and str(wait).replace(".", "", 1).isdigit() else self.backoff * 2 ** attempt
-            time.sleep(delay * (0.5 + random.random() / 2) if not wait else delay)
+                detail = self.redact(e.read(300).decode("utf-8", "replace")) if e.fp else ""
+                reason = f"HTTP {e.code} {' '.join(detail.split())[:200]}".strip()
+                if e.code in (401, 403, 404):
+                    raise FatalTeacherError(f"{self.url}: {reason} (check --api-base, --model and ${self.key_env})")
+                if e.code not in (408, 429) and e.code < 500:
+                    raise TeacherError(f"{self.url}: {reason}")
+                retry_after = e.headers.get("Retry-After")
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+                reason = f"{type(e).__name__}: {self.redact(str(e))[:200]}"
+            if attempt == self.max_retries:
+                raise TeacherError(f"{self.url}: {reason}; gave up after {attempt + 1} attempts")
+            time.sleep(self.delay(attempt, retry_after))
         raise AssertionError("unreachable")
 
 
 def done_keys(path) -> set:
-    """Keys already answered in a results JSONL (a torn last line from a killed run is ignored)."""
+    """Keys already answered in a results JSONL."""
     keys = set()
     if Path(path).is_file():
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             try:
                 keys.add(json.loads(line)["key"])
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue
     return keys
 
@@ -190,27 +318,52 @@ def drop_torn_line(path) -> None:
                 f.truncate(data.rfind(b"\n") + 1)
 
 
-def run_requests(requests: list, teacher, results_path, workers: int = 4, progress=None) -> dict:
-    """Sends (key, messages, meta) requests not answered yet; appends {"key", "response"} lines as they
-    arrive. Returns counts: done before, answered now, failed (left for the next run)."""
+def run_requests(requests: list, teacher, results_path, workers: int = 4, progress=None, stop=None) -> dict:
+    """Sends the (key, messages, meta) requests not answered yet, `workers` at a time, and appends a
+    {"key", "response"} line per answer as it arrives (flushed). `stop` (a threading.Event) or Ctrl-C ends
+    the run after the requests in flight. Returns counts: skipped (done before), answered, failed."""
     drop_torn_line(results_path)
-    done = done_keys(results_path)
-    todo = [r for r in requests if r[0] not in done]
-    lock, counts = threading.Lock(), {"skipped": len(requests) - len(todo), "answered": 0, "failed": 0}
+    done, stop = done_keys(results_path), stop or threading.Event()
+    todo = iter([r for r in requests if r[0] not in done])
+    counts, fatal, interrupted = {"skipped": len(requests) - len(done & {r[0] for r in requests}), "answered": 0,
+                                  "failed": 0}, None, False
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     with open(results_path, "a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = {pool.submit(teacher, messages, meta): key for key, messages, meta in todo}
-        for future in as_completed(futures):
+        running = {}
+        while True:
+            while not stop.is_set() and len(running) < 2 * max(1, workers):
+                key, messages, meta = next(todo, (None, None, None))
+                if key is None:
+                    break
+                running[pool.submit(teacher, messages, meta)] = key
+            if not running:
+                break
             try:
-                line = json.dumps({"key": futures[future], "response": future.result()}, ensure_ascii=False)
-            except Exception as e:  # noqa: BLE001 - one failed request must not end the run
-                counts["failed"] += 1
-                print(f"request {futures[future]} failed: {e}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                stop.set()
+                interrupted = True
+                print("interrupted: finishing the requests in flight; rerun to continue", flush=True)
                 continue
-            with lock:
+            for future in finished:
+                key = running.pop(future)
+                try:
+                    line = json.dumps({"key": key, "response": future.result()}, ensure_ascii=False)
+                except FatalTeacherError as e:
+                    fatal = fatal or e
+                    stop.set()
+                    continue
+                except Exception as e:  # noqa: BLE001 - one failed request must not end the run
+                    counts["failed"] += 1
+                    print(f"request {key} failed: {e}", flush=True)
+                    continue
                 out.write(line + "\n")
                 out.flush()
                 counts["answered"] += 1
-            if progress is not None:
-                progress.update(1)
+                if progress is not None:
+                    progress.update(1)
+    if fatal:
+        raise fatal
+    if interrupted:
+        raise KeyboardInterrupt
     return counts

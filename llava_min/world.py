@@ -1,12 +1,14 @@
-"""A synthetic world a tiny model can learn to see: a few flat shapes on a plain background.
+"""A synthetic world a tiny model can learn to see: a few flat shapes on a plain, light background.
 
-Each object has a shape, a colour, a size and a cell of a 3x3 grid (so positions have names);
-every (colour, shape) pair appears at most once per scene, so each object can be named uniquely. The
-scene's annotation (boxes included) is the "symbolic context" of the paper's Sec. 3: the captions
-and boxes the text-only teacher sees, and the ground truth every answer is checked against.
+Each object has a shape, a colour, a size and a cell of a 3x3 grid (so positions have names); objects
+sit in distinct cells and never leave their cell, so a patch grid aligned to the cells sees one object
+per patch. Every (colour, shape) pair appears at most once per scene, so each object can be named
+uniquely ("the red circle", or "the circle" when it is the only one). The annotation (exact boxes
+included) plays the part of the paper's symbolic context (Sec. 3): the captions and boxes the
+text-only teacher reads, and the ground truth every answer is checked against.
 """
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
@@ -14,12 +16,13 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30),
           "purple": (150, 60, 190), "orange": (245, 135, 30)}
 SIZES = ("small", "large")
-ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+RADIUS = {"small": 0.24, "large": 0.42}  # in cells; with the jitter below an object never leaves its cell
+JITTER = 0.08
+NUMBER_WORDS = ("no", "one", "two", "three", "four")
 
 
 def cell_name(row: int, col: int) -> str:
-    """Grid cell -> "top left", "top", "left", "center", ..."""
+    """Grid cell -> "top left", "top", "top right", "left", "center", ..., "bottom right"."""
     r, c = ("top", "", "bottom")[row], ("left", "", "right")[col]
     return f"{r} {c}".strip() or "center"
 
@@ -51,37 +54,40 @@ class Scene:
     index: int
     size: int
     background: tuple
-    objects: list
+    objects: list  # in reading order: by row, then column
 
     @property
     def image(self) -> str:
+        """The image path relative to the output's images/ folder, as records name it."""
         return f"{self.split}/{self.index:06d}.png"
 
     def to_json(self) -> dict:
-        return {"image": self.image, "split": self.split, "size": self.size, "background": list(self.background),
-                "objects": [{**asdict(o), "position": o.position, "box": list(o.box)} for o in self.objects]}
+        objects = [{"shape": o.shape, "color": o.color, "size": o.size, "row": o.row, "col": o.col,
+                    "position": o.position, "box": list(o.box)} for o in self.objects]
+        return {"image": self.image, "split": self.split, "index": self.index, "size": self.size,
+                "background": list(self.background), "objects": objects}
 
 
-def scene_rng(seed: int, split: str, index: int) -> random.Random:
-    """One generator per image, so workers and order cannot change the result."""
-    return random.Random(f"{seed}/{split}/{index}")
+def scene_rng(seed: int, split: str, index: int, purpose: str = "scene") -> random.Random:
+    """One generator per image (and purpose), so worker count and order cannot change the result."""
+    return random.Random(f"{seed}/{split}/{index}/{purpose}")
 
 
 def sample_scene(seed: int, split: str, index: int, size: int = 64, max_objects: int = 4) -> Scene:
     rng = scene_rng(seed, split, index)
     n = rng.randint(1, max_objects)
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
-    kinds = rng.sample([(col, shape) for col in COLORS for shape in SHAPES], n)  # unique (colour, shape)
+    kinds = rng.sample([(color, shape) for color in COLORS for shape in SHAPES], n)  # unique (colour, shape)
     cell = size / 3
     objects = []
     for (row, col), (color, shape) in zip(cells, kinds):
         obj_size = rng.choice(SIZES)
-        radius = cell * (0.42 if obj_size == "large" else 0.24)
-        cx = (col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
-        cy = (row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+        radius = cell * RADIUS[obj_size]
+        cx = (col + 0.5 + rng.uniform(-JITTER, JITTER)) * cell
+        cy = (row + 0.5 + rng.uniform(-JITTER, JITTER)) * cell
         box = tuple(round(v) for v in (cx - radius, cy - radius, cx + radius, cy + radius))
         objects.append(Obj(shape, color, obj_size, row, col, box))
-    background = tuple(rng.randint(225, 250) for _ in range(3))
+    background = tuple(rng.randint(228, 250) for _ in range(3))
     return Scene(split, index, size, background, sorted(objects, key=lambda o: (o.row, o.col)))
 
 
@@ -93,7 +99,7 @@ def render(scene: Scene) -> Image.Image:
         fill = COLORS[o.color]
         if o.shape == "circle":
             draw.ellipse(o.box, fill=fill)
-        elif o.shape == "square":
+        elif o.shape == "square":  # a little inset, so a square and a circle of one size cover similar areas
             inset = (x2 - x1) * 0.1
             draw.rectangle((x1 + inset, y1 + inset, x2 - inset, y2 - inset), fill=fill)
         else:
@@ -109,38 +115,88 @@ def ref(scene: Scene, o: Obj) -> str:
 
 
 def where(o: Obj) -> str:
-    return "in the center" if o.position == "center" else f"at the {o.position}"
+    """"at the top left", "at the top", "on the left", "in the center"."""
+    if o.position == "center":
+        return "in the center"
+    return f"on the {o.position}" if o.position in ("left", "right") else f"at the {o.position}"
 
 
-def listing(scene: Scene, with_size=True, with_position=False) -> str:
-    parts = [f"a {o.size + ' ' if with_size else ''}{o.name}" + (f" {where(o)}" if with_position else "")
-             for o in scene.objects]
+def where_in_image(o: Obj) -> str:
+    """"at the top left of the image", "on the left side of the image", "in the center of the image"."""
+    side = " side" if o.position in ("left", "right") else ""
+    return f"{where(o)}{side} of the image"
+
+
+def plural(n: int, word: str, words: bool = False) -> str:
+    """plural(2, "circle") -> "2 circles"; with words=True -> "two circles"."""
+    count = NUMBER_WORDS[n] if words and n < len(NUMBER_WORDS) else str(n)
+    return f"{count} {word}" + ("" if n == 1 else "s")
+
+
+def cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def and_list(parts: list) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
+def listing(objects: list, size=True, place=False) -> str:
+    """"a large red circle at the top left and a small blue square in the center"."""
+    return and_list([f"a {o.size + ' ' if size else ''}{o.name}" + (f" {where(o)}" if place else "")
+                     for o in objects])
 
 
-CAPTIONS = (
-    lambda s, rng: f"{listing(s).capitalize()}.",
-    lambda s, rng: f"{listing(s, with_position=True).capitalize()}.",
-    lambda s, rng: f"A picture of {listing(s, with_size=False)}.",
-    lambda s, rng: f"{plural(len(s.objects), 'shape').capitalize()} on a plain background: {listing(s)}.",
-    lambda s, rng: f"An image with {listing(s, with_position=True)}.",
+CAPTIONS = (  # (objects, scene) -> caption; several phrasings, as COCO has five captions per image
+    lambda objs, s: f"{cap(listing(objs))}.",
+    lambda objs, s: f"{cap(listing(objs, place=True))}.",
+    lambda objs, s: f"A picture of {listing(objs, size=False)}.",
+    lambda objs, s: f"{cap(plural(len(objs), 'shape', words=True))} on a plain background: {listing(objs)}.",
+    lambda objs, s: f"An image with {listing(objs, place=True)}.",
+    lambda objs, s: f"There {'is' if len(objs) == 1 else 'are'} {listing(objs, size=False, place=True)}.",
+    lambda objs, s: f"This image contains {plural(len(objs), 'object', words=True)}: {listing(objs)}.",
+    lambda objs, s: f"A simple drawing of {listing(objs)} on a light background.",
+    lambda objs, s: f"{cap(listing(objs, size=False, place=True))}.",
 )
 
 
-def captions(scene: Scene, rng: random.Random) -> list:
-    """Several captions of the scene (the paper's context type 1)."""
-    return [make(scene, rng) for make in CAPTIONS]
+def captions(scene: Scene, rng: random.Random, k: int = 5) -> list:
+    """k captions in k different phrasings; about half list the objects in a shuffled order."""
+    out = []
+    for make in rng.sample(CAPTIONS, k):
+        objs = list(scene.objects)
+        if rng.random() < 0.5:
+            rng.shuffle(objs)
+        out.append(make(objs, scene))
+    return out
 
 
-def describe(scene: Scene) -> str:
-    """A detailed description (one paragraph), as the rule teacher writes it."""
-    n = len(scene.objects)
-    first = f"The image shows {plural(n, 'object')} on a plain light background."
-    details = " ".join(f"There is a {o.size} {o.name} {where(o)}." for o in scene.objects)
-    colors = sorted({o.color for o in scene.objects})
-    last = f"The colors in the image are {', '.join(colors[:-1]) + ' and ' if len(colors) > 1 else ''}{colors[-1]}."
-    return f"{first} {details} {last}"
+OPENINGS = ("The image shows {n} on a plain light background.",
+            "This is a simple picture of {n} drawn on a light background.",
+            "In this image, {n} {verb} out against a plain, light background.")
+OBJECT_SENTENCES = ("There is a {size} {name} {where}.", "{Where}, there is a {size} {name}.",
+                    "A {size} {name} sits {where}.")
+
+
+def relation_sentence(scene: Scene, rng: random.Random) -> str:
+    """One spatial relation between two objects in different columns (or rows), or "" if none."""
+    pairs = [(a, b) for a in scene.objects for b in scene.objects if a.col < b.col or (a.col == b.col and a.row < b.row)]
+    if not pairs:
+        return ""
+    a, b = rng.choice(pairs)
+    word = "to the left of" if a.col < b.col else "above"
+    return f"{cap(ref(scene, a))} is {word} {ref(scene, b)}."
+
+
+def describe(scene: Scene, rng: random.Random) -> str:
+    """A detailed description in one paragraph, as the rule teacher writes it."""
+    objs = scene.objects
+    noun = plural(len(objs), "object" if rng.random() < 0.5 else "shape", words=True)
+    parts = [rng.choice(OPENINGS).format(n=noun, verb="stands" if len(objs) == 1 else "stand")]
+    for o in objs:
+        parts.append(rng.choice(OBJECT_SENTENCES).format(size=o.size, name=o.name, where=where(o), Where=cap(where(o))))
+    parts.append(relation_sentence(scene, rng))
+    colors = sorted({o.color for o in objs})
+    parts.append(f"The only color besides the background is {colors[0]}." if len(colors) == 1
+                 else f"The colors in the image are {and_list(colors)}.")
+    return " ".join(p for p in parts if p)

@@ -76,3 +76,18 @@ def test_adapter_saves_alone_and_loads_on_the_base(hf_llava_dir, tmp_path):
     ids, x, _ = batch()
     with torch.no_grad():
         torch.testing.assert_close(again(ids, pixel_values=x)[0], model(ids, pixel_values=x)[0], atol=0, rtol=0)
+
+
+def test_memory_estimate_counts_what_the_modules_hold():
+    """The computed memory table rests on these parameter counts."""
+    from llava_min.clip import VisionConfig
+    from llava_min.llama import Llama, LlamaConfig
+    from llava_min.memory import llm_params, lora_params, vision_params
+    text = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2)
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=28, patch_size=7)
+    llm = Llama(text)
+    assert llm_params(text) == sum(p.numel() for p in llm.parameters())
+    assert vision_params(vision) == sum(p.numel() for p in llava_min.VisionTower(vision).parameters())
+    assert lora_params(text, 4) == sum(p.numel() for p in add_lora(llm, LoRAConfig(r=4)))
