@@ -7,214 +7,301 @@
 
 Images become symbolic contexts (captions + normalized boxes); a text-only teacher writes
 conversations, detailed descriptions and complex-reasoning answers; responses are parsed into LLaVA
-records. Outputs (official LLaVA JSON): images/, scenes.json, pretrain.json (stage 1), instruct.json
-(stage 2), eval.json (held-out images), corpus.txt (text for the toy LM).
+records. World outputs (official LLaVA JSON, records' "image" relative to DIR/images): images/,
+scenes.json, pretrain.json (stage 1), instruct.json (stage 2), corpus.txt (text for the toy LM) and
+eval.json (held-out images), written last, so its presence means the world is complete.
+COCO outputs: responses.jsonl (the teacher's answers; a rerun resumes it), instruct.json, pretrain.json.
 """
 import argparse
 import json
 import os
 import random
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
 from tqdm import tqdm
 
-from llava_min.conversation import render_prompt
-from llava_min.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, ChatClient, MalformedResponse, build_messages,
-                                parse_response, run_requests)
-from llava_min.questions import (CHOICE_DOMAINS, QUESTION_TYPES, SHORT_PROMPT, ask, multiple_choice, rule_response)
-from llava_min.world import Scene, captions, describe, render, sample_scene, scene_rng
+from llava_min.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, ChatClient, MalformedResponse, TeacherError,
+                                build_messages, parse_response, read_coco, run_requests)
+from llava_min.questions import CHOICE_DOMAINS, QUESTION_TYPES, SHORT_PROMPT, ask, multiple_choice
+from llava_min.rule_teacher import RuleTeacher
+from llava_min.world import Scene, captions, render, sample_scene, scene_rng
+
+# The vicuna_v1 template (SPEC 2, llava_min/conversation.py), repeated so gen_data needs no torch;
+# tests/test_world.py checks the two agree.
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
 
 
-VQA_QUESTIONS = 7  # short-answer questions per training image (one of each type, in random order)
+@dataclass(frozen=True)
+class WorldConfig:
+    num_images: int = 8000  # training images
+    num_eval: int = 500  # held-out images, never in any training file
+    seed: int = 0
+    image_size: int = 64
+    vqa_questions: int = 7  # short-answer turns in each training image's VQA record (one per type)
+    eval_questions: int = 2  # short-answer questions per held-out image, types in rotation
+    train_choice_every: int = 4  # a multiple-choice record for every 4th training image
+    eval_choice_every: int = 2
+    corpus_mb: float = 6.0  # corpus.txt stops growing here: a tiny LM learns the language from a few MB
+
+    def check(self) -> None:
+        if self.num_images < 1 or self.num_eval < 0:
+            raise ValueError(f"need at least one training image and no negative eval count, got {self.num_images}, "
+                             f"{self.num_eval}")
+        if self.image_size < 24:
+            raise ValueError(f"image_size {self.image_size} is too small to draw shapes (use at least 24)")
+        if not 1 <= self.eval_questions <= len(QUESTION_TYPES) or self.vqa_questions < 1:
+            raise ValueError(f"eval_questions must be 1-{len(QUESTION_TYPES)} and vqa_questions at least 1")
 
 
-def write_json(path: Path, data) -> None:
-    """Atomic: a killed run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+# ---------------------------------------------------------------- records
+
+def human(text: str, image: bool = False) -> dict:
+    return {"from": "human", "value": ("<image>\n" if image else "") + text}
 
 
-def boxes(scene: Scene) -> list:
-    return [(f"{o.color} {o.shape}", [v / scene.size for v in o.box]) for o in scene.objects]
+def gpt(text: str) -> dict:
+    return {"from": "gpt", "value": text}
 
 
-def rule_teacher(messages: list, scene: Scene, rtype: str, rng: random.Random) -> str:
-    """GPT-4's stand-in: it gets the same request, but answers from the annotation exactly."""
-    return rule_response(rtype, scene, rng)
+def object_boxes(scene: Scene) -> list:
+    """The scene's boxes as the teacher's context lists them: `red circle: [x1, y1, x2, y2]`, 0-1."""
+    return [(o.name, [v / scene.size for v in o.box]) for o in scene.objects]
 
 
 def vqa_record(rid: str, scene: Scene, rng: random.Random, num_questions: int) -> dict:
-    """LLaVA-1.5 style short-answer VQA: several questions, each with the response-format prompt."""
+    """LLaVA-1.5 style: several short-answer questions about one image in one record, each with the
+    response-format prompt (LLaVA-1.5 Sec. 3.2)."""
+    types = rng.sample(QUESTION_TYPES, min(num_questions, len(QUESTION_TYPES)))
+    types += [rng.choice(QUESTION_TYPES) for _ in range(num_questions - len(types))]
     turns = []
-    for i, qtype in enumerate(rng.sample(QUESTION_TYPES, num_questions)):
+    for i, qtype in enumerate(types):
         qa = ask(scene, rng, qtype)
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + qa.question + SHORT_PROMPT},
-                  {"from": "gpt", "value": qa.answer}]
+        turns += [human(qa.question + SHORT_PROMPT, image=i == 0), gpt(qa.answer)]
     return {"id": rid, "image": scene.image, "type": "vqa", "conversations": turns}
 
 
-def choice_record(rid: str, scene: Scene, rng: random.Random, split: str) -> dict:
-    qa = ask(scene, rng, rng.choice(sorted(CHOICE_DOMAINS)))
+def choice_record(rid: str, scene: Scene, rng: random.Random, qtype: str, held_out: bool) -> dict:
+    """ScienceQA's multiple-choice format; held-out records carry the choices and the answer letter."""
+    qa = ask(scene, rng, qtype)
     prompt, choices, letter = multiple_choice(qa, rng)
-    record = {"id": rid, "image": scene.image, "conversations": [{"from": "human", "value": "<image>\n" + prompt},
-                                                                  {"from": "gpt", "value": letter}]}
-    if split == "eval":
+    record = {"id": rid, "image": scene.image, "conversations": [human(prompt, image=True), gpt(letter)]}
+    if held_out:
         return {**record, "format": "choice", "question_type": qa.type, "choices": choices, "answer": letter}
     return {**record, "type": "choice"}
 
 
-def teacher_record(rid: str, scene: Scene, rng: random.Random, rtype: str, caps: list):
-    """One of the paper's three response types, through the full request -> response -> parse path."""
-    response = rule_teacher(build_messages(rtype, caps, boxes(scene)), scene, rtype, rng)
+TEACHER = RuleTeacher()
+
+
+def teacher_record(rid: str, scene: Scene, caps: list, rtype: str, rng: random.Random):
+    """One of the paper's three response types, through the whole path: request -> teacher text -> parser."""
+    response = TEACHER(build_messages(rtype, caps, object_boxes(scene)), scene)
     try:
         return {"id": rid, "image": scene.image, "type": rtype, "conversations": parse_response(rtype, response, rng)}
     except MalformedResponse:
         return None
 
 
-def train_scene(scene: Scene, rng: random.Random, caps: list) -> dict:
+def chat_text(conversations: list) -> str:
+    """A record as a text-only vicuna_v1 chat on one line: what the toy LM pretrains on."""
+    parts = [VICUNA_SYSTEM + " "]
+    for i, turn in enumerate(conversations):
+        text = turn["value"].replace("<image>", "").strip()
+        parts.append(f"USER: {text} ASSISTANT:" if i % 2 == 0 else f" {text}</s>")
+    return "".join(parts).replace("\n", " ")
+
+
+def train_records(scene: Scene, caps: list, rng: random.Random, cfg: WorldConfig) -> dict:
     rid = f"train-{scene.index:06d}"
-    pretrain = {"id": rid, "image": scene.image, "conversations": [
-        {"from": "human", "value": "<image>\n" + rng.choice(BRIEF_INSTRUCTIONS)}, {"from": "gpt", "value": rng.choice(caps)}]}
-    rtype = RESPONSE_TYPES[scene.index % 3]
-    records = [vqa_record(f"{rid}-vqa", scene, rng, VQA_QUESTIONS), teacher_record(f"{rid}-{rtype}", scene, rng, rtype, caps)]
-    if scene.index % 4 == 0:
-        records.append(choice_record(f"{rid}-choice", scene, rng, "train"))
-    return {"pretrain": pretrain, "instruct": [r for r in records if r], "malformed": records.count(None),
-            "corpus": caps + [describe(scene)] + [chat_text(r) for r in records if r]}
+    pretrain = {"id": rid, "image": scene.image,  # stage 1: brief instruction -> caption
+                "conversations": [human(rng.choice(BRIEF_INSTRUCTIONS), image=True), gpt(rng.choice(caps))]}
+    rtype = RESPONSE_TYPES[scene.index % len(RESPONSE_TYPES)]
+    records = [vqa_record(f"{rid}-vqa", scene, rng, cfg.vqa_questions),
+               teacher_record(f"{rid}-{rtype}", scene, caps, rtype, rng)]
+    if scene.index % cfg.train_choice_every == 0:
+        records.append(choice_record(f"{rid}-choice", scene, rng, rng.choice(sorted(CHOICE_DOMAINS)), False))
+    instruct = [r for r in records if r]
+    corpus = [rng.choice(caps)] + [chat_text(r["conversations"]) for r in [pretrain] + instruct]
+    return {"pretrain": pretrain, "instruct": instruct, "malformed": records.count(None), "corpus": corpus}
 
 
-def chat_text(record: dict) -> str:
-    """A record as the text-only chat a language model pretrains on (Vicuna saw chats; so does ours)."""
-    return render_prompt(record["conversations"], "vicuna_v1", has_image=False).replace("\n", " ")
-
-
-def eval_scene(scene: Scene, rng: random.Random) -> dict:
-    """Two short-answer questions per held-out image (types in rotation), a choice question on every other."""
+def eval_records(scene: Scene, rng: random.Random, cfg: WorldConfig) -> dict:
+    """Short-answer questions with types in rotation (balanced), wanted yes/no answers in rotation, and
+    a multiple-choice question on every `eval_choice_every`-th image. A lone object has nothing beside it
+    (its relation questions can only be "no"), so relation questions aim at "yes" twice as often."""
     records = []
-    for j in range(2):
-        qa = ask(scene, rng, QUESTION_TYPES[(scene.index * 2 + j) % len(QUESTION_TYPES)])
-        records.append({"id": f"eval-{scene.index:06d}-{j}-{qa.type}", "image": scene.image, "format": "short",
-                        "question_type": qa.type, "answer": qa.answer, "conversations": [
-                            {"from": "human", "value": "<image>\n" + qa.question + SHORT_PROMPT},
-                            {"from": "gpt", "value": qa.answer}]})
-    if scene.index % 2 == 0:
-        records.append(choice_record(f"eval-{scene.index:06d}-choice", scene, rng, "eval"))
+    for j in range(cfg.eval_questions):
+        turn = scene.index * cfg.eval_questions + j
+        qtype, cycle = QUESTION_TYPES[turn % len(QUESTION_TYPES)], turn // len(QUESTION_TYPES)
+        want = {"exists": ("yes", "no")[cycle % 2],
+                "reasoning": ("yes", "no", "attribute", "yes")[cycle % 4]}.get(qtype)
+        qa = ask(scene, rng, qtype, want)
+        records.append({"id": f"eval-{scene.index:06d}-{qtype}", "image": scene.image, "format": "short",
+                        "question_type": qtype, "answer": qa.answer,
+                        "conversations": [human(qa.question + SHORT_PROMPT, image=True), gpt(qa.answer)]})
+    if scene.index % cfg.eval_choice_every == 0:
+        kinds = sorted(CHOICE_DOMAINS)
+        qtype = kinds[scene.index // cfg.eval_choice_every % len(kinds)]
+        records.append(choice_record(f"eval-{scene.index:06d}-choice", scene, rng, qtype, True))
     return {"eval": records}
 
 
-def make_scene(job: tuple) -> dict:
+# ---------------------------------------------------------------- the world
+
+def make_image(job: tuple) -> dict:
     """Worker: sample, render and save one image, and write everything said about it."""
-    seed, split, index, size, out = job
-    scene = sample_scene(seed, split, index, size)
+    cfg, split, index, out = job
+    scene = sample_scene(cfg.seed, split, index, cfg.image_size)
     render(scene).save(Path(out) / "images" / scene.image)
-    rng = scene_rng(seed, split + "/text", index)
+    rng = scene_rng(cfg.seed, split, index, "text")
     caps = captions(scene, rng)
-    result = train_scene(scene, rng, caps) if split == "train" else eval_scene(scene, rng)
+    result = train_records(scene, caps, rng, cfg) if split == "train" else eval_records(scene, rng, cfg)
     return {**result, "scene": {**scene.to_json(), "captions": caps}}
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomic: a killed run never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, ensure_ascii=False))
+
+
+def capped(docs, max_bytes: float) -> str:
+    out, size = [], 0
+    for doc in docs:
+        size += len(doc.encode("utf-8")) + 1
+        if size > max_bytes:
+            break
+        out.append(doc)
+    return "\n".join(out) + "\n"
+
+
 def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_size: int = 64, workers=None,
-                progress: bool = True) -> dict:
-    """The synthetic world: train and held-out images (never shared), and every output file."""
+                progress: bool = True, **options) -> dict:
+    """The synthetic world: training and held-out images (never shared) and every output file.
+    Deterministic for a seed, whatever `workers` is; `options` are further WorldConfig fields."""
+    cfg = WorldConfig(num_images, num_eval, seed, image_size, **options)
+    cfg.check()
     out = Path(out_dir)
+    (out / "eval.json").unlink(missing_ok=True)  # the completion marker goes first and comes back last
     for split in ("train", "eval"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, "train", i, image_size, str(out)) for i in range(num_images)]
-    jobs += [(seed, "eval", i, image_size, str(out)) for i in range(num_eval)]
-    with Pool(workers or os.cpu_count()) as pool:
-        results = list(tqdm(pool.imap(make_scene, jobs, chunksize=64), total=len(jobs), desc="world", leave=False,
-                            disable=not progress))
+    jobs = [(cfg, split, i, str(out)) for split, n in (("train", num_images), ("eval", num_eval)) for i in range(n)]
+    workers = workers or min(8, os.cpu_count() or 1)
+    bar = dict(total=len(jobs), desc="world", unit="img", disable=not progress, leave=False)
+    if workers == 1:
+        results = [make_image(job) for job in tqdm(jobs, **bar)]
+    else:
+        with Pool(workers) as pool:
+            results = list(tqdm(pool.imap(make_image, jobs, chunksize=64), **bar))
     instruct = [r for res in results for r in res.get("instruct", [])]
     random.Random(seed).shuffle(instruct)
     write_json(out / "scenes.json", [r["scene"] for r in results])
     write_json(out / "pretrain.json", [r["pretrain"] for r in results if "pretrain" in r])
     write_json(out / "instruct.json", instruct)
-    write_json(out / "eval.json", [r for res in results for r in res.get("eval", [])])
-    corpus = "\n".join(line for res in results for line in res.get("corpus", [])) + "\n"
-    tmp = out / ".corpus.txt.tmp"
-    tmp.write_text(corpus, encoding="utf-8")
-    os.replace(tmp, out / "corpus.txt")
+    write_text(out / "corpus.txt", capped((d for res in results for d in res.get("corpus", [])), cfg.corpus_mb * 1e6))
+    write_json(out / "eval.json", [r for res in results for r in res.get("eval", [])])  # last: marks completion
     return {"images": len(jobs), "instruct": len(instruct), "malformed": sum(r.get("malformed", 0) for r in results)}
 
 
 # ---------------------------------------------------------------- COCO-style data and a real teacher
 
-def read_coco(captions_file, instances_file, limit=None) -> list:
-    """COCO annotations -> [(image file, captions, [(label, normalized box)])]; errors name file and entry."""
-    caps_json, inst_json = (json.loads(Path(f).read_text()) for f in (captions_file, instances_file))
-    for f, data, keys in ((captions_file, caps_json, ("images", "annotations")),
-                          (instances_file, inst_json, ("images", "annotations", "categories"))):
-        if not isinstance(data, dict) or any(k not in data for k in keys):
-            raise ValueError(f"{f}: not a COCO annotation file (needs {', '.join(keys)})")
-    images = {}
-    for i, im in enumerate(caps_json["images"]):
-        if not all(k in im for k in ("id", "file_name", "width", "height")):
-            raise ValueError(f"{captions_file}: images[{i}] lacks id, file_name, width or height")
-        images[im["id"]] = {"file": im["file_name"], "w": im["width"], "h": im["height"], "caps": [], "boxes": []}
-    names = {c["id"]: c["name"] for c in inst_json["categories"]}
-    for i, a in enumerate(caps_json["annotations"]):
-        if a.get("image_id") not in images or not isinstance(a.get("caption"), str):
-            raise ValueError(f"{captions_file}: annotations[{i}] has an unknown image_id or no caption")
-        images[a["image_id"]]["caps"].append(a["caption"].strip())
-    for i, a in enumerate(inst_json["annotations"]):
-        im = images.get(a.get("image_id"))
-        if im is None or a.get("category_id") not in names or len(a.get("bbox", [])) != 4:
-            raise ValueError(f"{instances_file}: annotations[{i}] has an unknown image_id/category_id or a bad bbox")
-        x, y, w, h = a["bbox"]
-        im["boxes"].append((names[a["category_id"]], [x / im["w"], y / im["h"], (x + w) / im["w"], (y + h) / im["h"]]))
-    return [(im["file"], im["caps"], im["boxes"]) for _, im in sorted(images.items())][:limit]
-
-
-def run_coco(args) -> None:
-    contexts = read_coco(args.coco_captions, args.coco_instances, args.max_images)
-    if args.teacher != "openai":
-        raise SystemExit("COCO data needs --teacher openai (the rule teacher knows only the synthetic world)")
-    client = ChatClient(args.api_base, args.model)
-    requests = [(f"{file}|{rtype}", build_messages(rtype, caps, bxs), None)
-                for file, caps, bxs in contexts for rtype in RESPONSE_TYPES]
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "responses.jsonl"
-    with tqdm(total=len(requests), desc="teacher") as bar:
-        counts = run_requests(requests, client, results, workers=args.workers or 4, progress=bar)
-    records, malformed, rng = [], 0, random.Random(args.seed)
-    for line in results.read_text(encoding="utf-8").splitlines():
+def coco_records(contexts: list, responses_path: Path, types: list, seed: int) -> tuple:
+    """The teacher's answers in responses.jsonl -> LLaVA records; malformed answers are counted and skipped."""
+    wanted = {f"{c.image}|{t}": (c, t) for c in contexts for t in types}
+    records, malformed = [], 0
+    for line in responses_path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
-            file, rtype = row["key"].rsplit("|", 1)
-            records.append({"id": row["key"], "image": file, "type": rtype,
-                            "conversations": parse_response(rtype, row["response"], rng)})
-        except (json.JSONDecodeError, KeyError, ValueError):
+            context, rtype = wanted[row["key"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a torn line, or an answer to a request no longer asked for
+        rng = random.Random(f"{seed}/{row['key']}")
+        try:
+            turns = parse_response(rtype, row["response"], rng)
+        except MalformedResponse:
             malformed += 1
+            continue
+        stem = Path(context.image).stem
+        records.append({"id": f"{stem}-{rtype}", "image": context.image, "type": rtype, "conversations": turns})
+    records.sort(key=lambda r: r["id"])
+    random.Random(seed).shuffle(records)
+    return records, malformed
+
+
+def run_coco(args) -> dict:
+    """Sec. 3 on COCO-style annotations: contexts -> requests -> teacher -> records."""
+    if args.teacher != "openai":
+        raise SystemExit("COCO data needs --teacher openai: the rule teacher knows only the synthetic world")
+    contexts = read_coco(args.coco_captions, args.coco_instances, args.max_images)
+    if not os.environ.get("OPENAI_API_KEY"):
+        print("note: OPENAI_API_KEY is not set; requests go without an Authorization header")
+    client = ChatClient(args.api_base, args.model)
+    requests = [(f"{c.image}|{t}", build_messages(t, c.captions, c.boxes), None) for c in contexts for t in args.types]
+    args.out.mkdir(parents=True, exist_ok=True)
+    responses = args.out / "responses.jsonl"
+    with tqdm(total=len(requests), desc="teacher", unit="req") as bar:
+        counts = run_requests(requests, client, responses, workers=args.workers or 4, progress=bar)
+    records, malformed = coco_records(contexts, responses, args.types, args.seed)
     write_json(args.out / "instruct.json", records)
+    rng = random.Random(args.seed)
+    write_json(args.out / "pretrain.json", [
+        {"id": Path(c.image).stem, "image": c.image,
+         "conversations": [human(rng.choice(BRIEF_INSTRUCTIONS), image=True), gpt(rng.choice(c.captions))]}
+        for c in contexts])
     print(f"{len(records)} records in {args.out / 'instruct.json'}; {malformed} malformed responses skipped; "
           f"{counts['failed']} requests failed (rerun to retry them)")
+    return {**counts, "records": len(records), "malformed": malformed}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int,
+                   help="processes (world; default: CPU count) or requests in flight (teacher; default 4)")
+    w = p.add_argument_group("synthetic world")
+    w.add_argument("--num-images", type=int, default=WorldConfig.num_images, help="training images")
+    w.add_argument("--num-eval", type=int, default=WorldConfig.num_eval, help="held-out images")
+    w.add_argument("--image-size", type=int, default=WorldConfig.image_size, help="pixels per side")
+    w.add_argument("--vqa-questions", type=int, default=WorldConfig.vqa_questions, help="short-answer turns per record")
+    w.add_argument("--corpus-mb", type=float, default=WorldConfig.corpus_mb, help="size cap of corpus.txt")
+    c = p.add_argument_group("the paper's pipeline on COCO-style annotations")
+    c.add_argument("--coco-captions", type=Path, help="captions_*.json")
+    c.add_argument("--coco-instances", type=Path, help="instances_*.json")
+    c.add_argument("--max-images", type=int, help="use only the first N images (by id)")
+    c.add_argument("--types", nargs="+", choices=RESPONSE_TYPES, default=list(RESPONSE_TYPES))
+    c.add_argument("--teacher", choices=["openai", "rule"], default="rule",
+                   help="openai: any OpenAI-compatible endpoint (key from $OPENAI_API_KEY); rule: the world's own")
+    c.add_argument("--api-base", default="https://api.openai.com/v1")
+    c.add_argument("--model", default="gpt-4o-mini")
+    args = p.parse_args(argv)
+    if bool(args.coco_captions) != bool(args.coco_instances):
+        p.error("--coco-captions and --coco-instances go together")
+    if not args.coco_captions and args.teacher == "openai":
+        p.error("--teacher openai needs --coco-captions and --coco-instances (the world uses the rule teacher)")
+    return args
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--num-images", type=int, default=8000, help="synthetic world: training images")
-    p.add_argument("--num-eval", type=int, default=500, help="synthetic world: held-out images")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, help="processes (world) or requests in flight (teacher)")
-    p.add_argument("--coco-captions", type=Path)
-    p.add_argument("--coco-instances", type=Path)
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--teacher", choices=["openai", "rule"], default="rule")
-    p.add_argument("--api-base", default="https://api.openai.com/v1")
-    p.add_argument("--model", default="gpt-4o-mini")
-    args = p.parse_args(argv)
-    if args.coco_captions or args.coco_instances:
-        if not (args.coco_captions and args.coco_instances):
-            p.error("--coco-captions and --coco-instances go together")
-        run_coco(args)
-    else:
-        counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers)
-        print(f"wrote {counts['images']} images and {counts['instruct']} instruction records to {args.out}")
+    args = parse_args(argv)
+    if args.coco_captions:
+        try:
+            return run_coco(args)
+        except (ValueError, TeacherError) as e:  # a malformed annotation file, a refused key: say so, no traceback
+            raise SystemExit(f"gen_data: {e}") from e
+    counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers,
+                         vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb)
+    print(f"wrote {counts['images']} images and {counts['instruct']} instruction records to {args.out}"
+          + (f" ({counts['malformed']} malformed teacher responses skipped)" if counts["malformed"] else ""))
+    return counts
 
 
 if __name__ == "__main__":

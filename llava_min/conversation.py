@@ -1,18 +1,29 @@
 """Conversation templates, and the tokenization of a conversation with its training labels.
 
-Table 2 of the paper: the model is trained to predict only the assistant's words (and the `</s>` that
-ends each reply). The labels are built span by span in the same pass as the tokens (nanochat's
-`add_tokens(ids, mask)`), so they cannot drift from the ids the way re-tokenizing with offsets can
-("tokenization mismatch" in the official code). Span boundaries sit where sentencepiece cannot merge
-across: before a space or around a special token.
+Table 2 of the paper: the model is trained to predict only the assistant's words and the marker that
+ends each reply. The renderer cuts the prompt into (text, supervised) spans; the tokenizer turns them
+into ids and labels in one pass (nanochat's `add_tokens(ids, mask)`), so the labels cannot drift from
+the ids the way the official re-tokenize-and-subtract-offsets code can ("tokenization mismatch", which
+masks the whole sample). Labels change only where sentencepiece cannot merge across: before a space,
+at a special token, at an image. Any other junction is checked, and a merge across it is an error.
 
 Around `<image>` we do what the official `tokenizer_image_token` does, because LLaVA-1.5 was trained on
-it: the text on each side of the placeholder is tokenized on its own (only the first piece gets BOS,
-each piece gets the leading "▁"), and the placeholder becomes `num_image_tokens` image ids.
+it: the text on each side of the placeholder is tokenized on its own (BOS on the first piece only, the
+leading "▁" on every piece), and the placeholder becomes `num_image_tokens` copies of `image_token_id`.
+
+What is supervised, per template (official `llava/train/train.py`):
+- vicuna_v1, llava_v1 (`preprocess_v1`): each reply with its leading space and its `</s>`.
+- plain (`preprocess_plain`): the caption and its "\\n"; BOS and the image tokens are masked.
+- llava_v0: each reply and its `###`, rendered like the official `conv_llava_v0` template (the one chat
+  uses). The official trainer renders v0 differently (`_add_speaker_and_signal`: "{system}\\n\\n###
+  Human: ...\\n### Assistant: ...\\n### ") and masks it with per-sentence lengths that are off by the
+  BOS of each sentence (`_mask_targets`); we do not reproduce that, so v0 training and chat agree.
 """
+import re
 from dataclasses import dataclass
 
 from .llama import IGNORE_INDEX
+from .tokenizer import SPECIAL_RE
 
 IMAGE = "<image>"
 ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
@@ -21,102 +32,158 @@ ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
 @dataclass(frozen=True)
 class Template:
     system: str
-    roles: tuple
+    roles: tuple  # (user, assistant)
     sep: str  # after the system prompt and after each user turn
-    sep2: str  # after each assistant turn (what the model learns to end its reply with)
+    sep2: str  # after each reply: the end marker the model learns to emit
 
 
-_ASSISTANT = "an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the"
+_ANSWERS = "an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the"
 TEMPLATES = {
     "plain": Template("", ("", ""), "", "\n"),  # stage 1: <image> caption \n
-    "vicuna_v1": Template(f"A chat between a curious user and {_ASSISTANT} user's questions.",
-                          ("USER", "ASSISTANT"), " ", "</s>"),
-    "llava_v1": Template(f"A chat between a curious human and {_ASSISTANT} human's questions.",
-                         ("USER", "ASSISTANT"), " ", "</s>"),
-    "llava_v0": Template(f"A chat between a curious human and {_ASSISTANT} human's questions.",
-                         ("Human", "Assistant"), "###", "###"),
+    "vicuna_v1": Template(f"A chat between a curious user and {_ANSWERS} user's questions.", ("USER", "ASSISTANT"),
+                          " ", "</s>"),
+    "llava_v1": Template(f"A chat between a curious human and {_ANSWERS} human's questions.", ("USER", "ASSISTANT"),
+                         " ", "</s>"),
+    "llava_v0": Template(f"A chat between a curious human and {_ANSWERS} human's questions.", ("Human", "Assistant"),
+                         "###", "###"),
 }
 
 
-def check_turns(conversations: list) -> list:
-    """(role index, text) pairs; raises ValueError when roles do not alternate human, gpt, human, ..."""
+# ---------------------------------------------------------------- turns
+
+def check_turns(conversations) -> list:
+    """(role, text) pairs, role 0 = human, 1 = assistant. Raises ValueError("<what is wrong>: <detail>")
+    unless the turns alternate human, gpt, human, ... and every value is text."""
+    if not isinstance(conversations, list):
+        raise ValueError(f"bad conversations: a {type(conversations).__name__}, expected a list of turns")
     if not conversations:
-        raise ValueError("empty conversation")
+        raise ValueError("empty conversation: no turns")
     turns = []
     for i, turn in enumerate(conversations):
-        role, value = turn.get("from"), turn.get("value")
+        role, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
         if role not in ROLES:
-            raise ValueError(f"turn {i}: unknown role {role!r} (expected human/gpt or user/assistant)")
+            raise ValueError(f"unknown role: turn {i} is from {role!r} (expected human/gpt or user/assistant)")
         if not isinstance(value, str):
-            raise ValueError(f"turn {i}: value is {type(value).__name__}, not text")
+            raise ValueError(f"not text: turn {i} has a {type(value).__name__} value")
         if ROLES[role] != i % 2:
-            raise ValueError(f"turn {i}: roles out of order ({role!r} where a {'gpt' if i % 2 else 'human'} turn "
-                             "belongs; conversations alternate human, gpt, human, ...)")
+            expected = "gpt" if i % 2 else "human"
+            raise ValueError(f"roles out of order: turn {i} is from {role!r} where a {expected} turn belongs "
+                             "(turns alternate human, gpt, human, ...)")
         turns.append((ROLES[role], value))
     return turns
 
 
 def place_image(turns: list, has_image: bool) -> list:
-    """`<image>` moves to the front of the first human turn ("<image>\\n" + text); no image, no placeholder."""
+    """`<image>` moves to the front of the first human turn ("<image>\\n" + the stripped text, as the
+    official trainer's `preprocess_multimodal` does); without an image, no placeholder anywhere."""
     turns = [(role, text.replace(IMAGE, "").strip() if IMAGE in text else text) for role, text in turns]
     if has_image:
-        turns[0] = (0, IMAGE + "\n" + turns[0][1])
+        text = turns[0][1].strip()
+        turns[0] = (0, IMAGE + "\n" + text if text else IMAGE)
     return turns
 
 
+# ---------------------------------------------------------------- the renderer
+
 def spans(turns: list, template: str) -> list:
-    """The rendered conversation as (text, supervised) spans; an unanswered last turn is left open."""
+    """The rendered conversation as (text, supervised) spans. A conversation that ends with the user's
+    turn is left open for the assistant ("... ASSISTANT:")."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
     t = TEMPLATES[template]
-    if template == "plain":  # stage 1: the image, then the caption and "\n" to predict
-        if len(turns) != 2:
+    if template == "plain":  # stage 1: the human text is only the image
+        if len(turns) > 2:
             raise ValueError(f"the plain template takes one human turn and one reply, got {len(turns)} turns")
-        return [(IMAGE if IMAGE in turns[0][1] else "", False), (turns[1][1] + t.sep2, True)]
+        image = IMAGE if turns[0][1].startswith(IMAGE) else ""
+        return [(image, False)] + [(text + t.sep2, True) for _, text in turns[1:]]
     out = [(t.system + t.sep, False)]
     for role, text in turns:
         if role == 0:
             out.append((f"{t.roles[0]}: {text}{t.sep}{t.roles[1]}:", False))
         else:
-            out.append((" " + text + t.sep2, True))  # Table 2: the reply and its end marker are predicted
+            out.append((f" {text}{t.sep2}", True))  # Table 2: the reply and its end marker are predicted
     return out
 
 
+def image_in(turns: list, has_image) -> bool:
+    return any(IMAGE in text for _, text in turns) if has_image is None else bool(has_image)
+
+
 def render_prompt(conversations: list, template: str = "vicuna_v1", has_image=None) -> str:
-    """The prompt string; it ends with "ASSISTANT:" (the open turn) when the user spoke last."""
+    """The prompt string. `has_image=None` means "if a turn mentions <image>"."""
     turns = check_turns(conversations)
-    has_image = any(IMAGE in text for _, text in turns) if has_image is None else has_image
-    return "".join(text for text, _ in spans(place_image(turns, has_image), template))
+    return "".join(text for text, _ in spans(place_image(turns, image_in(turns, has_image)), template))
 
 
-def encode_spans(parts: list, tok, num_image_tokens: int, image_token_id: int) -> tuple:
-    """(text, supervised) spans -> ids and labels, the official way around `<image>` (see module doc)."""
-    merged = []  # neighbouring spans with the same label become one, so boundaries only fall at label changes
+# ---------------------------------------------------------------- spans -> ids and labels
+
+def merge_neighbours(parts: list) -> list:
+    """Neighbouring spans with the same label become one, so boundaries fall only where labels change."""
+    merged = []
     for text, supervised in parts:
         if merged and merged[-1][1] == supervised:
             merged[-1] = (merged[-1][0] + text, supervised)
         else:
             merged.append((text, supervised))
-    ids, labels = [tok.bos_id], [IGNORE_INDEX]
-    chunk_start = True  # at the start of the prompt and right after an image: a leading "▁"
-    for text, supervised in merged:
+    return merged
+
+
+def check_junction(tok, left: str, right: str) -> None:
+    """Raises if sentencepiece would put one piece across the end of `left` and the start of `right`
+    (two spans of one chunk). A piece never crosses a special token, nor goes from a non-space into a
+    space, so only the word glued across the junction is tokenized to check."""
+    before, after = SPECIAL_RE.split(left)[-1], SPECIAL_RE.split(right)[0]
+    i = len(before)  # a: the last word of `before` with the spaces in front of it (or its trailing spaces)
+    while i and not before[i - 1].isspace():
+        i -= 1
+    while i and before[i - 1].isspace():
+        i -= 1
+    a, b = before[i:], re.match(r"\s*\S*", after).group()
+    if not a or not b or (not a[-1].isspace() and b[0].isspace()):
+        return
+    if a == left:  # the word starts the chunk, which has the leading "▁"
+        a = " " + a
+    if tok.encode(a + b, prefix=False) != tok.encode(a, prefix=False) + tok.encode(b, prefix=False):
+        raise ValueError(f"tokenization mismatch: the tokenizer merges {a!r} and {b!r} across a label boundary")
+
+
+def encode_spans(parts: list, tok, num_image_tokens: int, image_token_id: int) -> tuple:
+    """(text, supervised) spans -> (input_ids, labels), the official way around `<image>` (module doc)."""
+    ids, labels = [], []
+
+    def add(new: list, supervised: bool):  # nanochat's add_tokens(ids, mask): one pass, no drift
+        ids.extend(new)
+        labels.extend(new if supervised else [IGNORE_INDEX] * len(new))
+
+    add([tok.bos_id], False)
+    chunk = ""  # the text since the start or the last image: each such chunk is tokenized with its "▁"
+    for text, supervised in merge_neighbours(parts):
         for k, piece in enumerate(text.split(IMAGE)):
             if k > 0:
-                ids += [image_token_id] * num_image_tokens
-                labels += [IGNORE_INDEX] * num_image_tokens
-                chunk_start = True
+                if num_image_tokens < 1:
+                    raise ValueError(f"no image tokens: num_image_tokens is {num_image_tokens}, at least 1 is needed")
+                add([image_token_id] * num_image_tokens, False)
+                chunk = ""
             if piece:
-                new = tok.encode(piece, prefix=chunk_start)
-                ids += new
-                labels += new if supervised else [IGNORE_INDEX] * len(new)
-                chunk_start = False
+                if chunk:
+                    check_junction(tok, chunk, piece)
+                add(tok.encode(piece, prefix=not chunk), supervised)
+                chunk += piece
     return ids, labels
 
 
 def tokenize_conversation(conversations: list, tok, template: str = "vicuna_v1", num_image_tokens: int = 576,
                           image_token_id: int = -200, has_image=None) -> tuple:
-    """input_ids and labels (list[int] each): labels are -100 except on the assistant's replies."""
+    """input_ids and labels (list[int] each, equal length): labels are -100 except on the replies and
+    their end markers. The ids equal the official tokenizer_image_token of `render_prompt(...)`."""
     turns = check_turns(conversations)
-    has_image = any(IMAGE in text for _, text in turns) if has_image is None else has_image
-    return encode_spans(spans(place_image(turns, has_image), template), tok, num_image_tokens, image_token_id)
+    has_image = image_in(turns, has_image)
+    ids, labels = encode_spans(spans(place_image(turns, has_image), template), tok, num_image_tokens, image_token_id)
+    expected = num_image_tokens if has_image else 0
+    if ids.count(image_token_id) != expected:  # an image id inside the vocabulary that the text also produced
+        raise ValueError(f"image token collision: id {image_token_id} appears {ids.count(image_token_id)} times, "
+                         f"expected {expected}; the text produces it too, use an id the tokenizer never emits")
+    return ids, labels
 
 
 def tokenize_prompt(conversations: list, tok, template: str = "vicuna_v1", num_image_tokens: int = 576,

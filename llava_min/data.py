@@ -1,9 +1,10 @@
 """The official LLaVA data format -> training batches (input_ids, labels, attention_mask, pixel_values).
 
-A record: `{"id", "image" (optional), "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}`,
-in a JSON list or JSONL. Every record's text is checked when the dataset is built; images are checked
-when read. A bad record either stops the run (`on_error="raise"`) or is skipped and counted with its
-reason (`"skip"`); it is never trained on silently, and never with a loss of 0.
+A record: `{"id", "image" (optional), "conversations": [{"from": "human"|"gpt", "value": str}, ...]}`,
+in a JSON list or JSONL. Every record's text is checked when the dataset is built (cheap, no
+tokenizing); its image and its tokens when it is read. A bad record either stops the run
+(`on_error="raise"`: a DataError naming the record) or is skipped and counted with its reason
+(`"skip"`); it is never trained on silently, and never with a loss of 0.
 """
 import json
 from collections import Counter
@@ -11,111 +12,159 @@ from pathlib import Path
 
 import torch
 
-from .conversation import IMAGE, check_turns, tokenize_conversation
+from .conversation import IMAGE, TEMPLATES, check_turns, tokenize_conversation
 from .image import MAX_PIXELS, ImageError, load_image, preprocess
 from .llama import IGNORE_INDEX
 
 
 class DataError(ValueError):
-    """A record that cannot be trained on; the message names the record id."""
+    """A record that cannot be trained on; the message names the record id (and the file)."""
 
+
+# ---------------------------------------------------------------- reading and checking records
 
 def read_records(path) -> list:
-    """A JSON list or JSONL file (decided by the content, not the extension)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """A JSON list or JSONL file, decided by the content, not the extension."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a valid JSON list ({e})") from e
+        return records
     records = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: not JSON ({e})") from e
+                raise DataError(f"{path}, line {n}: not JSON ({e}); expected a JSON list or one record per line") from e
     return records
 
 
-def check_record(record) -> None:
-    """Raises ValueError describing what is wrong with a record's structure and text."""
+def check_record(record, template: str = "vicuna_v1") -> None:
+    """Raises ValueError("<what is wrong>: <detail>") for a record that cannot be trained on."""
     if not isinstance(record, dict):
-        raise ValueError("a record must be a JSON object")
-    conversations = record.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise ValueError("empty or missing conversations")
-    turns = check_turns(conversations)
-    if len(turns) < 2:
-        raise ValueError("no assistant reply to learn from")
+        raise ValueError(f"not a record: a {type(record).__name__}, expected a JSON object")
+    if not record.get("conversations"):
+        raise ValueError("empty conversation: 'conversations' is missing or empty")
+    turns = check_turns(record["conversations"])
+    if len(turns) % 2:
+        raise ValueError("unanswered turn: the conversation ends with a human turn, nothing answers it")
+    if template == "plain" and len(turns) != 2:
+        raise ValueError(f"not a caption pair: the plain template takes one human turn and one reply, got {len(turns)}")
+    if any(not text.strip() for role, text in turns if role == 1):
+        raise ValueError("empty reply: an assistant turn has no text")
+    image = record.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise ValueError(f"bad image field: {image!r} is not a file name (one image per record)")
+    if any(IMAGE in text for role, text in turns if role == 1):
+        raise ValueError(f"{IMAGE} in a reply: the placeholder belongs to a human turn")
     mentions = sum(text.count(IMAGE) for _, text in turns)
-    if record.get("image") and mentions == 0:
-        raise ValueError(f"has image {record['image']!r} but no {IMAGE} placeholder in its conversation")
-    if not record.get("image") and mentions:
-        raise ValueError(f"mentions {IMAGE} but has no image")
+    if image and mentions == 0:
+        raise ValueError(f"image without {IMAGE}: has image {image!r} but no {IMAGE} placeholder in its turns")
+    if not image and mentions:
+        raise ValueError(f"{IMAGE} without image: a turn mentions {IMAGE} but the record has no image")
     if mentions > 1:
-        raise ValueError(f"mentions {IMAGE} {mentions} times; one image per record")
+        raise ValueError(f"several {IMAGE}: mentions {IMAGE} {mentions} times, one image per record")
 
+
+def record_id(index: int, record) -> str:
+    """The record's own id, else its position in the file."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return str(rid) if rid not in (None, "") else f"#{index}"
+
+
+# ---------------------------------------------------------------- the dataset
 
 class LlavaDataset(torch.utils.data.Dataset):
+    """Records -> dict(id, input_ids, labels, pixel_values); None for a record skipped at read time.
+
+    `num_image_tokens` is an int, or a function of the PIL image giving its count (the hook AnyRes needs:
+    its token count depends on the image size). `skipped` counts skips by reason and `skip_log` keeps
+    their messages; with DataLoader workers the read-time skips are counted in the workers, and what
+    reaches the trainer is collate's `num_skipped`."""
+
     def __init__(self, data_path, tok, image_folder=None, template="vicuna_v1", num_image_tokens=576,
-                 image_token_id=-200, image_size=336, image_aspect="crop", max_length=2048, on_error="raise", max_pixels=MAX_PIXELS):
+                 image_token_id=-200, image_size=336, image_aspect="crop", max_length=2048, on_error="raise",
+                 max_pixels=MAX_PIXELS):
         if on_error not in ("raise", "skip"):
-            raise ValueError("on_error must be 'raise' or 'skip'")
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+        if image_aspect not in ("crop", "pad"):
+            raise ValueError(f"image_aspect must be 'crop' or 'pad', got {image_aspect!r}")
         self.tok, self.image_folder, self.template = tok, image_folder, template
         self.num_image_tokens, self.image_token_id = num_image_tokens, image_token_id
-        self.image_size, self.image_aspect, self.max_length, self.on_error = image_size, image_aspect, max_length, on_error
-        self.max_pixels, self.skipped = max_pixels, Counter()
-        self.records = [r for i, r in enumerate(read_records(data_path)) if self.valid(i, r)]
+        self.image_size, self.image_aspect, self.max_length = image_size, image_aspect, max_length
+        self.on_error, self.max_pixels = on_error, max_pixels
+        self.skipped, self.skip_log = Counter(), []  # reason -> count; the full messages
+        self.records = []  # (id, record) of the records that passed the text checks
+        for index, record in enumerate(read_records(data_path)):
+            rid = record_id(index, record)
+            try:
+                check_record(record, template)
+            except ValueError as e:
+                self.fail(rid, str(e))
+                continue
+            self.records.append((rid, record))
 
-    def record_id(self, index, record) -> str:
-        return str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
-
-    def fail(self, record_id: str, reason: str):
+    def fail(self, rid: str, reason: str) -> None:
+        """Raise, or count the skip under the reason's first words ("<what is wrong>: <detail>")."""
+        message = f"record {rid}: {reason}"
         if self.on_error == "raise":
-            raise DataError(f"record {record_id}: {reason}")
+            raise DataError(message)
         self.skipped[reason.split(":")[0]] += 1
-
-    def valid(self, index, record) -> bool:
-        try:
-            check_record(record)
-        except ValueError as e:
-            self.fail(self.record_id(index, record), str(e))
-            return False
-        return True
+        self.skip_log.append(message)
 
     def __len__(self):
         return len(self.records)
 
-    def tokens(self, record) -> tuple:
-        """(input_ids, labels), truncated to max_length; raises ValueError when nothing is left to learn."""
-        ids, labels = tokenize_conversation(record["conversations"], self.tok, self.template,
-                                            self.num_image_tokens, self.image_token_id, has_image=bool(record.get("image")))
+    def image_tokens(self, image) -> int:
+        return self.num_image_tokens(image) if callable(self.num_image_tokens) else self.num_image_tokens
+
+    def tokens(self, record, num_image_tokens: int) -> tuple:
+        """(input_ids, labels) truncated to max_length; raises ValueError when that breaks the sample."""
+        ids, labels = tokenize_conversation(record["conversations"], self.tok, self.template, num_image_tokens,
+                                            self.image_token_id, has_image=bool(record.get("image")))
         if len(ids) > self.max_length:
-            cut = ids[self.max_length:]
-            if self.image_token_id in cut:
-                raise ValueError(f"truncation to {self.max_length} tokens would cut through the image tokens")
+            if self.image_token_id in ids[self.max_length:]:  # features and image tokens would not match
+                raise ValueError(f"truncation cuts the image: {len(ids)} tokens, max_length {self.max_length} "
+                                 "would cut through the image tokens")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            raise ValueError(f"no supervised token left within max_length {self.max_length}")
+        if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never predicted
+            raise ValueError(f"nothing to learn: no supervised token left within max_length {self.max_length}")
         return ids, labels
 
-    def pixels(self, record):
-        image = load_image(record["image"], image_folder=self.image_folder, max_pixels=self.max_pixels)
-        return preprocess(image, size=self.image_size, aspect=self.image_aspect)
+    def load(self, record):
+        try:
+            return load_image(record["image"], image_folder=self.image_folder, max_pixels=self.max_pixels)
+        except ImageError as e:
+            raise ValueError(f"bad image: {e}") from e
+
+    def pixels(self, record, image) -> torch.Tensor:
+        try:
+            return preprocess(image, size=self.image_size, aspect=self.image_aspect)
+        except ImageError as e:
+            raise ValueError(f"bad image: {record['image']}: {e}") from e
 
     def __getitem__(self, i):
-        record = self.records[i]
-        rid = self.record_id(i, record)
+        rid, record = self.records[i]
         try:
-            ids, labels = self.tokens(record)
-            pixel_values = self.pixels(record) if record.get("image") else None
-        except (ValueError, ImageError) as e:
+            image = self.load(record) if record.get("image") else None
+            ids, labels = self.tokens(record, self.image_tokens(image) if image is not None else 0)
+            pixel_values = self.pixels(record, image) if image is not None else None
+        except ValueError as e:
             self.fail(rid, str(e))
             return None
-        return {"id": rid, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+        return {"id": rid, "input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": pixel_values}
 
 
 def collate(items: list, pad_id: int = 0) -> dict:
-    """Right padding (labels -100 on pads) + an attention mask; the images of the batch in record order.
-    Skipped records (None) are dropped and counted."""
+    """Right padding (labels -100 on pads) and an attention mask; the images of the batch stacked in
+    record order (None when no record has one). Skipped records (None) are dropped and counted."""
     kept = [it for it in items if it is not None]
     width = max((len(it["input_ids"]) for it in kept), default=0)
     ids = torch.full((len(kept), width), pad_id, dtype=torch.long)

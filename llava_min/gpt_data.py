@@ -111,7 +111,8 @@ def build_messages(rtype: str, captions: list, boxes=None) -> list:
     with_boxes = rtype != "conversation"  # Sec. 3: conversations are written from the captions alone
     messages = [{"role": "system", "content": SYSTEM[rtype]}]
     for (example_captions, example_boxes), response in FEW_SHOT[rtype]:
-        messages.append({"role": "user", "content": context_text(example_captions, example_boxes if with_boxes else None)})
+        example = context_text(example_captions, example_boxes if with_boxes else None)
+        messages.append({"role": "user", "content": example})
         messages.append({"role": "assistant", "content": response})
     messages.append({"role": "user", "content": context_text(captions, boxes if with_boxes else None)})
     return messages
@@ -221,7 +222,8 @@ def read_coco(captions_file, instances_file, limit=None) -> list:
         x, y, w, h = box
         corners = [x / im["width"], y / im["height"], (x + w) / im["width"], (y + h) / im["height"]]
         images[a["image_id"]][2].append((names[a["category_id"]], [min(1.0, max(0.0, v)) for v in corners]))
-    contexts = [Context(im["file_name"], c, b) for _, (im, c, b) in sorted(images.items(), key=lambda kv: str(kv[0])) if c]
+    by_id = sorted(images.items(), key=lambda kv: (type(kv[0]).__name__, kv[0]))
+    contexts = [Context(im["file_name"], c, b) for _, (im, c, b) in by_id if c]  # images without captions: none
     return contexts[:limit]
 
 
@@ -325,8 +327,10 @@ def run_requests(requests: list, teacher, results_path, workers: int = 4, progre
     drop_torn_line(results_path)
     done, stop = done_keys(results_path), stop or threading.Event()
     todo = iter([r for r in requests if r[0] not in done])
-    counts, fatal, interrupted = {"skipped": len(requests) - len(done & {r[0] for r in requests}), "answered": 0,
-                                  "failed": 0}, None, False
+    counts = {"skipped": len(done & {r[0] for r in requests}), "answered": 0, "failed": 0}
+    fatal, interrupted = None, False
+    if progress is not None:
+        progress.update(counts["skipped"])
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     with open(results_path, "a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, workers)) as pool:
         running = {}

@@ -1,9 +1,14 @@
-"""Images in: safe loading, and the CLIP preprocessing X_v -> pixel_values (SPEC section 4).
+"""Images in: safe loading, and CLIP's preprocessing X_v -> pixel_values (SPEC section 4).
 
-CLIP's processor: RGB, resize the shortest side to `size` (bicubic), center crop, /255, normalize with
-CLIP's mean and std. LLaVA-1.5's `pad` mode first pastes the image centred on a square canvas of the
-mean colour, so nothing is cropped away.
+CLIP's processor: RGB, resize the shortest side to `size` (bicubic, Pillow), center crop, /255,
+normalize with CLIP's mean and std. LLaVA-1.5's `pad` mode first pastes the image centred on a square
+canvas of the mean colour, so nothing is cropped away. Both match transformers' Pillow CLIP processor
+exactly (tests/test_image.py).
+
+Transparency is composited on white, as transformers' `convert_to_rgb` does (the official LLaVA loader's
+`.convert("RGB")` would keep whatever colour hides under transparent pixels, often black).
 """
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,56 +17,72 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
-MAX_PIXELS = 64 * 2**20  # refuse larger images before decoding them (a 64-megapixel RGB image is 200 MB)
+PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as the official expand2square
+MAX_PIXELS = 64 * 2**20  # refuse larger images before decoding them (64 megapixels of RGB is 200 MB)
+MAX_WORK_PIXELS = 256 * 2**20  # the largest intermediate image preprocess may build (pad canvas, resize)
 
 
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
 
 
+# ---------------------------------------------------------------- loading
+
 def resolve_in_folder(name, image_folder) -> Path:
     """`name` inside `image_folder`; refuses `..`, absolute paths and symlinks that lead outside."""
     folder = Path(image_folder).resolve()
     path = (folder / name).resolve()
     if not path.is_relative_to(folder):
-        raise ImageError(f"image path {name!r} leads outside the image folder {image_folder}")
+        raise ImageError(f"image path {name!r} leads outside the image folder {image_folder} (to {path})")
     return path
 
 
+def to_8_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image -> 8-bit "L", scaled from its range (Pillow's own
+    conversion clips, turning most 16-bit images white). The range: 16 bits for I;16; for I and F,
+    what the values reach (F up to 1.0 is taken as [0, 1])."""
+    array = np.asarray(img, dtype=np.float64)
+    top = array.max(initial=0)
+    peak = 65535.0 if img.mode.startswith("I;16") or top > 255 else 1.0 if img.mode == "F" and top <= 1 else 255.0
+    return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB. Transparency is composited on white; 16-bit and float images are
-    scaled to 8 bits instead of being clipped."""
+    """Any Pillow mode -> 8-bit RGB; transparency is composited on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("LA", "PA"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        canvas = Image.new("RGB", img.size, (255, 255, 255))
-        canvas.paste(img, mask=img.getchannel("A"))
-        return canvas
-    return img.convert("RGB")
+        img = to_8_bit(img)
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 def load_image(name, image_folder=None, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Opens an image as RGB. With `image_folder`, `name` is relative to it and must stay inside it."""
+    """Opens an image as RGB. With `image_folder`, `name` is relative to it and must stay inside it.
+    The size is read from the header and checked before any pixel is decoded (decompression bombs)."""
     path = resolve_in_folder(name, image_folder) if image_folder is not None else Path(name)
     if not path.is_file():
-        raise ImageError(f"image {path} does not exist")
+        raise ImageError(f"image {path} does not exist" + (" (it is not a file)" if path.exists() else ""))
     try:
-        with Image.open(path) as img:
-            w, h = img.size  # read from the header: nothing decoded yet
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+            img = Image.open(path)
+        with img:
+            w, h = img.size  # from the header: nothing decoded yet
             if w * h > max_pixels:
                 raise ImageError(f"image {path} is {w}x{h} pixels, more than the limit of {max_pixels}")
             img.load()
             return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image {path} is too large, more than the limit of {max_pixels} pixels ({e})") from e
     except ImageError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow raises all three for broken files
         raise ImageError(f"image {path} cannot be read: {e}") from e
 
+
+# ---------------------------------------------------------------- CLIP preprocessing
 
 def expand_to_square(img: Image.Image, color=PAD_COLOR) -> Image.Image:
     """LLaVA-1.5's `pad` aspect mode: the image centred on a square of the mean colour."""
@@ -73,11 +94,11 @@ def expand_to_square(img: Image.Image, color=PAD_COLOR) -> Image.Image:
     return canvas
 
 
-def resize_shortest_side(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
+def shortest_side_size(w: int, h: int, size: int) -> tuple:
+    """(width, height) with the shortest side `size`; the long side truncated, as transformers does."""
     short, long = min(w, h), max(w, h)
     new_long = int(size * long / short)
-    return img.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+    return (size, new_long) if w <= h else (new_long, size)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -87,16 +108,29 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def normalize(img: Image.Image) -> torch.Tensor:
-    """uint8 HWC -> float32 CHW, scaled to [0, 1] and normalized with CLIP's mean and std."""
+    """uint8 HWC -> float32 CHW: x / 255 (in float64, then float32, as transformers rescales), then
+    (x - mean) / std with CLIP's statistics."""
     x = (np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def check_work_size(w: int, h: int, size: int, aspect: str) -> None:
+    """An extreme aspect ratio makes a huge pad canvas or resized image from a small file: refuse it."""
+    side = max(w, h) if aspect == "pad" else None
+    work = side * side if side else size * max(shortest_side_size(w, h, size))
+    if work > MAX_WORK_PIXELS:
+        raise ImageError(f"a {w}x{h} image would need a {work}-pixel intermediate image in {aspect!r} mode "
+                         f"(limit {MAX_WORK_PIXELS}): its aspect ratio is too extreme")
 
 
 def preprocess(img: Image.Image, size: int = 336, aspect: str = "crop") -> torch.Tensor:
     """X_v -> pixel_values [3, size, size]. aspect "crop": CLIP's center crop; "pad": LLaVA-1.5's square."""
     if aspect not in ("crop", "pad"):
         raise ValueError(f"aspect must be 'crop' or 'pad', got {aspect!r}")
+    img = to_rgb(img)
+    check_work_size(*img.size, size, aspect)
     if aspect == "pad":
         img = expand_to_square(img)
-    return normalize(center_crop(resize_shortest_side(img, size), size))
+    img = img.resize(shortest_side_size(*img.size, size), Image.BICUBIC)
+    return normalize(center_crop(img, size))

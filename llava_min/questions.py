@@ -1,4 +1,4 @@
-"""Questions about a synthetic scene, answered exactly from its annotation, and the rule teacher.
+"""Questions about a synthetic scene, answered exactly from its annotation.
 
 Each generator returns a `QA`: its type, the question, the short answer (LLaVA-1.5's "single word or
 phrase" format: lower case, numbers as digits) and a full sentence (for conversations). The same
@@ -9,9 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from .gpt_data import response_type
-from .world import (COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, and_list, cap, describe, listing, plural, ref, where,
-                    where_in_image)
+from .world import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, article, cap, plural, ref, where, where_in_image
 
 SHORT_PROMPT = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 Sec. 3.2: response format prompt
 CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."  # ScienceQA / MMBench format
@@ -92,20 +90,19 @@ def ask_exists(scene: Scene, rng: random.Random, want: Optional[str] = None) -> 
     colors = sorted({o.color for o in scene.objects})
     if rng.random() < 0.25:  # one attribute
         color = rng.choice(colors if want == "yes" else [c for c in COLORS if c not in colors])
-        q = rng.choice(("Is there anything {c} in the image?", "Is there a {c} object?"))
+        q = rng.choice(("Is there anything {c} in the image?", "Is there {a} object?"))
         sentence = f"Yes, there is something {color} in the image." if want == "yes" else f"No, nothing is {color}."
-        return QA("exists", q.format(c=color), want, sentence)
+        return QA("exists", q.format(c=color, a=article(color)), want, sentence)
     if want == "yes":
         color, shape = rng.choice(present)
     else:  # half the time a near miss: a colour or shape that is there, but not this pair
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
         near = [(c, s) for c, s in absent if c in colors or s in {o.shape for o in scene.objects}]
         color, shape = rng.choice(near if near and rng.random() < 0.5 else absent)
-    q = rng.choice(("Is there a {c} {s}?", "Is there a {c} {s} in the image?", "Can you see a {c} {s}?",
-                    "Does the image contain a {c} {s}?"))
-    sentence = (f"Yes, there is a {color} {shape} in the image." if want == "yes"
-                else f"No, there is no {color} {shape} in the image.")
-    return QA("exists", q.format(c=color, s=shape), want, sentence)
+    q = rng.choice(("Is there {x}?", "Is there {x} in the image?", "Can you see {x}?", "Does the image contain {x}?"))
+    x = article(f"{color} {shape}")
+    sentence = f"Yes, there is {x} in the image." if want == "yes" else f"No, there is no {color} {shape} in the image."
+    return QA("exists", q.format(x=x), want, sentence)
 
 
 RELATIONS = {"to the left of": lambda a, b: a.col < b.col, "to the right of": lambda a, b: a.col > b.col,
@@ -162,16 +159,18 @@ def relation_attribute(scene: Scene, rng: random.Random) -> Optional[QA]:
     attribute = rng.choice(("color", "shape"))
     answer = x.color if attribute == "color" else x.shape
     q = f"What {attribute} is the object {word} {ref(scene, b)}?"
-    return QA("reasoning", q, answer, f"The object {word} {ref(scene, b)} is the {x.name}, {where(x)}.")
+    return QA("reasoning", q, answer, f"The object {word} {ref(scene, b)} is the {x.name} {where(x)}, so its "
+                                      f"{attribute} is {answer}.")
 
 
 def ask_reasoning(scene: Scene, rng: random.Random, want: Optional[str] = None) -> QA:
-    """A relation between two objects; yes/no unless an attribute question is drawn (a third of the time)."""
-    if want is None and rng.random() < 1 / 3:
+    """A relation between two objects: yes/no, or (want="attribute", or a third of the time when no answer
+    is wanted) what colour or shape the object in some direction has."""
+    if want == "attribute" or (want is None and rng.random() < 1 / 3):
         qa = relation_attribute(scene, rng)
         if qa:
             return qa
-    want = want or coin(rng)
+    want = want if want in ("yes", "no") else coin(rng)
     for w in (want, "no" if want == "yes" else "yes"):  # a lone object cannot have anything "yes" about it
         forms = (relation_pair, relation_any) if rng.random() < 0.7 else (relation_any, relation_pair)
         for form in forms:
@@ -185,9 +184,9 @@ ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": a
        "exists": ask_exists, "reasoning": ask_reasoning}
 
 
-def ask(scene: Scene, rng: random.Random, qtype: str) -> QA:
-    """A question of the given type; every type can be asked about every scene."""
-    return ASK[qtype](scene, rng)
+def ask(scene: Scene, rng: random.Random, qtype: str, want: Optional[str] = None) -> QA:
+    """A question of the given type (every type fits every scene); `want` steers yes/no answers."""
+    return ASK[qtype](scene, rng, want) if qtype in ("exists", "reasoning") else ASK[qtype](scene, rng)
 
 
 def multiple_choice(qa: QA, rng: random.Random, num_choices: int = 3) -> tuple:
@@ -197,74 +196,3 @@ def multiple_choice(qa: QA, rng: random.Random, num_choices: int = 3) -> tuple:
     rng.shuffle(choices)
     options = "\n".join(f"{'ABCDE'[i]}. {c}" for i, c in enumerate(choices))
     return f"{qa.question}\n{options}\n{CHOICE_PROMPT}", choices, "ABCDE"[choices.index(qa.answer)]
-
-
-# ---------------------------------------------------------------- the rule teacher (GPT-4's stand-in)
-
-def remove_group(scene: Scene, rng: random.Random) -> QA:
-    """Counting after removing a group, with the steps spelled out."""
-    attribute, value = rng.choice([("size", s) for s in SIZES] + [("color", o.color) for o in scene.objects])
-    gone = [o for o in scene.objects if getattr(o, attribute) == value]
-    left = len(scene.objects) - len(gone)
-    group = ", ".join(f"the {o.name}" for o in gone)
-    steps = (f"There {is_are(len(scene.objects))} {plural(len(scene.objects), 'object')} in the image. "
-             + (f"The {value} ones are: {group}. " if gone else f"None of them is {value}. ")
-             + f"Removing {'them' if len(gone) != 1 else 'it'} leaves {plural(left, 'object')}.")
-    q = f"If every {value} object were taken away, how many objects would be left? Explain."
-    return QA("complex", q, str(left), f"{left}. {steps}")
-
-
-def highest(scene: Scene, rng: random.Random) -> Optional[QA]:
-    """Which object is highest (or lowest)? Asked only when one object alone holds that row."""
-    top = rng.random() < 0.5
-    row = (min if top else max)(o.row for o in scene.objects)
-    winners = [o for o in scene.objects if o.row == row]
-    if len(scene.objects) < 2 or len(winners) != 1:
-        return None
-    w, others = winners[0], [o for o in scene.objects if o is not winners[0]]
-    word = "highest" if top else "lowest"
-    reasons = and_list([f"{ref(scene, o)} is {where(o)}" for o in others])
-    return QA("complex", f"Which object is the {word} in the image, and why?", w.name,
-              f"{cap(ref(scene, w))} is the {word}: it is {where(w)}, while {reasons}.")
-
-
-def complex_qa(scene: Scene, rng: random.Random) -> QA:
-    """A question that needs a step of reasoning, answered with the steps (falls back to counting)."""
-    kind = rng.choice(("relation", "highest", "remove"))
-    qa = relation_pair(scene, rng, coin(rng)) if kind == "relation" else highest(scene, rng) if kind == "highest" else None
-    return qa or remove_group(scene, rng)
-
-
-def inventory(scene: Scene, rng: random.Random) -> QA:
-    q = rng.choice(("What objects can you see in the image?", "What is in the picture?"))
-    return QA("inventory", q, "", f"I can see {listing(scene.objects, place=True)}.")
-
-
-def qa_block(qa: QA) -> str:
-    return f"Question:\n{qa.question}\n===\nAnswer:\n{qa.sentence}"
-
-
-def rule_response(rtype: str, scene: Scene, rng: random.Random) -> str:
-    """The teacher's text, from the annotation exactly, in the format its system message asks for."""
-    if rtype == "detail":
-        return describe(scene, rng)
-    if rtype == "complex":
-        return qa_block(complex_qa(scene, rng))
-    qas = [ask(scene, rng, t) for t in rng.sample(QUESTION_TYPES, rng.randint(2, 4))]
-    if rng.random() < 0.4:
-        qas.insert(0, inventory(scene, rng))
-    return "\n===\n".join(qa_block(qa) for qa in qas)
-
-
-class RuleTeacher:
-    """GPT-4's stand-in for the synthetic world. It receives the same request as the real teacher
-    (system message, few-shot pairs, context) and answers in the same text format, so the same parser
-    turns its answer into records; its knowledge is the scene's annotation, passed alongside."""
-
-    def __call__(self, messages: list, scene: Scene) -> str:
-        rtype = response_type(messages)
-        context = messages[-1]["content"]
-        missing = [o.name for o in scene.objects if o.name not in context]
-        if missing:
-            raise ValueError(f"the request's context does not describe {scene.image} (no {missing[0]} in it)")
-        return rule_response(rtype, scene, random.Random(context))  # a pure function of the request

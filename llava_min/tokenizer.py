@@ -1,12 +1,16 @@
-"""The LLaMA / Vicuna tokenizer: sentencepiece BPE with LLaMA's conventions (unk 0, bos 1, eos 2).
+"""The LLaMA / Vicuna tokenizer: sentencepiece BPE with LLaMA's conventions (unk 0, bos 1, eos 2, no pad).
 
-Two details decide whether training ids match what LLaVA-1.5 was trained on (SPEC section 3):
-- sentencepiece never maps the text `</s>` to id 2, so special-token strings are split out first and
-  their ids inserted;
-- Vicuna v1.5 uses transformers' `legacy=False`: one "▁" before the whole text, none after a special
-  token (`</s>USER` -> `</s>`, `USER`). Sentencepiece's own dummy prefix is therefore switched off in
-  the model we load, and the prefix is added by hand where it belongs.
+Two details decide whether our ids are the ids LLaVA-1.5 was trained on (SPEC section 3):
+- sentencepiece never maps the text `</s>` to id 2 (it gives `▁</`, `s`, `>`), so the special-token
+  strings are split out first and their ids inserted;
+- Vicuna v1.5 uses transformers' slow LlamaTokenizer with `legacy=False`: one "▁" before the whole
+  text, none after a special token (`</s>USER` -> `</s>`, `USER`). We switch sentencepiece's own dummy
+  prefix off in the model we load and add the "▁" by hand where it belongs.
+Note: the released LLaVA-1.5 weights were trained with transformers 4.31, whose first `legacy=False`
+gave `</s>`, `US`, `ER` there instead (it stripped the "▁" off `▁US`); we follow the later, settled
+behaviour that SPEC names. Only the token after each `</s>` differs.
 """
+import io
 import os
 import re
 import tempfile
@@ -18,62 +22,49 @@ SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2}
 SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
 
 
-# ---------------------------------------------------------------- sentencepiece's model proto, by hand
-# ModelProto field 3 is NormalizerSpec, whose field 3 is `add_dummy_prefix` (a bool). Editing the
-# wire format directly saves a dependency on protobuf.
+# ---------------------------------------------------------------- add_dummy_prefix = false, by hand
+# ModelProto field 3 is the NormalizerSpec message, whose field 3 is the bool `add_dummy_prefix`.
+# Protobuf keeps the last value of a repeated scalar, so appending `add_dummy_prefix: 0` to the
+# normalizer spec overrides it. Editing the wire format saves a runtime dependency on protobuf.
 
-def _varint(data: bytes, i: int):
+def _varint(data: bytes, i: int) -> tuple:
     shift = value = 0
     while True:
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if byte < 0x80:
+        value |= (data[i] & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if data[i - 1] < 0x80:
             return value, i
-        shift += 7
 
 
 def _encode_varint(value: int) -> bytes:
     out = bytearray()
-    while True:
-        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
         value >>= 7
-        if not value:
-            return bytes(out)
-
-
-def _fields(data: bytes):
-    """Yields (field number, wire type, raw bytes of the whole field) for a serialized message."""
-    i = 0
-    while i < len(data):
-        start = i
-        key, i = _varint(data, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _varint(data, i)
-        elif wire == 2:
-            length, i = _varint(data, i)
-            i += length
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-        yield key >> 3, wire, data[start:i]
-
-
-def _payload(field: bytes) -> bytes:
-    _, i = _varint(field, 0)
-    length, i = _varint(field, i)
-    return field[i: i + length]
+    return bytes(out + bytes([value]))
 
 
 def without_dummy_prefix(model_proto: bytes) -> bytes:
-    out = bytearray()
-    for number, wire, raw in _fields(model_proto):
-        if number == 3 and wire == 2:
-            spec = b"".join(r for n, _, r in _fields(_payload(raw)) if n != 3) + b"\x18\x00"  # add_dummy_prefix = 0
-            raw = b"\x1a" + _encode_varint(len(spec)) + spec
-        out += raw
+    """The serialized sentencepiece model with `normalizer_spec.add_dummy_prefix` set to false."""
+    out, i = bytearray(), 0
+    while i < len(model_proto):
+        key, j = _varint(model_proto, i)
+        wire = key & 7
+        if wire == 0:
+            _, end = _varint(model_proto, j)
+        elif wire == 2:
+            length, j = _varint(model_proto, j)
+            end = j + length
+        elif wire in (1, 5):
+            end = j + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"not a sentencepiece model: protobuf wire type {wire}")
+        if key == (3 << 3 | 2):  # normalizer_spec
+            spec = model_proto[j:end] + b"\x18\x00"  # field 3 (add_dummy_prefix), varint 0
+            out += b"\x1a" + _encode_varint(len(spec)) + spec
+        else:
+            out += model_proto[i:end]
+        i = end
     return bytes(out)
 
 
@@ -81,13 +72,16 @@ def without_dummy_prefix(model_proto: bytes) -> bytes:
 
 class Tokenizer:
     unk_id, bos_id, eos_id = 0, 1, 2
-    pad_id = 0  # LLaMA has no pad token; training pads with unk (always masked)
+    pad_id = 0  # LLaMA has no pad token; training pads with unk (always masked, never attended)
 
     def __init__(self, path):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {path} not found")
-        proto = spm.SentencePieceProcessor(model_file=str(path)).serialized_model_proto()
+        try:
+            proto = spm.SentencePieceProcessor(model_file=str(path)).serialized_model_proto()
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a sentencepiece model: {e}") from e
         self.sp = spm.SentencePieceProcessor()
         self.sp.LoadFromSerializedProto(without_dummy_prefix(proto))
         self.vocab_size = self.sp.vocab_size()
@@ -95,45 +89,53 @@ class Tokenizer:
             if self.sp.id_to_piece(i) != text:
                 raise ValueError(f"{path}: id {i} is {self.sp.id_to_piece(i)!r}, LLaMA's convention needs {text!r}")
 
-    def encode_piece(self, text: str, dummy_prefix: bool) -> list:
-        """Sentencepiece on plain text (no special tokens), with or without the leading "▁"."""
-        text = text.replace("▁", " ")
-        if dummy_prefix:
-            text = " " + text
-        return self.sp.encode(text) if text else []
+    def encode_text(self, text: str, dummy_prefix: bool) -> list:
+        """Sentencepiece on text without special tokens, with or without the leading "▁"."""
+        text = text.replace("▁", " ")  # a literal "▁" is a space to LLaMA's tokenizer
+        return self.sp.encode(" " + text if dummy_prefix else text) if text else []
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, prefix: bool = True) -> list:
-        """transformers' LlamaTokenizer(legacy=False): "▁" before the text (unless `prefix=False`, for
-        text that continues earlier text), none after a special token."""
+        """transformers' slow LlamaTokenizer(legacy=False): "▁" before the text, none after a special
+        token. `prefix=False` is for text that continues earlier text (a span of a longer prompt)."""
         ids = [self.bos_id] if bos else []
         for i, part in enumerate(SPECIAL_RE.split(text)):
             if part in SPECIAL:
                 ids.append(SPECIAL[part])
             elif part:
-                ids += self.encode_piece(part, dummy_prefix=prefix and i == 0)
+                ids += self.encode_text(part, dummy_prefix=prefix and i == 0)
         return ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
-        """Text of the ids; special tokens and ids outside the vocabulary (image slots) are left out, and
-        the leading "▁" that encoding adds is dropped again."""
-        text = self.sp.decode([i for i in ids if 2 < i < self.vocab_size])
-        return text[1:] if text.startswith(" ") else text
+        """The text of `ids`. Special tokens and ids outside the vocabulary (image tokens) are left
+        out, and the "▁" that encoding put in front of the text is dropped again."""
+        text = self.sp.decode([int(i) for i in ids if 2 < int(i) < self.vocab_size])
+        return text.removeprefix(" ")
 
     def id_to_piece(self, i: int) -> str:
-        return self.sp.id_to_piece(i)
+        return self.sp.id_to_piece(int(i))
 
 
 def train_tokenizer(corpus_path, model_path, vocab_size: int) -> None:
-    """A small LLaMA-style tokenizer for the toy world: BPE, byte fallback, split digits, unk/bos/eos
-    at 0/1/2 and no pad, trained on the project's own text. Written atomically; deterministic."""
+    """A small LLaMA-style tokenizer for the toy world, trained on the project's own text: BPE, byte
+    fallback, split digits, unk/bos/eos = 0/1/2, no pad, dummy prefix, whitespace kept as it is.
+    Deterministic: one thread, the first `input_sentence_size` lines in file order (no sampling), and
+    the model is written from memory, so the same corpus gives the same bytes. Written atomically."""
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
-        prefix = os.path.join(tmp, "tok")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus_path), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-            pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-            input_sentence_size=200_000, shuffle_input_sentence=False, num_threads=1, minloglevel=2,
-            hard_vocab_limit=False)  # a small corpus may support fewer pieces than asked
-        os.replace(prefix + ".model", model_path)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        input=str(corpus_path), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", input_sentence_size=1_000_000, shuffle_input_sentence=False,
+        num_threads=1, minloglevel=2,
+        hard_vocab_limit=False)  # a small corpus may support fewer pieces than asked
+    fd, tmp = tempfile.mkstemp(prefix=f".{model_path.name}.", dir=model_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.getvalue())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private
+        os.replace(tmp, model_path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30),
-          "purple": (150, 60, 190), "orange": (245, 135, 30)}
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 205, 30),
+          "purple": (150, 60, 190), "orange": (245, 125, 25)}
 SIZES = ("small", "large")
 RADIUS = {"small": 0.24, "large": 0.42}  # in cells; with the jitter below an object never leaves its cell
 JITTER = 0.08
@@ -137,13 +137,18 @@ def cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def article(phrase: str) -> str:
+    """"an orange circle", "a red circle"."""
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
 def and_list(parts: list) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def listing(objects: list, size=True, place=False) -> str:
     """"a large red circle at the top left and a small blue square in the center"."""
-    return and_list([f"a {o.size + ' ' if size else ''}{o.name}" + (f" {where(o)}" if place else "")
+    return and_list([article(f"{o.size + ' ' if size else ''}{o.name}") + (f" {where(o)}" if place else "")
                      for o in objects])
 
 
@@ -153,7 +158,7 @@ CAPTIONS = (  # (objects, scene) -> caption; several phrasings, as COCO has five
     lambda objs, s: f"A picture of {listing(objs, size=False)}.",
     lambda objs, s: f"{cap(plural(len(objs), 'shape', words=True))} on a plain background: {listing(objs)}.",
     lambda objs, s: f"An image with {listing(objs, place=True)}.",
-    lambda objs, s: f"There {'is' if len(objs) == 1 else 'are'} {listing(objs, size=False, place=True)}.",
+    lambda objs, s: f"There is {listing(objs, size=False, place=True)}.",
     lambda objs, s: f"This image contains {plural(len(objs), 'object', words=True)}: {listing(objs)}.",
     lambda objs, s: f"A simple drawing of {listing(objs)} on a light background.",
     lambda objs, s: f"{cap(listing(objs, size=False, place=True))}.",
@@ -180,7 +185,8 @@ OBJECT_SENTENCES = ("There is a {size} {name} {where}.", "{Where}, there is a {s
 
 def relation_sentence(scene: Scene, rng: random.Random) -> str:
     """One spatial relation between two objects in different columns (or rows), or "" if none."""
-    pairs = [(a, b) for a in scene.objects for b in scene.objects if a.col < b.col or (a.col == b.col and a.row < b.row)]
+    objs = scene.objects
+    pairs = [(a, b) for a in objs for b in objs if a.col < b.col or (a.col == b.col and a.row < b.row)]
     if not pairs:
         return ""
     a, b = rng.choice(pairs)

@@ -1,29 +1,31 @@
-"""gen_data.py: the teacher client against a local fake server, the rule teacher against the
-annotations, determinism, and parsing of good and bad teacher output."""
-import hashlib
+"""gen_data's GPT-assisted path (paper Sec. 3): the OpenAI-compatible teacher against a fake server on
+127.0.0.1, resuming, the key's secrecy, parsing good and bad responses, and COCO-style inputs."""
 import json
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 import gen_data
-from llava_min.gpt_data import (ChatClient, MalformedResponse, build_messages, context_text, parse_response,
-                                run_requests)
+from llava_min.gpt_data import (SYSTEM, ChatClient, FatalTeacherError, MalformedResponse, build_messages, context_text,
+                                parse_response, read_coco, response_type, run_requests)
 
 KEY = "sk-test-SECRET-4711"
 
 
-class FakeOpenAI:
-    """/v1/chat/completions on 127.0.0.1: answers 429 then 500 for each new context, then succeeds;
-    `die_after` makes it refuse everything once that many answers were given (a crash mid-run)."""
+def qa_text(context: str) -> str:
+    return f"Question:\nWhat is in {context.splitlines()[0]}?\n===\nAnswer:\nSomething."
 
-    def __init__(self, die_after=None):
-        self.bodies, self.answered, self.attempts, self.die_after = [], 0, {}, die_after
-        self.auth = set()
-        fake = self
+
+class FakeOpenAI:
+    """/v1/chat/completions on 127.0.0.1. Each new context is answered 429 (Retry-After: 0), then 500, then
+    `respond(body)`; after `die_after` successes every request gets 400 (a crash mid-run)."""
+
+    def __init__(self, respond=None, die_after=None, fail_first=True, status=None):
+        self.bodies, self.attempts, self.successes, self.auth = [], {}, {}, set()
+        self.respond, self.die_after, self.fail_first, self.status = respond, die_after, fail_first, status
+        self.lock, fake = threading.Lock(), self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -31,211 +33,274 @@ class FakeOpenAI:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.auth.add(self.headers.get("Authorization"))
-                context = body["messages"][-1]["content"]
-                n = fake.attempts[context] = fake.attempts.get(context, 0) + 1
-                if fake.die_after is not None and fake.answered >= fake.die_after:
-                    return self.reply(400, {"error": "gone"})
-                if n == 1:
-                    return self.reply(429, {"error": "slow down"}, {"Retry-After": "0"})
-                if n == 2:
-                    return self.reply(500, {"error": "oops"})
-                fake.bodies.append(body)
-                fake.answered += 1
-                text = f"Question:\nWhat is in {context.splitlines()[0]}?\n===\nAnswer:\nSomething."
-                self.reply(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
-
-            def reply(self, code, payload, headers=None):
-                data = json.dumps(payload).encode()
+                code, payload, headers = fake.answer(body, self.headers.get("Authorization"))
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(code)
-                for k, v in (headers or {}).items():
+                for k, v in headers.items():
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def answer(self, body, auth):
+        context = body["messages"][-1]["content"]
+        with self.lock:
+            self.auth.add(auth)
+            n = self.attempts[context] = self.attempts.get(context, 0) + 1
+            if self.status:
+                return self.status, {"error": {"message": f"Incorrect API key provided: {auth}"}}, {}
+            if self.die_after is not None and sum(self.successes.values()) >= self.die_after:
+                return 400, {"error": "gone"}, {}
+            if self.fail_first and n == 1:
+                return 429, {"error": "slow down"}, {"Retry-After": "0"}
+            if self.fail_first and n == 2:
+                return 500, {"error": "oops"}, {}
+            self.successes[context] = self.successes.get(context, 0) + 1
+            self.bodies.append(body)
+        text = (self.respond or (lambda b: qa_text(b["messages"][-1]["content"])))(body)
+        if isinstance(text, bytes):
+            return 200, text, {}
+        return 200, {"choices": [{"message": {"role": "assistant", "content": text}}]}, {}
 
     def close(self):
         self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def start(**kw):
+        servers.append(FakeOpenAI(**kw))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
 
 
 @pytest.fixture
 def requests():
-    return [(f"img{i}|conversation", build_messages("conversation", [f"caption {i}", "another"]), None) for i in range(6)]
+    return [(f"img{i}|conversation", build_messages("conversation", [f"caption {i}", "another"]), None)
+            for i in range(6)]
 
 
-def test_teacher_request_retries_and_key(monkeypatch, tmp_path, requests, capsys):
+def test_request_holds_prompt_retries_and_key(monkeypatch, tmp_path, requests, capsys, fake):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    fake = FakeOpenAI()
-    client = ChatClient(fake.url, "teacher-model", backoff=0.01)
+    server = fake()
+    client = ChatClient(server.url, "teacher-model", backoff=0.01)
     counts = run_requests(requests, client, tmp_path / "responses.jsonl", workers=3)
-    fake.close()
     assert counts == {"skipped": 0, "answered": 6, "failed": 0}
-    assert all(n == 3 for n in fake.attempts.values())  # 429, then 500, then success
-    body = fake.bodies[0]
+    assert all(n == 3 for n in server.attempts.values())  # 429, then 500, then success
+    body = server.bodies[0]
     roles = [m["role"] for m in body["messages"]]
-    assert body["model"] == "teacher-model" and roles[0] == "system" and roles[1:3] == ["user", "assistant"]
-    assert "Question:" in body["messages"][2]["content"]  # the few-shot response
+    assert body["model"] == "teacher-model" and roles[0] == "system" and body["messages"][0]["content"] == SYSTEM[
+        "conversation"]
+    assert roles[1:-1] == ["user", "assistant"] * ((len(roles) - 2) // 2) and roles[-1] == "user"  # few-shot pairs
+    assert "Question:" in body["messages"][2]["content"]  # a few-shot response
     assert body["messages"][-1]["content"].startswith("caption")
-    assert fake.auth == {f"Bearer {KEY}"}
-    assert KEY not in (tmp_path / "responses.jsonl").read_text() and KEY not in repr(client)
+    assert server.auth == {f"Bearer {KEY}"}
+    assert KEY not in (tmp_path / "responses.jsonl").read_text() and KEY not in repr(client) + str(vars(client))
     assert KEY not in "".join(capsys.readouterr())
 
 
-def test_interrupted_run_resumes_without_redoing_or_losing(tmp_path, requests):
+def test_backoff_respects_retry_after():
+    client = ChatClient("http://127.0.0.1:9/v1", "m", backoff=1.0, max_backoff=30.0)
+    assert client.delay(3, "2") == 2.0 and client.delay(0, "999") == 30.0  # the server's wish, capped
+    for attempt, retry_after in ((0, None), (3, None), (2, "Wed, 21 Oct 2015 07:28:00 GMT")):
+        assert 0.5 * 2 ** attempt <= client.delay(attempt, retry_after) <= 2 ** attempt  # exponential, jittered
+    assert len({client.delay(4, None) for _ in range(20)}) > 1
+
+
+def test_killed_run_resumes_without_redoing_or_losing(tmp_path, requests, fake):
     out = tmp_path / "responses.jsonl"
-    first = FakeOpenAI(die_after=2)
+    first = fake(die_after=2)
     counts = run_requests(requests, ChatClient(first.url, "m", backoff=0.01, max_retries=2), out, workers=1)
-    first.close()
     assert counts["answered"] == 2 and counts["failed"] == 4
     with open(out, "a") as f:
         f.write('{"key": "torn')  # a line cut short by the crash
-    second = FakeOpenAI()
-    counts = run_requests(requests, ChatClient(second.url, "m", backoff=0.01), out, workers=2)
-    second.close()
+    second = fake()
+    client, lines_seen = ChatClient(second.url, "m", backoff=0.01), []
+
+    def teacher(messages, meta):
+        lines_seen.append(len(out.read_text().splitlines()))
+        return client(messages)
+    counts = run_requests(requests, teacher, out, workers=1)
     assert counts == {"skipped": 2, "answered": 4, "failed": 0}
-    assert len(second.attempts) == 4  # the two finished contexts were not asked again
+    assert lines_seen[-1] >= 4  # answers are on disk (flushed) as they arrive, not at the end
+    assert len(second.successes) == 4  # the two finished contexts were not asked again
     keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]  # the torn line is gone
     assert sorted(keys) == sorted(k for k, _, _ in requests)
 
 
-def test_context_format_and_parsing():
+def test_stop_flag_then_rerun_asks_each_context_once(tmp_path, requests, fake):
+    server, out, stop, lock = fake(fail_first=False), tmp_path / "responses.jsonl", threading.Event(), threading.Lock()
+    client, answered = ChatClient(server.url, "m"), []
+
+    def teacher(messages, meta):
+        text = client(messages)
+        with lock:
+            answered.append(1)
+            if len(answered) == 2:
+                stop.set()  # e.g. Ctrl-C: nothing new is sent, what is in flight is still written
+        return text
+    first = run_requests(requests, teacher, out, workers=2, stop=stop)
+    assert 2 <= first["answered"] < len(requests)
+    second = run_requests(requests, client, out, workers=2)
+    assert second["skipped"] == first["answered"] and second["answered"] == len(requests) - first["answered"]
+    assert sorted(server.successes.values()) == [1] * len(requests)
+    assert len(out.read_text().splitlines()) == len(requests)
+
+
+def test_malformed_reply_body_is_counted_not_fatal(tmp_path, requests, fake, capsys):
+    bad = requests[2][1][-1]["content"]
+    server = fake(fail_first=False, respond=lambda b: b"not json" if b["messages"][-1]["content"] == bad else qa_text(
+        b["messages"][-1]["content"]))
+    counts = run_requests(requests, ChatClient(server.url, "m"), tmp_path / "r.jsonl", workers=2)
+    assert counts == {"skipped": 0, "answered": 5, "failed": 1}
+    assert "malformed reply" in capsys.readouterr().out
+
+
+def test_refused_key_stops_the_run_and_is_not_echoed(monkeypatch, tmp_path, requests, fake, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = fake(status=401)  # the error body repeats the key, as some servers do
+    with pytest.raises(FatalTeacherError) as err:
+        run_requests(requests, ChatClient(server.url, "m"), tmp_path / "r.jsonl", workers=2)
+    assert "HTTP 401" in str(err.value) and KEY not in str(err.value) and "[redacted]" in str(err.value)
+    assert len(server.attempts) <= 4  # stopped early: no request after the refusal is sent
+    assert KEY not in "".join(capsys.readouterr())
+
+
+# ---------------------------------------------------------------- prompts and parsing
+
+def test_context_and_messages():
     assert context_text(["a cat"], [("cat", [0.1, 0.2, 0.30001, 0.4])]) == "a cat\n\ncat: [0.100, 0.200, 0.300, 0.400]"
-    assert "cat: [" not in build_messages("conversation", ["a cat"], [("cat", [0, 0, 1, 1])])[-1]["content"]
+    for rtype in ("conversation", "detail", "complex"):
+        messages = build_messages(rtype, ["a cat on a mat"], [("cat", [0, 0, 1, 1])])
+        assert response_type(messages) == rtype and messages[-1]["content"].startswith("a cat on a mat")
+        assert ("cat: [0.000, 0.000, 1.000, 1.000]" in messages[-1]["content"]) == (rtype != "conversation")
+        assert len(messages) >= 4 and [m["role"] for m in messages[1:3]] == ["user", "assistant"]
+    with pytest.raises(ValueError, match="unknown system message"):
+        response_type([{"role": "system", "content": "hi"}])
+
+
+def test_parsing_good_responses():
     rng = random.Random(0)
-    turns = parse_response("conversation", "Question:\nA?\n===\nAnswer:\nB.\n===\nQuestion:\nC?\n===\nAnswer:\nD.", rng)
-    assert [t["value"] for t in turns] == ["<image>\nA?", "B.", "C?", "D."]
-    assert parse_response("detail", "One  paragraph\nhere.", rng)[1]["value"] == "One paragraph here."
-    for rtype, bad in [("conversation", "Question:\nA?"), ("conversation", "no format at all"),
-                       ("detail", ""), ("complex", "Question:\nA\n===\nAnswer:\nB\n===\nQuestion:\nC\n===\nAnswer:\nD")]:
-        with pytest.raises(MalformedResponse):
-            parse_response(rtype, bad, rng)
+    text = "Question:\nA?\n===\nAnswer:\nB.\n===\nQuestion:\nC?\n===\nAnswer:\nD.\n"
+    turns = parse_response("conversation", text, rng)
+    assert [(t["from"], t["value"]) for t in turns] == [("human", "<image>\nA?"), ("gpt", "B."), ("human", "C?"),
+                                                         ("gpt", "D.")]
+    turns = parse_response("complex", "Question:\nWhy?\n===\nAnswer:\nBecause\nof this.", rng)
+    assert [t["value"] for t in turns] == ["<image>\nWhy?", "Because\nof this."]
+    turns = parse_response("detail", "  One  paragraph\nhere.  ", rng)
+    assert turns[0]["value"].startswith("<image>\n") and turns[1]["value"] == "One paragraph here."
 
 
-# ---------------------------------------------------------------- the synthetic world
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    gen_data.build_world(out, num_images=300, num_eval=60, seed=3, workers=2)
-    return out
-
-
-def load(world, name):
-    return json.loads((world / name).read_text())
+@pytest.mark.parametrize("rtype,bad", [
+    ("conversation", "Question:\nA?"), ("conversation", "no format at all"), ("conversation", ""),
+    ("conversation", "Answer:\nB\n===\nQuestion:\nA?"), ("conversation", "Question:\n\n===\nAnswer:\nB"),
+    ("detail", ""), ("detail", "Question:\nA\n===\nAnswer:\nB"), ("detail", "A cat at [0.120, 0.400, 0.5, 0.9]."),
+    ("complex", "Question:\nA\n===\nAnswer:\nB\n===\nQuestion:\nC\n===\nAnswer:\nD"), ("complex", None)])
+def test_parsing_malformed_responses(rtype, bad):
+    with pytest.raises(MalformedResponse):
+        parse_response(rtype, bad, random.Random(0))
 
 
-def truth(scene, question):
-    """Answers recomputed from the annotation, independently of the question generators."""
-    objs = scene["objects"]
-    q = question.split("\n")[0]
+# ---------------------------------------------------------------- COCO-style annotations
 
-    def find(phrase):  # "the circle", "the red circle", "the circle at the top left", "the red object"
-        words = phrase.replace("the ", "", 1)
-        at = None
-        for sep in (" at the ", " in the "):
-            if sep in words:
-                words, at = words.split(sep)
-        words = words.split()
-        hits = [o for o in objs if all(w in (o["color"], o["shape"], "object") for w in words)
-                and (at is None or o["position"] == at)]
-        assert len(hits) == 1, (phrase, objs)
-        return hits[0]
-    if q.startswith("What color is "):
-        return find(q[len("What color is "):-1])["color"]
-    if q.startswith("What shape is "):
-        return find(q[len("What shape is "):-1])["shape"]
-    if q == "How many objects are there?":
-        return str(len(objs))
-    if q.startswith("How many "):
-        word = q.split()[2]
-        return str(sum(word in (o["color"], o["shape"] + "s") for o in objs))
-    if q.startswith("Where is "):
-        return find(q[len("Where is "):-1])["position"]
-    if q.endswith(" small or large?"):
-        return find(q[len("Is "):-len(" small or large?")])["size"]
-    if q.startswith("Is there a "):
-        color, shape = q[len("Is there a "):-1].split()
-        return "yes" if any(o["color"] == color and o["shape"] == shape for o in objs) else "no"
-    for word, test in (("to the left of", lambda a, b: a["col"] < b["col"]), ("to the right of", lambda a, b: a["col"] > b["col"]),
-                       ("above", lambda a, b: a["row"] < b["row"]), ("below", lambda a, b: a["row"] > b["row"])):
-        if f" {word} " in q:
-            a, b = q[len("Is "):-1].split(f" {word} ")
-            return "yes" if test(find(a), find(b)) else "no"
-    raise AssertionError(f"unknown question {q!r}")
+def coco_files(tmp_path, caps=None, inst=None):
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 100, "height": 50} for i in (1, 2, 3)]
+    caps = caps or {"images": images, "annotations": [{"image_id": i, "caption": f"Picture {i} with a  cat."}
+                                                      for i in (1, 2, 3) for _ in range(2)]}
+    inst = inst or {"images": images, "categories": [{"id": 7, "name": "cat"}],
+                    "annotations": [{"image_id": i, "category_id": 7, "bbox": [10, 5, 30, 20]} for i in (1, 2, 3)]}
+    (tmp_path / "captions.json").write_text(json.dumps(caps))
+    (tmp_path / "instances.json").write_text(json.dumps(inst))
+    return tmp_path / "captions.json", tmp_path / "instances.json"
 
 
-def test_rule_teacher_answers_agree_with_the_annotations(world):
-    scenes = {s["image"]: s for s in load(world, "scenes.json")}
-    checked = 0
-    for record in load(world, "eval.json") + load(world, "instruct.json"):
-        if record.get("format") == "choice" or record.get("type") not in (None, "vqa"):
-            continue
-        turns = record["conversations"]
-        for q, a in zip(turns[0::2], turns[1::2]):
-            assert truth(scenes[record["image"]], q["value"].replace("<image>\n", "")) == a["value"], record["id"]
-            checked += 1
-    assert checked > 500
+def test_read_coco(tmp_path):
+    contexts = read_coco(*coco_files(tmp_path))
+    assert [c.image for c in contexts] == ["000000000001.jpg", "000000000002.jpg", "000000000003.jpg"]
+    assert contexts[0].captions == ["Picture 1 with a cat."] * 2
+    assert contexts[0].boxes == [("cat", [0.1, 0.1, 0.4, 0.5])]
 
 
-def test_box_and_counts_in_scenes(world):
-    for s in load(world, "scenes.json"):
-        assert 1 <= len(s["objects"]) <= 4 and len(s["captions"]) >= 3
-        cells = {(o["row"], o["col"]) for o in s["objects"]}
-        assert len(cells) == len(s["objects"])  # distinct cells: positions are unambiguous
-        for o in s["objects"]:
-            x1, y1, x2, y2 = o["box"]
-            cell = s["size"] / 3
-            assert o["col"] * cell <= (x1 + x2) / 2 < (o["col"] + 1) * cell and o["row"] * cell <= (y1 + y2) / 2 < (o["row"] + 1) * cell
+@pytest.mark.parametrize("which,break_it,message", [
+    ("caps", lambda c: c["annotations"].append({"image_id": 9, "caption": "lost"}), r"captions.json: annotations\[6\]"),
+    ("caps", lambda c: c["images"][1].pop("width"), r"captions.json: images\[1\]"),
+    ("inst", lambda i: i["annotations"][2].update(bbox=[1, 2, 3]), r"instances.json: annotations\[2\]"),
+    ("inst", lambda i: i["annotations"][0].update(category_id=99), r"instances.json: annotations\[0\]"),
+    ("inst", lambda i: i["categories"][0].pop("name"), r"instances.json: categories\[0\]"),
+    ("inst", lambda i: i.pop("categories"), "instances.json: top level is not a COCO annotation file"),
+])
+def test_malformed_coco_names_file_and_entry(tmp_path, which, break_it, message):
+    caps_file, inst_file = coco_files(tmp_path)
+    data = json.loads((caps_file if which == "caps" else inst_file).read_text())
+    break_it(data)
+    (caps_file if which == "caps" else inst_file).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        read_coco(caps_file, inst_file)
 
 
-def test_splits_formats_and_balance(world):
-    train_images = {r["image"] for r in load(world, "pretrain.json")}
-    eval_records = load(world, "eval.json")
-    assert train_images.isdisjoint(r["image"] for r in eval_records)
-    assert all(r["image"].startswith("train/") for r in load(world, "instruct.json"))
-    short = [r for r in eval_records if r["format"] == "short"]
-    assert {r["question_type"] for r in short} == {"color", "shape", "count", "position", "size", "exists", "reasoning"}
-    yes_no = [r["answer"] for r in short if r["answer"] in ("yes", "no")]
-    assert 0.35 < yes_no.count("yes") / len(yes_no) < 0.65
-    for r in eval_records:
-        if r["format"] == "choice":
-            assert r["answer"] in "ABC" and "Answer with the option's letter" in r["conversations"][0]["value"]
-        else:
-            assert r["conversations"][0]["value"].endswith("Answer the question using a single word or phrase.")
-    assert {r["type"] for r in load(world, "instruct.json")} == {"vqa", "conversation", "detail", "complex", "choice"}
-    assert (world / "corpus.txt").read_text().count("\n") > 300
+def test_unreadable_coco_names_file(tmp_path):
+    caps_file, inst_file = coco_files(tmp_path)
+    caps_file.write_text("{not json")
+    with pytest.raises(ValueError, match="captions.json: cannot read it as JSON"):
+        read_coco(caps_file, inst_file)
 
 
-def digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
-    return h.hexdigest()
+def teacher_text(body) -> str:
+    rtype, context = response_type(body["messages"]), body["messages"][-1]["content"]
+    if "Picture 2" in context and rtype == "conversation":
+        return "I would rather not follow the format."  # malformed: counted and skipped
+    if rtype == "detail":
+        return f"A cat sits in the picture. {context.splitlines()[0]}"
+    return qa_text(context)
 
 
-def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
-    for name, seed, workers in (("a", 5, 1), ("b", 5, 2), ("c", 6, 2)):
-        gen_data.build_world(tmp_path / name, num_images=40, num_eval=10, seed=seed, workers=workers)
-    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+def test_coco_pipeline_end_to_end_and_rerun(monkeypatch, tmp_path, fake, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = fake(respond=teacher_text, fail_first=False)  # retries are tested above
+    caps_file, inst_file = coco_files(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--coco-captions", str(caps_file), "--coco-instances", str(inst_file), "--teacher", "openai",
+            "--api-base", server.url, "--model", "m", "--out", str(out), "--workers", "2"]
+    counts = gen_data.main(argv)
+    assert counts["records"] == 8 and counts["malformed"] == 1 and counts["answered"] == 9
+    records = json.loads((out / "instruct.json").read_text())
+    assert sorted(r["type"] for r in records) == ["complex"] * 3 + ["conversation"] * 2 + ["detail"] * 3
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") and r["image"].endswith(".jpg") for r in records)
+    detail = next(r for r in records if r["type"] == "detail")
+    assert detail["conversations"][1]["value"].startswith("A cat sits")
+    boxes = [b for b in server.bodies if response_type(b["messages"]) == "complex"][0]["messages"][-1]["content"]
+    assert "cat: [0.100, 0.100, 0.400, 0.500]" in boxes
+    first = (out / "instruct.json").read_bytes()
+    attempts = dict(server.attempts)
+    again = gen_data.main(argv)  # a rerun: everything is done, nothing is asked again
+    assert again["skipped"] == 9 and again["answered"] == 0 and server.attempts == attempts
+    assert (out / "instruct.json").read_bytes() == first
+    assert len(json.loads((out / "pretrain.json").read_text())) == 3
+    for f in out.rglob("*"):
+        assert KEY not in f.read_text()
+    assert KEY not in "".join(capsys.readouterr())
 
 
-def test_malformed_coco_files_name_file_and_entry(tmp_path):
-    caps = {"images": [{"id": 1, "file_name": "1.jpg", "width": 10, "height": 10}],
-            "annotations": [{"image_id": 1, "caption": "a cat"}, {"image_id": 9, "caption": "lost"}]}
-    inst = {"images": caps["images"], "categories": [{"id": 1, "name": "cat"}],
-            "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}]}
-    (tmp_path / "c.json").write_text(json.dumps(caps))
-    (tmp_path / "i.json").write_text(json.dumps(inst))
-    with pytest.raises(ValueError, match=r"c.json: annotations\[1\]"):
-        gen_data.read_coco(tmp_path / "c.json", tmp_path / "i.json")
-    caps["annotations"].pop()
-    (tmp_path / "c.json").write_text(json.dumps(caps))
-    assert gen_data.read_coco(tmp_path / "c.json", tmp_path / "i.json") == [
-        ("1.jpg", ["a cat"], [("cat", [0.1, 0.2, 0.4, 0.6])])]
-    (tmp_path / "i.json").write_text(json.dumps({"images": []}))
-    with pytest.raises(ValueError, match="i.json: not a COCO annotation file"):
-        gen_data.read_coco(tmp_path / "c.json", tmp_path / "i.json")
+def test_cli_reports_bad_annotations_without_traceback(tmp_path):
+    caps_file, inst_file = coco_files(tmp_path)
+    inst_file.write_text(json.dumps({"images": [], "annotations": [{"image_id": 5}], "categories": []}))
+    with pytest.raises(SystemExit, match=r"gen_data: .*instances.json: annotations\[0\]"):
+        gen_data.main(["--out", str(tmp_path / "o"), "--coco-captions", str(caps_file), "--coco-instances",
+                       str(inst_file), "--teacher", "openai", "--api-base", "http://127.0.0.1:9/v1"])
+
+
+def test_cli_refuses_mismatched_teacher(tmp_path):
+    with pytest.raises(SystemExit):
+        gen_data.main(["--out", str(tmp_path), "--teacher", "openai"])  # the world uses the rule teacher
+    caps_file, inst_file = coco_files(tmp_path)
+    with pytest.raises(SystemExit, match="rule teacher knows only the synthetic world"):
+        gen_data.main(["--out", str(tmp_path), "--coco-captions", str(caps_file), "--coco-instances", str(inst_file)])

@@ -1,15 +1,20 @@
 """Image loading and CLIP preprocessing.
 
-Reference: transformers' PIL-backed CLIP processor (`CLIPImageProcessorPil`; the default CLIPImageProcessor
-of transformers 5 needs torchvision), the processor LLaVA was trained with. Tolerance: exact (0.0) —
-same resize kernel (Pillow bicubic on uint8), same crop offsets, same float32 arithmetic.
+Reference: transformers' Pillow CLIP processor (`CLIPImageProcessorPil`). In transformers 5,
+`CLIPImageProcessor` means the torchvision backend when torchvision is installed (tensor bicubic
+resize, which differs from Pillow's by a few levels) and falls back to this Pillow one without it;
+LLaVA was trained with the Pillow path of transformers 4. Tolerance: exact (0.0): same resize (Pillow
+bicubic on uint8), same crop offsets, same float arithmetic, same compositing of transparency on white.
 """
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from llava_min.image import PAD_COLOR, ImageError, load_image, preprocess
+from llava_min.image import CLIP_MEAN, CLIP_STD, PAD_COLOR, ImageError, load_image, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -18,67 +23,151 @@ def clip_processor():
     return CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 
 
-def random_image(w, h, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+def reference(processor, img) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(processor(img, return_tensors="np")["pixel_values"][0]))
 
 
-@pytest.mark.parametrize("w,h", [(336, 336), (640, 480), (480, 640), (1001, 333), (100, 37), (335, 337), (50, 50)])
-def test_preprocess_equals_clip_processor(clip_processor, w, h):
+def random_image(w, h, seed=0, mode="RGB"):
+    channels = {"RGB": 3, "RGBA": 4, "LA": 2, "L": 1}[mode]
+    array = np.random.default_rng(seed).integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return Image.fromarray(array[..., 0] if channels == 1 else array, mode)
+
+
+def official_expand2square(img, color):
+    """The official LLaVA `expand2square`, written out here."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), color)
+    out.paste(img, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+    return out
+
+
+SIZES = [(336, 336), (640, 480), (480, 640), (1001, 333), (100, 37), (37, 100), (335, 337), (50, 50), (7, 3),
+         (337, 336)]
+
+
+@pytest.mark.parametrize("w,h", SIZES)
+def test_crop_equals_clip_processor(clip_processor, w, h):
     img = random_image(w, h, seed=w * h)
-    expected = torch.as_tensor(np.asarray(clip_processor(img, return_tensors="np")["pixel_values"][0]))
     got = preprocess(img, size=336)
     assert got.shape == (3, 336, 336) and got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    torch.testing.assert_close(got, reference(clip_processor, img), atol=0, rtol=0)
 
 
-def test_pad_mode_keeps_the_whole_image_on_mean_colour():
-    img = Image.new("RGB", (200, 100), (255, 0, 0))
-    x = preprocess(img, size=64, aspect="pad")
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None]
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None]
-    pixels = x * std[..., None] + mean[..., None]  # back to [0, 1]
-    top, middle = pixels[:, 2, 32] * 255, pixels[:, 32, 32] * 255
-    torch.testing.assert_close(top, torch.tensor(PAD_COLOR, dtype=torch.float32), atol=1.0, rtol=0)
-    torch.testing.assert_close(middle, torch.tensor([255.0, 0.0, 0.0]), atol=1.0, rtol=0)
-    assert preprocess(img, size=64, aspect="crop")[:, 2, 32].tolist() == x[:, 32, 32].tolist()  # crop: all red
+@pytest.mark.parametrize("w,h", [(640, 480), (333, 1001), (7, 3), (336, 336)])
+def test_pad_equals_expand2square_then_clip_processor(clip_processor, w, h):
+    img = random_image(w, h, seed=w + h)
+    expected = reference(clip_processor, official_expand2square(img, PAD_COLOR))
+    torch.testing.assert_close(preprocess(img, size=336, aspect="pad"), expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK", "I;16", "1", "F"])
-def test_image_modes_convert(tmp_path, mode):
-    img = random_image(40, 30).convert(mode) if mode not in ("I;16", "F") else \
-        Image.fromarray(np.full((30, 40), 40000 if mode == "I;16" else 0.5, dtype=np.uint16 if mode == "I;16" else np.float32))
-    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16", "F") else "x.png")
+def test_pad_mode_puts_mean_colour_bands_around_the_image():
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    wide = preprocess(Image.new("RGB", (200, 100), (255, 0, 0)), size=64, aspect="pad") * std + mean
+    assert PAD_COLOR == (122, 116, 104)
+    pad = torch.tensor(PAD_COLOR, dtype=torch.float32)
+    for row in (0, 8, 55, 63):  # bands top and bottom, a quarter of the side each
+        torch.testing.assert_close(wide[:, row, 32] * 255, pad, atol=0.01, rtol=0)
+    torch.testing.assert_close(wide[:, 32, 2] * 255, torch.tensor([255.0, 0.0, 0.0]), atol=0.01, rtol=0)
+    tall = preprocess(Image.new("RGB", (100, 200), (255, 0, 0)), size=64, aspect="pad") * std + mean
+    torch.testing.assert_close(tall[:, 32, 0] * 255, pad, atol=0.01, rtol=0)
+    crop = preprocess(Image.new("RGB", (200, 100), (255, 0, 0)), size=64, aspect="crop") * std + mean
+    torch.testing.assert_close(crop[:, 0, 32] * 255, torch.tensor([255.0, 0.0, 0.0]), atol=0.01, rtol=0)  # no band
+
+
+def test_small_sizes_and_bad_aspect(clip_processor):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    small = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    img = random_image(300, 200, seed=3)
+    torch.testing.assert_close(preprocess(img, size=224), reference(small, img), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="aspect must be 'crop' or 'pad', got 'square'"):
+        preprocess(img, aspect="square")
+
+
+def test_extreme_aspect_ratio_is_refused_before_allocating():
+    sliver = Image.new("RGB", (30000, 1))  # a tiny file; its pad canvas would be 900 megapixels
+    with pytest.raises(ImageError, match="30000x1 image would need a 900000000-pixel intermediate image in 'pad'"):
+        preprocess(sliver, aspect="pad")
+    with pytest.raises(ImageError, match="aspect ratio is too extreme"):
+        preprocess(Image.new("RGB", (1, 3000)), aspect="crop")  # 336 x 1008000 after resizing
+
+
+# ---------------------------------------------------------------- loading
+
+def save(img, path):
     img.save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "1", "CMYK", "RGB"])
+def test_modes_convert_like_transformers(tmp_path, clip_processor, mode):
+    """Our RGB conversion (transparency on white) gives the processor's own result on the raw file."""
+    base = random_image(40, 30, seed=1, mode="RGBA" if mode in ("RGBA", "LA") else "RGB")
+    img = base.convert(mode) if mode != "LA" else base.convert("LA")
+    if mode == "P":
+        img.info["transparency"] = 0  # palette entry 0 is transparent
+    path = save(img, tmp_path / ("x.tiff" if mode == "CMYK" else "x.png"))
     out = load_image(path)
     assert out.mode == "RGB" and out.size == (40, 30)
-    if mode == "I;16":  # 16-bit is scaled, not clipped to white
-        assert abs(np.asarray(out)[0, 0, 0] - round(40000 / 65535 * 255)) <= 1
+    with Image.open(path) as raw:
+        torch.testing.assert_close(preprocess(out), reference(clip_processor, raw), atol=0, rtol=0)
 
 
 def test_transparent_pixels_become_white(tmp_path):
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    img.save(tmp_path / "t.png")
-    assert np.asarray(load_image(tmp_path / "t.png"))[0, 0].tolist() == [255, 255, 255]
+    img.putpixel((1, 1), (255, 0, 0, 255))
+    out = np.asarray(load_image(save(img, tmp_path / "t.png")))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [255, 0, 0]
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    deep = Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))
+    out = np.asarray(load_image(save(deep, tmp_path / "deep.png")))
+    assert out.shape == (30, 40, 3) and abs(int(out[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
+    flt = Image.fromarray(np.full((30, 40), 0.5, dtype=np.float32))
+    assert abs(int(np.asarray(load_image(save(flt, tmp_path / "f.tiff")))[0, 0, 0]) - 128) <= 1
+
+
+def png_header_only(path, w, h):
+    """A PNG whose header claims w x h pixels, with no pixel data: cheap to write, a bomb if decoded."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
 
 
 def test_missing_unreadable_and_huge_images(tmp_path):
-    with pytest.raises(ImageError, match="does not exist"):
+    with pytest.raises(ImageError, match="nope.png does not exist"):
         load_image(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="does not exist \\(it is not a file\\)"):
+        load_image(tmp_path)
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ImageError, match="bad.png cannot be read"):
         load_image(tmp_path / "bad.png")
-    random_image(300, 200).save(tmp_path / "big.png")
-    with pytest.raises(ImageError, match="300x200 pixels, more than the limit of 1000"):
-        load_image(tmp_path / "big.png", max_pixels=1000)
+    good = save(random_image(300, 200), tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ImageError, match="cut.png cannot be read"):
+        load_image(tmp_path / "cut.png")
+    with pytest.raises(ImageError, match="good.png is 300x200 pixels, more than the limit of 1000"):
+        load_image(tmp_path / "good.png", max_pixels=1000)
+    with pytest.raises(ImageError, match="claims.png is 9000x9000 pixels, more than the limit of 67108864"):
+        load_image(png_header_only(tmp_path / "claims.png", 9000, 9000))
+    with pytest.raises(ImageError, match="bomb.png is too large"):  # Pillow's own guard fires first here
+        load_image(png_header_only(tmp_path / "bomb.png", 100_000, 100_000))
 
 
 def test_paths_must_stay_inside_the_image_folder(tmp_path):
     folder = tmp_path / "images"
-    folder.mkdir()
-    random_image(8, 8).save(tmp_path / "secret.png")
-    random_image(8, 8).save(folder / "ok.png")
-    (folder / "link.png").symlink_to(tmp_path / "secret.png")
-    assert load_image("ok.png", image_folder=folder).size == (8, 8)
-    for name in ("../secret.png", str(tmp_path / "secret.png"), "link.png"):
-        with pytest.raises(ImageError, match="outside the image folder"):
+    (folder / "sub").mkdir(parents=True)
+    save(random_image(8, 8), tmp_path / "secret.png")
+    save(random_image(8, 8), folder / "sub" / "ok.png")
+    (folder / "out_link.png").symlink_to(tmp_path / "secret.png")
+    (folder / "in_link.png").symlink_to(folder / "sub" / "ok.png")
+    for name in ("sub/ok.png", "sub/../sub/ok.png", "in_link.png"):
+        assert load_image(name, image_folder=folder).size == (8, 8)
+    for name in ("../secret.png", "sub/../../secret.png", str(tmp_path / "secret.png"), "out_link.png"):
+        with pytest.raises(ImageError, match=f"image path '{name}' leads outside the image folder"):
             load_image(name, image_folder=folder)
