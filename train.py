@@ -113,6 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP (sharded) instead of DDP")
     p.add_argument("--save-every", type=int, default=0, help="steps between resumable snapshots")
     p.add_argument("--stop-after", type=int, help="leave after this many steps with a resumable snapshot")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
@@ -153,6 +154,7 @@ def run(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSet
     cfg = TrainConfig(out_dir=str(args.out), lr=s.lr, epochs=s.epochs, max_steps=args.max_steps,
                       batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
                       save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
+                      fsdp=args.fsdp,
                       progress=not args.no_progress)
     trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops)
     losses = trainer.fit(save)

@@ -1,5 +1,5 @@
 """One training loop for every stage: AdamW, warmup + cosine, gradient accumulation, clipping, bf16
-autocast and TF32 on CUDA, DDP under torchrun, a JSONL metrics log, and exact resume.
+autocast and TF32 on CUDA, DDP or FSDP under torchrun, a JSONL metrics log, and exact resume.
 
 The stage supplies the model, its parameter groups, a dataset + collate function, `loss_fn(model,
 batch)` giving the *sum* of the per-target losses and `count_fn(batch)` giving the number of targets.
@@ -19,10 +19,13 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
 from .weights import atomic_dir, save_safetensors
 
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
 # Dense bf16 peak FLOP/s for MFU, keyed by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
 
@@ -43,6 +46,7 @@ class TrainConfig:
     save_every: int = 0  # steps between resumable snapshots; 0 = only at the end
     num_workers: int = 0
     resume: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (ZeRO-3) instead of DDP
     stop_after: Optional[int] = None  # leave after this many steps, as if interrupted (tests, time limits)
     progress: bool = True
 
@@ -78,8 +82,17 @@ class Trainer:
         self.loss_fn, self.count_fn = loss_fn, count_fn
         self.device = torch.device(device)
         self.rank, self.world_size = world()
-        self.params = [p for g in param_groups for p in g["params"]]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.trainable_names = [names[id(p)] for g in param_groups for p in g["params"]]
+        self.ddp, self.fsdp = None, cfg.fsdp and self.world_size > 1
         fused = self.device.type == "cuda"
+        if self.fsdp:  # sharding replaces the parameters: find the trained ones again by name
+            shard(model)
+            params = dict(model.named_parameters())
+            param_groups = [{**g, "params": [params[names[id(p)]] for p in g["params"]]} for g in param_groups]
+        elif self.world_size > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if fused else None)
+        self.params = [p for g in param_groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         for group in self.optimizer.param_groups:
             group["peak_lr"] = group["lr"]
@@ -91,9 +104,6 @@ class Trainer:
         self.warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
         self.step, self.skipped = 0, 0
-        self.ddp = None
-        if self.world_size > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if fused else None)
         self.state_dir = Path(cfg.out_dir) / "resume"
         self.log_file = Path(cfg.out_dir) / "metrics.jsonl"
 
@@ -135,9 +145,11 @@ class Trainer:
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1
             ctx = model.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+            if self.fsdp:
+                model.set_requires_gradient_sync(sync)
             with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
                 part = self.loss_fn(model, batch)
-                # DDP averages gradients over processes; scale back up so the result is sum / total.
+                # DDP / FSDP average gradients over processes; scale back up so the result is sum / total.
                 (part * self.world_size / total).backward()
             loss_sum += part.detach()
             self.skipped += batch.get("num_skipped", 0)
@@ -185,6 +197,9 @@ class Trainer:
                 self.save_state()
         bar.close()
         if self.step >= self.total_steps:
+            if self.fsdp:  # gather the whole model (every process takes part); rank 0 writes it
+                state = get_model_state_dict(self.model, options=FULL)
+                self.model.state_dict = lambda *args, **kwargs: state  # what the stage's save() reads
             if self.rank == 0:
                 save()
         else:
@@ -214,15 +229,14 @@ class Trainer:
             self.log_file.write_text("".join(l + "\n" for l in lines))
 
     # ------------------------------------------------------------ resume
-    def trainable_state(self) -> dict:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return {names[id(p)]: p for p in self.params}
-
     def save_state(self) -> None:
+        """Trained weights, optimizer, schedule position, RNG: everything a resumed run needs."""
+        model_state = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
         if self.rank == 0:
             with atomic_dir(self.state_dir) as tmp:
-                save_safetensors(self.trainable_state(), tmp / "trainable.safetensors")
-                torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "skipped": self.skipped,
+                save_safetensors({n: model_state[n] for n in self.trainable_names}, tmp / "trainable.safetensors")
+                torch.save({"step": self.step, "optimizer": optim_state, "skipped": self.skipped,
                             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "state.pt")
         if self.world_size > 1:
             dist.barrier()
@@ -230,18 +244,26 @@ class Trainer:
     def load_state(self) -> None:
         from safetensors.torch import load_file
         saved = load_file(self.state_dir / "trainable.safetensors")
-        params = self.trainable_state()
-        if set(saved) != set(params):
-            raise ValueError(f"{self.state_dir}: snapshot holds {sorted(set(saved) ^ set(params))[:4]}... "
-                             "which this run does not train (different stage or flags?)")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
+        if set(saved) != set(self.trainable_names):
+            raise ValueError(f"{self.state_dir}: snapshot holds {sorted(set(saved) ^ set(self.trainable_names))[:4]}"
+                             "... which this run does not train (different stage or flags?)")
+        set_model_state_dict(self.model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
         state = torch.load(self.state_dir / "state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.step, self.skipped = state["step"], state["skipped"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+
+
+def shard(model) -> None:
+    """FSDP2: every transformer block is sharded on its own, then the rest of the model."""
+    from torch.distributed.fsdp import fully_shard
+    for module in list(model.modules()):
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                fully_shard(block)
+    fully_shard(model)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -97,10 +97,16 @@ def run_stage2(parts, out, extra, nproc=None):
     subprocess.run(launcher + [str(ROOT / "train.py")] + args, check=True, env=env, cwd=ROOT, capture_output=True)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path):
-    """Stage 2 from a random projector (no stage 1): the projector must be seeded the same way too."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mode):
+    """Stage 2 from a random projector (no stage 1): the projector must be seeded the same way too.
+    The FSDP run is also interrupted after one step and resumed from its sharded snapshot."""
     run_stage2(parts, tmp_path / "one", ["--batch-size", "4"])
-    run_stage2(parts, tmp_path / "two", ["--batch-size", "2"], nproc=2)
+    if mode == "ddp":
+        run_stage2(parts, tmp_path / "two", ["--batch-size", "2"], nproc=2)
+    else:
+        run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp", "--stop-after", "1"], nproc=2)
+        run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp", "--resume"], nproc=2)
     one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert one.keys() == two.keys()
     for k in one:
