@@ -16,7 +16,8 @@ import torch
 import llava_min
 from llava_min.conversation import tokenize_prompt
 from llava_min.generate import generate
-from llava_min.image import load_image, preprocess
+from llava_min.eval import model_pixels
+from llava_min.image import load_image
 from llava_min.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +32,7 @@ class Chat:
         self.generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
         self.max_len = model.cfg.text.max_position_embeddings
         self.cache = model.new_cache(1, self.max_len)
-        self.pixel_values, self.prefilled = None, 0
+        self.pixel_values, self.image_size, self.prefilled = None, None, 0
         self.clear()
 
     def clear(self) -> None:
@@ -40,15 +41,18 @@ class Chat:
 
     def set_image(self, path) -> None:
         """A new image starts a new conversation (raises ImageError with the file named)."""
-        cfg = self.model.cfg
-        pixels = preprocess(load_image(path), size=cfg.vision.image_size, aspect=cfg.image_aspect_ratio)
+        image = load_image(path)
+        pixels = model_pixels(self.model, image)
         param = next(self.model.parameters())
-        self.pixel_values = pixels[None].to(param.device, param.dtype)
+        self.pixel_values = (pixels if self.model.anyres else pixels[None]).to(param.device, param.dtype)
+        self.image_size = (image.height, image.width)
         self.clear()
 
     def prompt_ids(self, turns) -> list:
-        return tokenize_prompt(turns, self.tok, self.template, num_image_tokens=self.model.num_image_tokens,
-                               image_token_id=self.model.cfg.image_token_id, has_image=self.pixel_values is not None)
+        has_image = self.pixel_values is not None
+        count = self.model.image_token_count(self.image_size) if has_image else 0
+        return tokenize_prompt(turns, self.tok, self.template, num_image_tokens=count,
+                               image_token_id=self.model.cfg.image_token_id, has_image=has_image)
 
     def reuse(self, ids: list) -> int:
         """How many leading tokens of `ids` the cache already holds (never splitting the image)."""
@@ -85,7 +89,8 @@ class Chat:
         budget = min(self.max_new_tokens, self.max_len - len(ids))
         generate(self.model, new, budget, temperature=self.temperature, top_p=self.top_p,
                  eos_id=self.model.cfg.text.eos_token_id, generator=self.generator, cache=self.cache,
-                 on_token=on_token, pixel_values=self.pixel_values if has_image else None)
+                 on_token=on_token, pixel_values=self.pixel_values if has_image else None,
+                 image_sizes=[self.image_size] if has_image and self.model.anyres else None)
         self.cached_ids = ids + reply_ids[:-1]  # the last sampled token was never fed back
         reply = shown.strip()
         self.turns = turns + [{"from": "gpt", "value": reply}]

@@ -117,6 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="steps between resumable snapshots")
     p.add_argument("--stop-after", type=int, help="leave after this many steps with a resumable snapshot")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--anyres", action="store_true", help="stage 2: AnyRes tiles + row-end tokens (LLaVA-NeXT)")
     p.add_argument("--lora", action="store_true", help="stage 2: LoRA adapters instead of the full LLM")
     p.add_argument("--lora-r", type=int, default=128)
     p.add_argument("--lora-alpha", type=float, default=256.0)
@@ -190,7 +191,7 @@ def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
     data = LlavaDataset(args.data, tok, image_folder=args.image_folder, template=template,
                         num_image_tokens=model.num_image_tokens, image_token_id=model.cfg.image_token_id,
                         image_size=model.cfg.vision.image_size, image_aspect=model.cfg.image_aspect_ratio,
-                        max_length=max_length, on_error=args.on_error)
+                        max_length=max_length, on_error=args.on_error, anyres=model.anyres)
     if data_fraction < 1.0:  # a fixed, seeded subset (the half-data ablation)
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
         data = torch.utils.data.Subset(data, keep[: int(len(data) * data_fraction)].tolist())
@@ -243,6 +244,9 @@ def stage_2(args, preset: Preset):
                                       image_aspect_ratio=preset.image_aspect)
         tokenizer = args.tokenizer or args.llm / "tokenizer.model"
     model.cfg.template = args.template or preset.template
+    if args.anyres and model.anyres is None:  # LLaVA-NeXT: stage 1 on one view, stage 2 on tiles
+        tile = model.cfg.vision.image_size
+        model.use_anyres([(h * tile, w * tile) for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))])
     if args.lora:  # the adapter (LoRA + projector) alone; `python -m llava_min.lora merge` makes a full model
         from llava_min.lora import save_adapter
         save = lambda: save_adapter(model, args.out, base=args.init, tokenizer_path=tokenizer)  # noqa: E731

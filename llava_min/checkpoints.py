@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .anyres import PINPOINTS
 from .clip import VisionConfig, VisionTower
 from .llama import Llama, LlamaConfig
 from .llava import Llava, LlavaConfig
@@ -34,6 +35,7 @@ SELECT_STRATEGY = {"default": "patch", "full": "cls_patch"}  # llava-hf name -> 
 
 # Checkpoint key prefix -> llava-min name prefix, first match wins.
 LLAVA_PREFIXES = [
+    ("model.image_newline", "image_newline"), ("image_newline", "image_newline"),  # LLaVA-NeXT's row-end vector
     ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # official, when the tower was tuned
     ("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
     ("vision_tower.vision_model.", "vision_tower."), ("vision_tower.", "vision_tower."),
@@ -154,6 +156,7 @@ def llava_hf_config(cfg: dict) -> LlavaConfig:
         image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
         image_aspect_ratio=extra.get("image_aspect_ratio", "pad"),
         template=extra.get("template", "vicuna_v1"),
+        image_grid_pinpoints=(cfg.get("image_grid_pinpoints") or PINPOINTS) if cfg.get("model_type") == "llava_next" else None,
     )
 
 
@@ -263,7 +266,7 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
     """Any supported LLaVA layout -> Llava (see the module docstring)."""
     dtype = dtype or default_dtype(device)
     cfg = read_config(path)
-    if cfg.get("model_type") == "llava" and "text_config" in cfg:
+    if cfg.get("model_type") in ("llava", "llava_next") and "text_config" in cfg:
         model = build_on_meta(Llava, llava_hf_config(cfg))
         model.ignored_keys = load_into(model, weight_files(path), LLAVA_PREFIXES, dtype, device)
         model.language_model.tie_weights()
@@ -282,6 +285,8 @@ def hub_key(name: str) -> str:
     """llava-min name -> the llava-hf hub name (which transformers 4.x and 5.x both load)."""
     if name.startswith("vision_tower."):
         return "vision_tower." + vision_key(name[len("vision_tower."):])
+    if name == "image_newline":
+        return name
     if name.startswith("projector."):
         return "multi_modal_projector." + name[len("projector."):]
     if name.startswith("language_model.lm_head."):
@@ -301,8 +306,10 @@ def hf_vision_config(cfg: VisionConfig) -> dict:
 def hf_config(cfg: LlavaConfig) -> dict:
     text, vision = hf_text_config(cfg.text), hf_vision_config(cfg.vision)
     strategy = {v: k for k, v in SELECT_STRATEGY.items()}[cfg.select_feature]
+    anyres = {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
+              "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]} if cfg.image_grid_pinpoints else {}
     return {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", **anyres,
         "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
         "vision_feature_layer": cfg.select_layer, "vision_feature_select_strategy": strategy,
         "projector_hidden_act": "gelu", "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,

@@ -88,7 +88,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_path, tok, image_folder=None, template="vicuna_v1", num_image_tokens=576,
                  image_token_id=-200, image_size=336, image_aspect="crop", max_length=2048, on_error="raise",
-                 max_pixels=MAX_PIXELS):
+                 max_pixels=MAX_PIXELS, anyres=None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if template not in TEMPLATES:
@@ -98,7 +98,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.tok, self.image_folder, self.template = tok, image_folder, template
         self.num_image_tokens, self.image_token_id = num_image_tokens, image_token_id
         self.image_size, self.image_aspect, self.max_length = image_size, image_aspect, max_length
-        self.on_error, self.max_pixels = on_error, max_pixels
+        self.on_error, self.max_pixels, self.anyres = on_error, max_pixels, anyres  # AnyRes: tiles, sized counts
         self.skipped, self.skip_log = Counter(), []  # reason -> count; the full messages
         self.records = []  # (id, record) of the records that passed the text checks
         for index, record in enumerate(read_records(data_path)):
@@ -122,6 +122,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def image_tokens(self, image) -> int:
+        if self.anyres is not None:
+            return self.anyres.num_tokens((image.height, image.width))
         return self.num_image_tokens(image) if callable(self.num_image_tokens) else self.num_image_tokens
 
     def tokens(self, record, num_image_tokens: int) -> tuple:
@@ -145,6 +147,8 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def pixels(self, record, image) -> torch.Tensor:
         try:
+            if self.anyres is not None:
+                return self.anyres.pixels(image)
             return preprocess(image, size=self.image_size, aspect=self.image_aspect)
         except ImageError as e:
             raise ValueError(f"bad image: {record['image']}: {e}") from e
@@ -158,8 +162,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         except ValueError as e:
             self.fail(rid, str(e))
             return None
-        return {"id": rid, "input_ids": torch.tensor(ids, dtype=torch.long),
+        item = {"id": rid, "input_ids": torch.tensor(ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": pixel_values}
+        if self.anyres is not None and image is not None:
+            item["image_size"] = (image.height, image.width)
+        return item
 
 
 def collate(items: list, pad_id: int = 0) -> dict:
@@ -174,5 +181,9 @@ def collate(items: list, pad_id: int = 0) -> dict:
         n = len(it["input_ids"])
         ids[row, :n], labels[row, :n], mask[row, :n] = it["input_ids"], it["labels"], 1
     images = [it["pixel_values"] for it in kept if it["pixel_values"] is not None]
-    return {"ids": [it["id"] for it in kept], "input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.stack(images) if images else None, "num_skipped": len(items) - len(kept)}
+    batch = {"ids": [it["id"] for it in kept], "input_ids": ids, "labels": labels, "attention_mask": mask,
+             "pixel_values": torch.stack(images) if images else None, "num_skipped": len(items) - len(kept)}
+    sizes = [it["image_size"] for it in kept if "image_size" in it]
+    if sizes:  # AnyRes: each image brings its own number of tiles
+        batch["pixel_values"], batch["image_sizes"] = torch.cat(images), torch.tensor(sizes)
+    return batch

@@ -87,27 +87,37 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
     from tqdm import tqdm
 
     from .conversation import tokenize_prompt
-    from .image import load_image, preprocess
+    from .image import load_image
     cfg, device = model.cfg, next(model.parameters()).device
     template = template or cfg.template
     answers = []
     for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc="eval"):
         chunk = records[start: start + batch_size]
-        rows, images = [], []
+        rows, images, sizes = [], [], []
         for record in chunk:
             has_image = "image" in record and not blind
-            rows.append(tokenize_prompt(question_turn(record, blind), tok, template,
-                                        num_image_tokens=model.num_image_tokens, image_token_id=cfg.image_token_id,
-                                        has_image=has_image))
-            if has_image:
-                image = load_image(record["image"], image_folder=image_folder)
-                images.append(preprocess(image, size=cfg.vision.image_size, aspect=cfg.image_aspect_ratio))
+            image = load_image(record["image"], image_folder=image_folder) if has_image else None
+            count = model.image_token_count((image.height, image.width)) if image else 0
+            rows.append(tokenize_prompt(question_turn(record, blind), tok, template, num_image_tokens=count,
+                                        image_token_id=cfg.image_token_id, has_image=has_image))
+            if image is not None:
+                images.append(model_pixels(model, image))
+                sizes.append((image.height, image.width))
         ids, mask = left_pad(rows, tok.pad_id)
-        pixels = torch.stack(images).to(device, next(model.vision_tower.parameters()).dtype) if images else None
+        dtype = next(model.vision_tower.parameters()).dtype
+        pixels = (torch.cat if model.anyres else torch.stack)(images).to(device, dtype) if images else None
         out = model.generate(ids.to(device), pixel_values=pixels, attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, image_sizes=sizes if model.anyres else None)
         answers += [decode_until_eos(tok, row) for row in out.tolist()]
     return answers
+
+
+def model_pixels(model, image):
+    """The pixel_values an image becomes for this model: AnyRes tiles, or one (padded or cropped) view."""
+    from .image import preprocess
+    if model.anyres is not None:
+        return model.anyres.pixels(image)
+    return preprocess(image, size=model.cfg.vision.image_size, aspect=model.cfg.image_aspect_ratio)
 
 
 def decode_until_eos(tok, ids: list) -> str:

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .anyres import AnyRes
 from .clip import VisionConfig, VisionTower
 from .generate import generate
 from .llama import KVCache, Llama, LlamaConfig
@@ -27,6 +28,7 @@ class LlavaConfig:
     image_token_id: int = -200
     image_aspect_ratio: str = "pad"  # how the data pipeline squares images: "pad" (1.5) or "crop"
     template: str = "vicuna_v1"  # the conversation template the model was tuned with
+    image_grid_pinpoints: Optional[list] = None  # AnyRes (LLaVA-NeXT): tile grids as (height, width); None: one view
 
 
 class Llava(nn.Module):
@@ -36,16 +38,48 @@ class Llava(nn.Module):
         self.vision_tower = VisionTower(cfg.vision, cfg.select_layer, cfg.select_feature)
         self.projector = Projector(cfg.projector_type, cfg.vision.hidden_size, cfg.text.hidden_size)
         self.language_model = Llama(cfg.text)
+        self.anyres = None
+        if cfg.image_grid_pinpoints:
+            self.use_anyres(cfg.image_grid_pinpoints)
+
+    def use_anyres(self, pinpoints: list) -> None:
+        """Switch to AnyRes tiles with a fresh row-end vector (LLaVA-NeXT's stage 2 starts so)."""
+        if self.cfg.select_feature != "patch":
+            raise ValueError("AnyRes needs select_feature 'patch' (the tiles' features form a grid)")
+        self.cfg.image_grid_pinpoints = [list(p) for p in pinpoints]
+        self.anyres = AnyRes(self.cfg.vision.image_size, self.cfg.vision.patch_size, [tuple(p) for p in pinpoints])
+        w = self.projector.linear_1.weight
+        self.image_newline = nn.Parameter(torch.randn(self.cfg.text.hidden_size, device=w.device, dtype=w.dtype)
+                                          / self.cfg.text.hidden_size ** 0.5)
 
     @property
     def num_image_tokens(self) -> int:
+        """Visual tokens per image (for AnyRes, see `image_token_count`: it depends on the image's size)."""
         return self.vision_tower.num_tokens
+
+    def image_token_count(self, size: tuple) -> int:
+        """Visual tokens for an image of (height, width) `size`: what `<image>` expands to."""
+        return self.anyres.num_tokens(size) if self.anyres else self.num_image_tokens
 
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Eq. 1: H_v = W · g(X_v), [num_images, num_tokens, text_hidden]."""
         return self.projector(self.vision_tower(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, image_sizes=None) -> list:
+        """One [num_tokens, D] tensor per image. AnyRes: `pixel_values` holds every image's tiles
+        ([global view, tile, ...] one image after the other) and `image_sizes` their (height, width)."""
+        h_v = self.visual_tokens(pixel_values)
+        if self.anyres is None:
+            return list(h_v)
+        if image_sizes is None:
+            raise ValueError("an AnyRes model needs image_sizes (height, width) with its pixel_values")
+        sizes = [tuple(int(v) for v in size) for size in image_sizes]
+        counts = [1 + r * c for r, c in (self.anyres.grid(size) for size in sizes)]
+        if sum(counts) != len(h_v):
+            raise ValueError(f"{len(h_v)} tiles in pixel_values, but the image sizes call for {sum(counts)}")
+        return [self.anyres.merge(f, size, self.image_newline) for f, size in zip(h_v.split(counts), sizes)]
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor], image_sizes=None) -> torch.Tensor:
         """Word embeddings with every image-token position replaced by the next visual token."""
         is_image = input_ids == self.cfg.image_token_id
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
@@ -54,21 +88,23 @@ class Llava(nn.Module):
             if input_ids.shape[1] > 1 and bool(is_image.any()):
                 raise ValueError(f"input_ids hold image tokens (id {self.cfg.image_token_id}) but no pixel_values")
             return embeds
-        h_v = self.visual_tokens(pixel_values)
-        n_slots, (n_images, n_tokens) = int(is_image.sum()), h_v.shape[:2]
-        if n_slots != n_images * n_tokens:
+        features = self.image_features(pixel_values, image_sizes)
+        n_slots, n_features = int(is_image.sum()), sum(len(f) for f in features)
+        if n_slots != n_features:
+            per_image = f"{len(features)} image(s) x {len(features[0])} visual tokens" if self.anyres is None else \
+                f"{len(features)} image(s) with {[len(f) for f in features]} visual tokens"
             raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.cfg.image_token_id}) but "
-                             f"{n_images} image(s) x {n_tokens} visual tokens = {n_images * n_tokens} features")
+                             f"{per_image} = {n_features} features")
         embeds = embeds.clone()
-        embeds[is_image] = h_v.flatten(0, 1).to(embeds.dtype)
+        embeds[is_image] = torch.cat(features).to(embeds.dtype)
         return embeds
 
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None):
+                cache: Optional[KVCache] = None, image_sizes=None):
         """Returns (logits, loss). `labels` align with `input_ids` (shifted inside), -100 ignored;
         image positions must carry -100 (the data pipeline does this, Table 2)."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_sizes)
         return self.language_model(labels=labels, attention_mask=attention_mask, cache=cache, inputs_embeds=embeds)
 
     def tied_names(self) -> set:

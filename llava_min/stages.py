@@ -36,7 +36,8 @@ def freeze_for_stage(model, stage: str, lr: float, projector_lr: float = None, l
             groups.append({"params": add_lora(module, lora), "lr": lr, "name": "lora"})
             continue
         part_lr = projector_lr if part == "projector" and projector_lr else lr
-        groups.append({"params": list(module.parameters()), "lr": part_lr, "name": part})
+        extra = [model.image_newline] if part == "projector" and model.anyres is not None else []  # AnyRes row ends
+        groups.append({"params": list(module.parameters()) + extra, "lr": part_lr, "name": part})
     model.vision_tower.eval()
     return groups
 
@@ -58,7 +59,8 @@ def llava_loss(model, batch) -> torch.Tensor:
     n = num_targets(batch)
     if n == 0:
         return zero_loss(model)
-    _, loss = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), labels=batch["labels"])
+    _, loss = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), labels=batch["labels"],
+                    image_sizes=batch.get("image_sizes"))
     return loss * n
 
 

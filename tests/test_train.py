@@ -171,3 +171,20 @@ def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids, pixel_values=x)[0], base.eval()(ids, pixel_values=x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_anyres_stage2_trains_and_loads_in_transformers(parts, tmp_path):
+    from transformers import LlavaNextForConditionalGeneration
+    from conftest import hf_reference
+    run_stage2(parts, tmp_path / "next", ["--batch-size", "4", "--anyres"])
+    ours = llava_min.load(tmp_path / "next")
+    assert ours.anyres is not None and (ours.image_newline != 0).any()
+    theirs = hf_reference(LlavaNextForConditionalGeneration, tmp_path / "next")
+    size = (40, 90)
+    img = __import__("PIL.Image", fromlist=["Image"]).new("RGB", (size[1], size[0]), (200, 30, 30))
+    pixels = ours.anyres.pixels(img)
+    ids = torch.tensor([[1] + [ours.cfg.image_token_id] * ours.image_token_count(size) + [5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pixel_values=pixels, image_sizes=[size])[0],
+                                   theirs(input_ids=ids, pixel_values=pixels[None], image_sizes=torch.tensor([size])).logits,
+                                   atol=1e-5, rtol=1e-5)
