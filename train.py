@@ -46,6 +46,7 @@ class Preset:
     image_aspect: str = "pad"
     max_length: int = 2048
     grad_checkpointing: bool = False
+    anyres: bool = False  # stage 2 on AnyRes tiles (LLaVA-NeXT)
     # toy only: the world, the tiny models and their pretraining
     num_images: int = 0
     num_eval: int = 0
@@ -62,6 +63,10 @@ PRESETS = {
     # SPEC section 7: LLaVA-1.5's official recipe. Global batch 256 / 128 = batch x accumulation x GPUs.
     "llava-v1.5-7b": Preset(stage1=StageSettings(lr=1e-3, batch_size=16, grad_accum=16),
                             stage2=StageSettings(lr=2e-5, batch_size=8, grad_accum=16), grad_checkpointing=True),
+    # LLaVA-NeXT's recipe on the same parts: stage 2 on AnyRes tiles with row-end tokens.
+    "llava-next-7b": Preset(stage1=StageSettings(lr=1e-3, batch_size=16, grad_accum=16),
+                            stage2=StageSettings(lr=2e-5, batch_size=8, grad_accum=16), grad_checkpointing=True,
+                            anyres=True),
     # The synthetic world on a laptop CPU: a 64 px CLIP with 8 px patches and a ~1M-parameter LLaMA.
     "toy": Preset(
         stage1=StageSettings(lr=1e-3, epochs=1, batch_size=32),
@@ -244,7 +249,7 @@ def stage_2(args, preset: Preset):
                                       image_aspect_ratio=preset.image_aspect)
         tokenizer = args.tokenizer or args.llm / "tokenizer.model"
     model.cfg.template = args.template or preset.template
-    if args.anyres and model.anyres is None:  # LLaVA-NeXT: stage 1 on one view, stage 2 on tiles
+    if (args.anyres or preset.anyres) and model.anyres is None:  # LLaVA-NeXT: stage 1 on one view, stage 2 on tiles
         tile = model.cfg.vision.image_size
         model.use_anyres([(h * tile, w * tile) for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))])
     if args.lora:  # the adapter (LoRA + projector) alone; `python -m llava_min.lora merge` makes a full model
