@@ -16,6 +16,20 @@ def test_tiny_benchmark_reports_every_row(tmp_path, capsys):
         assert r["ours"] > 0 and r["transformers"] > 0
         assert r["row"] in printed
     assert printed.count("x |") == len(rows)  # a ratio on every row
+    assert rows[0]["flash_ours"] is True and "flash SDPA backend: yes" in printed
+
+
+def test_flash_check_reports_a_step_no_flash_kernel_can_run():
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def step():  # attention pinned to a backend this CPU lacks: torch finds no kernel
+        q = torch.randn(1, 2, 8, 16)
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert bench.runs_on_flash(step) is False
+    assert bench.runs_on_flash(lambda: F.scaled_dot_product_attention(*[torch.randn(1, 2, 8, 16)] * 3)) is True
 
 
 def test_both_models_hold_the_same_weights():
