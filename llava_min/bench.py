@@ -233,8 +233,9 @@ def main(argv=None):
     rows += inference_rows(args.config, args.device, dtype, args.warmup, args.repeats)
     device = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "CPU"
     print(f"llava-min vs transformers, config {args.config}, {device}, {dtype}\n" + table(rows))
-    note = "" if torch.device(args.device).type == "cuda" else " (CPU's flash kernel also takes masks: decisive on CUDA only)"
-    print(f"training-shaped attention runs on the flash SDPA backend: {'yes' if rows[0]['flash_ours'] else 'NO'}{note}")
+    flash = "yes" if rows[0]["flash_ours"] else "NO"
+    note = "" if torch.device(args.device).type == "cuda" else " (CPU's flash kernel takes masks too: decisive on CUDA)"
+    print(f"training-shaped attention runs on the flash SDPA backend: {flash}{note}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": args.config, "device": device, "dtype": str(dtype), "rows": rows}, f, indent=2)
