@@ -1,6 +1,7 @@
 """GPT-assisted visual instruction data (LLaVA Sec. 3), and a synthetic world for offline toy runs.
 
     python gen_data.py --out data/toy --num-images 8000 --seed 0            # the synthetic world (rule teacher)
+    python gen_data.py --out data/toy-detail --world detail --image-size 96  # its variant for AnyRes
     OPENAI_API_KEY=... python gen_data.py --coco-captions captions_train2017.json \\
         --coco-instances instances_train2017.json --teacher openai --api-base https://api.openai.com/v1 \\
         --model gpt-4o-mini --out data/coco                                    # the paper's pipeline on COCO
@@ -10,6 +11,8 @@ conversations, detailed descriptions and complex-reasoning answers; responses ar
 records. World outputs (official LLaVA JSON, records' "image" relative to DIR/images): images/,
 scenes.json, pretrain.json (stage 1), instruct.json (stage 2), corpus.txt (text for the toy LM) and
 eval.json (held-out images), written last, so its presence means the world is complete.
+The detail world (--world detail) draws its instruction and held-out images at twice --image-size,
+with patterns only full resolution shows, and its stage-1 images (train/NNNNNN-low.png) at --image-size.
 COCO outputs: responses.jsonl (the teacher's answers; a rerun resumes it), instruct.json, pretrain.json.
 """
 import argparse
@@ -24,9 +27,9 @@ from tqdm import tqdm
 
 from llava_min.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, ChatClient, MalformedResponse, TeacherError,
                                 build_messages, parse_response, read_coco, run_requests)
-from llava_min.questions import CHOICE_DOMAINS, QUESTION_TYPES, SHORT_PROMPT, ask, multiple_choice
+from llava_min.questions import SHORT_PROMPT, WORLD_TYPES, ask, choice_types, multiple_choice
 from llava_min.rule_teacher import RuleTeacher
-from llava_min.world import Scene, captions, render, sample_scene, scene_rng
+from llava_min.world import WORLDS, Scene, captions, render, sample_scene, scene_rng
 
 # The vicuna_v1 template (SPEC 2, llava_min/conversation.py), repeated so gen_data needs no torch;
 # tests/test_world.py checks the two agree.
@@ -45,15 +48,31 @@ class WorldConfig:
     train_choice_every: int = 4  # a multiple-choice record for every 4th training image
     eval_choice_every: int = 2
     corpus_mb: float = 6.0  # corpus.txt stops growing here: a tiny LM learns the language from a few MB
+    world: str = "shapes"  # or "detail": patterned objects on images twice image_size (AnyRes)
+
+    @property
+    def types(self) -> tuple:
+        return WORLD_TYPES[self.world]
+
+    @property
+    def max_objects(self) -> int:
+        return 4 if self.world == "shapes" else 2  # detail: fewer, so a question rarely needs binding across tiles
+
+    @property
+    def scene_size(self) -> int:
+        """Pixels per side of instruction and held-out images; stage 1's are image_size in either world."""
+        return self.image_size * (2 if self.world == "detail" else 1)
 
     def check(self) -> None:
+        if self.world not in WORLDS:
+            raise ValueError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
         if self.num_images < 1 or self.num_eval < 0:
             raise ValueError(f"need at least one training image and no negative eval count, got {self.num_images}, "
                              f"{self.num_eval}")
         if self.image_size < 24:
             raise ValueError(f"image_size {self.image_size} is too small to draw shapes (use at least 24)")
-        if not 1 <= self.eval_questions <= len(QUESTION_TYPES) or self.vqa_questions < 1:
-            raise ValueError(f"eval_questions must be 1-{len(QUESTION_TYPES)} and vqa_questions at least 1")
+        if not 1 <= self.eval_questions <= len(self.types) or self.vqa_questions < 1:
+            raise ValueError(f"eval_questions must be 1-{len(self.types)} and vqa_questions at least 1")
 
 
 # ---------------------------------------------------------------- records
@@ -71,11 +90,11 @@ def object_boxes(scene: Scene) -> list:
     return [(o.name, [v / scene.size for v in o.box]) for o in scene.objects]
 
 
-def vqa_record(rid: str, scene: Scene, rng: random.Random, num_questions: int) -> dict:
+def vqa_record(rid: str, scene: Scene, rng: random.Random, num_questions: int, world_types: tuple) -> dict:
     """LLaVA-1.5 style: several short-answer questions about one image in one record, each with the
     response-format prompt (LLaVA-1.5 Sec. 3.2)."""
-    types = rng.sample(QUESTION_TYPES, min(num_questions, len(QUESTION_TYPES)))
-    types += [rng.choice(QUESTION_TYPES) for _ in range(num_questions - len(types))]
+    types = rng.sample(world_types, min(num_questions, len(world_types)))
+    types += [rng.choice(world_types) for _ in range(num_questions - len(types))]
     turns = []
     for i, qtype in enumerate(types):
         qa = ask(scene, rng, qtype)
@@ -114,15 +133,15 @@ def chat_text(conversations: list) -> str:
     return "".join(parts).replace("\n", " ")
 
 
-def train_records(scene: Scene, caps: list, rng: random.Random, cfg: WorldConfig) -> dict:
+def train_records(scene: Scene, caps: list, rng: random.Random, cfg: WorldConfig, pretrain_image: str) -> dict:
     rid = f"train-{scene.index:06d}"
-    pretrain = {"id": rid, "image": scene.image,  # stage 1: brief instruction -> caption
+    pretrain = {"id": rid, "image": pretrain_image,  # stage 1: brief instruction -> caption
                 "conversations": [human(rng.choice(BRIEF_INSTRUCTIONS), image=True), gpt(rng.choice(caps))]}
     rtype = RESPONSE_TYPES[scene.index % len(RESPONSE_TYPES)]
-    records = [vqa_record(f"{rid}-vqa", scene, rng, cfg.vqa_questions),
+    records = [vqa_record(f"{rid}-vqa", scene, rng, cfg.vqa_questions, cfg.types),
                teacher_record(f"{rid}-{rtype}", scene, caps, rtype, rng)]
     if scene.index % cfg.train_choice_every == 0:
-        records.append(choice_record(f"{rid}-choice", scene, rng, rng.choice(sorted(CHOICE_DOMAINS)), False))
+        records.append(choice_record(f"{rid}-choice", scene, rng, rng.choice(choice_types(cfg.world)), False))
     instruct = [r for r in records if r]
     corpus = [rng.choice(caps)] + [chat_text(r["conversations"]) for r in [pretrain] + instruct]
     return {"pretrain": pretrain, "instruct": instruct, "malformed": records.count(None), "corpus": corpus}
@@ -135,7 +154,7 @@ def eval_records(scene: Scene, rng: random.Random, cfg: WorldConfig) -> dict:
     records = []
     for j in range(cfg.eval_questions):
         turn = scene.index * cfg.eval_questions + j
-        qtype, cycle = QUESTION_TYPES[turn % len(QUESTION_TYPES)], turn // len(QUESTION_TYPES)
+        qtype, cycle = cfg.types[turn % len(cfg.types)], turn // len(cfg.types)
         want = {"exists": ("yes", "no")[cycle % 2],
                 "reasoning": ("yes", "no", "attribute", "yes")[cycle % 4]}.get(qtype)
         qa = ask(scene, rng, qtype, want)
@@ -143,7 +162,7 @@ def eval_records(scene: Scene, rng: random.Random, cfg: WorldConfig) -> dict:
                         "question_type": qtype, "answer": qa.answer,
                         "conversations": [human(qa.question + SHORT_PROMPT, image=True), gpt(qa.answer)]})
     if scene.index % cfg.eval_choice_every == 0:
-        kinds = sorted(CHOICE_DOMAINS)
+        kinds = choice_types(cfg.world)
         qtype = kinds[scene.index // cfg.eval_choice_every % len(kinds)]
         records.append(choice_record(f"eval-{scene.index:06d}-choice", scene, rng, qtype, True))
     return {"eval": records}
@@ -152,13 +171,19 @@ def eval_records(scene: Scene, rng: random.Random, cfg: WorldConfig) -> dict:
 # ---------------------------------------------------------------- the world
 
 def make_image(job: tuple) -> dict:
-    """Worker: sample, render and save one image, and write everything said about it."""
+    """Worker: sample, render and save one image, and write everything said about it. In the detail world
+    a training scene is drawn twice: large for stage 2, at the encoder's size for stage 1 ("-low")."""
     cfg, split, index, out = job
-    scene = sample_scene(cfg.seed, split, index, cfg.image_size)
+    scene = sample_scene(cfg.seed, split, index, cfg.scene_size, cfg.max_objects, cfg.world)
     render(scene).save(Path(out) / "images" / scene.image)
+    low = scene
+    if split == "train" and cfg.scene_size != cfg.image_size:
+        low = sample_scene(cfg.seed, split, index, cfg.image_size, cfg.max_objects, cfg.world)
+        low.suffix = "-low"
+        render(low).save(Path(out) / "images" / low.image)
     rng = scene_rng(cfg.seed, split, index, "text")
     caps = captions(scene, rng)
-    result = train_records(scene, caps, rng, cfg) if split == "train" else eval_records(scene, rng, cfg)
+    result = train_records(scene, caps, rng, cfg, low.image) if split == "train" else eval_records(scene, rng, cfg)
     return {**result, "scene": {**scene.to_json(), "captions": caps}}
 
 
@@ -270,7 +295,9 @@ def parse_args(argv=None):
     w = p.add_argument_group("synthetic world")
     w.add_argument("--num-images", type=int, default=WorldConfig.num_images, help="training images")
     w.add_argument("--num-eval", type=int, default=WorldConfig.num_eval, help="held-out images")
-    w.add_argument("--image-size", type=int, default=WorldConfig.image_size, help="pixels per side")
+    w.add_argument("--image-size", type=int, default=WorldConfig.image_size,
+                   help="pixels per side (the detail world's stage-2 and held-out images are twice this)")
+    w.add_argument("--world", choices=WORLDS, default="shapes", help="detail: patterns only full resolution shows")
     w.add_argument("--vqa-questions", type=int, default=WorldConfig.vqa_questions, help="short-answer turns per record")
     w.add_argument("--corpus-mb", type=float, default=WorldConfig.corpus_mb, help="size cap of corpus.txt")
     c = p.add_argument_group("the paper's pipeline on COCO-style annotations")
@@ -298,7 +325,7 @@ def main(argv=None):
         except (ValueError, TeacherError) as e:  # a malformed annotation file, a refused key: say so, no traceback
             raise SystemExit(f"gen_data: {e}") from e
     counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers,
-                         vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb)
+                         vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb, world=args.world)
     print(f"wrote {counts['images']} images and {counts['instruct']} instruction records to {args.out}"
           + (f" ({counts['malformed']} malformed teacher responses skipped)" if counts["malformed"] else ""))
     return counts

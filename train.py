@@ -104,8 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--vision", type=Path, help="CLIP directory (stage 1, or stage 2 without stage 1)")
     p.add_argument("--llm", type=Path, help="LLaMA / Vicuna directory")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one beside the LLM / init)")
-    p.add_argument("--out", type=Path, default=Path("runs/toy"))
-    p.add_argument("--data-dir", type=Path, default=Path("data/toy"), help="toy pipeline: where the world lives")
+    p.add_argument("--out", type=Path, help="default: runs/toy (runs/toy-detail for --world detail)")
+    p.add_argument("--data-dir", type=Path, help="toy pipeline: where the world lives (default: data/toy[-detail])")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
@@ -137,8 +137,14 @@ def parse_args(argv=None):
     p.add_argument("--data-fraction", type=float, default=1.0, help="ablation: use this share of instruct.json")
     p.add_argument("--num-images", type=int, help="toy world size (train images)")
     p.add_argument("--num-eval", type=int, help="toy world size (held-out images)")
+    p.add_argument("--world", choices=["shapes", "detail"], default="shapes",
+                   help="toy world; detail: patterns a low-resolution view loses (compare with and without --anyres)")
     p.add_argument("--ablations", action="store_true", help="run the whole ablation table")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    suffix = "" if args.world == "shapes" else f"-{args.world}"
+    args.out = args.out or Path(f"runs/toy{suffix}")
+    args.data_dir = args.data_dir or Path(f"data/toy{suffix}")
+    return args
 
 
 def either(value, default):

@@ -9,13 +9,21 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from .world import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, article, cap, plural, ref, where, where_in_image
+from .world import (COLORS, PATTERNS, POSITIONS, SHAPES, SIZES, Obj, Scene, article, cap, plural, ref, where,
+                    where_in_image)
 
 SHORT_PROMPT = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 Sec. 3.2: response format prompt
 CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."  # ScienceQA / MMBench format
 QUESTION_TYPES = ("color", "shape", "count", "position", "size", "exists", "reasoning")
+WORLD_TYPES = {"shapes": QUESTION_TYPES,  # what each world asks; the detail world's first type needs full resolution
+               "detail": ("pattern", "color", "shape", "position", "size")}
 CHOICE_DOMAINS = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS), "size": list(SIZES),
-                  "count": ["0", "1", "2", "3", "4"]}
+                  "count": ["0", "1", "2", "3", "4"], "pattern": sorted(PATTERNS)}
+
+
+def choice_types(world: str) -> list:
+    """The question types a world asks as multiple choice."""
+    return sorted(t for t in CHOICE_DOMAINS if t in WORLD_TYPES[world])
 
 
 @dataclass
@@ -50,6 +58,14 @@ def ask_shape(scene: Scene, rng: random.Random) -> QA:
     r = f"the {o.color} object" + ("" if unique else f" {where(o)}")
     q = rng.choice(("What shape is {r}?", "What is the shape of {r}?", "Which shape is {r}?"))
     return QA("shape", q.format(r=r), o.shape, f"{cap(r)} is a {o.shape}.")
+
+
+def ask_pattern(scene: Scene, rng: random.Random) -> QA:
+    """The detail world: one-pixel lines or checks, visible only at full resolution."""
+    o = rng.choice(scene.objects)
+    r = ref(scene, o)
+    q = rng.choice(("What pattern is on {r}?", "What pattern does {r} have?", "How is {r} filled?"))
+    return QA("pattern", q.format(r=r), o.pattern, f"{cap(r)} is filled with {o.pattern}.")
 
 
 def ask_count(scene: Scene, rng: random.Random) -> QA:
@@ -181,11 +197,12 @@ def ask_reasoning(scene: Scene, rng: random.Random, want: Optional[str] = None) 
 
 
 ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position, "size": ask_size,
-       "exists": ask_exists, "reasoning": ask_reasoning}
+       "exists": ask_exists, "reasoning": ask_reasoning, "pattern": ask_pattern}
 
 
 def ask(scene: Scene, rng: random.Random, qtype: str, want: Optional[str] = None) -> QA:
-    """A question of the given type (every type fits every scene); `want` steers yes/no answers."""
+    """A question of the given type (every type of the scene's world fits every scene); `want` steers yes/no
+    answers."""
     return ASK[qtype](scene, rng, want) if qtype in ("exists", "reasoning") else ASK[qtype](scene, rng)
 
 

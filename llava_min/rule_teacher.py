@@ -10,7 +10,7 @@ import random
 from typing import Optional
 
 from .gpt_data import response_type
-from .questions import QA, QUESTION_TYPES, ask, coin, is_are, relation_pair
+from .questions import QA, WORLD_TYPES, ask, coin, is_are, relation_pair
 from .world import SIZES, Scene, and_list, cap, describe, listing, plural, ref, where
 
 
@@ -68,7 +68,7 @@ def rule_response(rtype: str, scene: Scene, rng: random.Random) -> str:
         return describe(scene, rng)
     if rtype == "complex":
         return qa_block(complex_qa(scene, rng))
-    qas = [ask(scene, rng, t) for t in rng.sample(QUESTION_TYPES, rng.randint(2, 4))]
+    qas = [ask(scene, rng, t) for t in rng.sample(WORLD_TYPES[scene.world], rng.randint(2, 4))]
     if rng.random() < 0.4:
         qas.insert(0, inventory(scene, rng))
     return "\n===\n".join(qa_block(qa) for qa in qas)

@@ -3,7 +3,8 @@
 synthetic world (gen_data) -> tokenizer -> clip -> lm -> stage 1 -> stage 2 -> held-out evaluation.
 Each step is skipped when its output exists, so a rerun resumes where the last one stopped. The
 pretrained parts (data, tokenizer, clip, lm) are shared by every ablation; stage 1 and stage 2 live
-in one directory per variant (runs/toy/full, runs/toy/linear, ...).
+in one directory per variant (runs/toy/full, runs/toy/linear, ...). `--world detail` builds the
+AnyRes variant of the world under data/toy-detail and runs/toy-detail (variants full and anyres).
 """
 import argparse
 import json
@@ -21,12 +22,16 @@ ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the REA
     "last-layer": ["--select-layer", "-1"],
     "half-data": ["--data-fraction", "0.5"],
 }
+# Per-world epochs, where they differ from the preset's (train.py's --epochs overrides them). The detail world's
+# one-pixel patterns slow the contrastive start: at the preset's 2 CLIP epochs the loss stays near chance
+# (4.5 against ln 128 = 4.85), at 6 it reaches 0.4; and stages 1 and 2 need 2 epochs to learn them (README).
+WORLD_EPOCHS = {"detail": {"clip": 6.0, "stage 1": 2.0, "stage 2": 2.0}}
 
 
 def variant_name(args) -> str:
     parts = [name for name, on in [("no-stage1", args.no_stage1), ("no-stage2", args.no_stage2),
                                    ("linear", args.projector == "linear"), ("last-layer", args.select_layer == -1),
-                                   ("half-data", args.data_fraction == 0.5)] if on]
+                                   ("half-data", args.data_fraction == 0.5), ("anyres", args.anyres)] if on]
     if args.data_fraction not in (0.5, 1.0):
         parts.append(f"data-{args.data_fraction:g}")
     return "-".join(parts) or "full"
@@ -43,8 +48,10 @@ def step(name: str, done: bool, fn, timings: dict) -> None:
     print(f"[{name}] done in {timings[name]:.0f}s", flush=True)
 
 
-def stage_args(args, **fields) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), **fields})
+def stage_args(args, name: str, **fields) -> argparse.Namespace:
+    """One stage's arguments: the command line's, with the world's epochs for the stage unless --epochs is given."""
+    epochs = args.epochs or WORLD_EPOCHS.get(args.world, {}).get(name)
+    return argparse.Namespace(**{**vars(args), "epochs": epochs, **fields})
 
 
 def device_name(device) -> str:
@@ -64,29 +71,31 @@ def run_pipeline(args, preset, stages) -> dict:
     num_images, num_eval = args.num_images or preset.num_images, args.num_eval or preset.num_eval
     step("data", (data / "eval.json").is_file(),
          lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,
-                                     progress=not args.no_progress),
+                                     progress=not args.no_progress, world=args.world),
          timings)
     step("tokenizer", tokenizer.is_file(), lambda: train_tokenizer(data / "corpus.txt", tokenizer, preset.vocab_size),
          timings)
     common = dict(tokenizer=tokenizer, image_folder=images, init=None)
+
+    def train(name: str, key: str, **fields):
+        return lambda: stages[key](stage_args(args, name, **{**common, **fields}), preset)
+
     clip, lm = root / "clip", root / "lm"
-    step("clip", (clip / "config.json").is_file(),
-         lambda: stages["clip"](stage_args(args, **common, data=data / "pretrain.json", out=clip), preset), timings)
-    step("lm", (lm / "config.json").is_file(),
-         lambda: stages["lm"](stage_args(args, **common, data=data / "corpus.txt", out=lm), preset), timings)
-    parts = dict(vision=clip, llm=lm, **common)
+    step("clip", (clip / "config.json").is_file(), train("clip", "clip", data=data / "pretrain.json", out=clip),
+         timings)
+    step("lm", (lm / "config.json").is_file(), train("lm", "lm", data=data / "corpus.txt", out=lm), timings)
+    parts = dict(vision=clip, llm=lm)
     stage1, stage2 = run_dir / "stage1", run_dir / "stage2"
     if not args.no_stage1:
         step("stage 1", (stage1 / "config.json").is_file(),
-             lambda: stages["1"](stage_args(args, **parts, data=data / "pretrain.json", out=stage1), preset), timings)
+             train("stage 1", "1", **parts, data=data / "pretrain.json", out=stage1), timings)
     if not args.no_stage2:
-        init = None if args.no_stage1 else stage1
         step("stage 2", (stage2 / "config.json").is_file(),
-             lambda: stages["2"](stage_args(args, **{**parts, "init": init}, data=data / "instruct.json", out=stage2),
-                                 preset), timings)
+             train("stage 2", "2", **parts, init=None if args.no_stage1 else stage1, data=data / "instruct.json",
+                   out=stage2), timings)
     final = stage1 if args.no_stage2 else stage2
     results = evaluate_run(final, data, args)
-    results.update(variant=variant_name(args), seed=args.seed, device=device_name(args.device),
+    results.update(variant=variant_name(args), world=args.world, seed=args.seed, device=device_name(args.device),
                    stage_seconds=timings, wall_seconds=round(time.perf_counter() - t_start, 1),
                    num_train_images=len(json.loads((data / "pretrain.json").read_text())))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -110,7 +119,8 @@ def evaluate_run(model_dir: Path, data: Path, args) -> dict:
 
 
 def report(results: dict) -> None:
-    print(f"\nheld-out results ({results['variant']}, {results['device']}, {results['wall_seconds']:.0f}s)")
+    print(f"\nheld-out results ({results['world']} world, {results['variant']}, {results['device']}, "
+          f"{results['wall_seconds']:.0f}s)")
     print(f"{'question type':<14}{'accuracy':>10}{'blind':>10}{'n':>6}")
     for fmt, kinds in results["scores"].items():
         for kind, s in kinds.items():
@@ -125,8 +135,8 @@ def report(results: dict) -> None:
 def run_ablations(args, preset, stages) -> None:
     """Every row of the README's ablation table, each a real run of the pipeline with one flag."""
     from train import parse_args
-    base = [a for a in ("--seed", str(args.seed), "--out", str(args.out), "--data-dir", str(args.data_dir),
-                        "--device", args.device)]
+    base = ["--seed", str(args.seed), "--out", str(args.out), "--data-dir", str(args.data_dir), "--device", args.device,
+            "--world", args.world] + (["--anyres"] if args.anyres else [])
     rows = {}
     for name, flags in ABLATIONS.items():
         print(f"\n=== ablation: {name} ({' '.join(flags) or 'no flag'}) ===")

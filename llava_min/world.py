@@ -6,10 +6,15 @@ per patch. Every (colour, shape) pair appears at most once per scene, so each ob
 uniquely ("the red circle", or "the circle" when it is the only one). The annotation (exact boxes
 included) plays the part of the paper's symbolic context (Sec. 3): the captions and boxes the
 text-only teacher reads, and the ground truth every answer is checked against.
+
+The "detail" world (for AnyRes) adds one fact a low-resolution view loses: every object is filled with
+a pattern of one-pixel lines or checks, at the same pixel scale whatever the image size. The pattern
+is clear at the encoder's size; halved, every pattern averages to the same flat tint.
 """
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
@@ -19,6 +24,12 @@ SIZES = ("small", "large")
 RADIUS = {"small": 0.24, "large": 0.42}  # in cells; with the jitter below an object never leaves its cell
 JITTER = 0.08
 NUMBER_WORDS = ("no", "one", "two", "three", "four")
+PATTERNS = {  # name -> which pixels take the object's colour (the rest are white); all cover half the object
+    "horizontal stripes": lambda y, x: y % 2 == 0,
+    "vertical stripes": lambda y, x: x % 2 == 0,
+    "checks": lambda y, x: (x + y) % 2 == 0,
+}
+WORLDS = ("shapes", "detail")
 
 
 def cell_name(row: int, col: int) -> str:
@@ -38,6 +49,7 @@ class Obj:
     row: int
     col: int
     box: tuple  # (x1, y1, x2, y2) in pixels
+    pattern: str = ""  # the detail world's fill: a key of PATTERNS ("" = solid)
 
     @property
     def position(self) -> str:
@@ -55,17 +67,20 @@ class Scene:
     size: int
     background: tuple
     objects: list  # in reading order: by row, then column
+    world: str = "shapes"
+    suffix: str = ""  # names a second rendering of the same scene: "-low" (the detail world's small copy)
 
     @property
     def image(self) -> str:
         """The image path relative to the output's images/ folder, as records name it."""
-        return f"{self.split}/{self.index:06d}.png"
+        return f"{self.split}/{self.index:06d}{self.suffix}.png"
 
     def to_json(self) -> dict:
         objects = [{"shape": o.shape, "color": o.color, "size": o.size, "row": o.row, "col": o.col,
-                    "position": o.position, "box": list(o.box)} for o in self.objects]
+                    "position": o.position, "box": list(o.box), **({"pattern": o.pattern} if o.pattern else {})}
+                   for o in self.objects]
         return {"image": self.image, "split": self.split, "index": self.index, "size": self.size,
-                "background": list(self.background), "objects": objects}
+                "background": list(self.background), "world": self.world, "objects": objects}
 
 
 def scene_rng(seed: int, split: str, index: int, purpose: str = "scene") -> random.Random:
@@ -73,7 +88,12 @@ def scene_rng(seed: int, split: str, index: int, purpose: str = "scene") -> rand
     return random.Random(f"{seed}/{split}/{index}/{purpose}")
 
 
-def sample_scene(seed: int, split: str, index: int, size: int = 64, max_objects: int = 4) -> Scene:
+def sample_scene(seed: int, split: str, index: int, size: int = 64, max_objects: int = 4,
+                 world: str = "shapes") -> Scene:
+    """The scene is a function of (seed, split, index, world) alone; `size` only scales it, so one scene
+    can be drawn at two sizes."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; choose one of {', '.join(WORLDS)}")
     rng = scene_rng(seed, split, index)
     n = rng.randint(1, max_objects)
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
@@ -86,24 +106,40 @@ def sample_scene(seed: int, split: str, index: int, size: int = 64, max_objects:
         cx = (col + 0.5 + rng.uniform(-JITTER, JITTER)) * cell
         cy = (row + 0.5 + rng.uniform(-JITTER, JITTER)) * cell
         box = tuple(round(v) for v in (cx - radius, cy - radius, cx + radius, cy + radius))
-        objects.append(Obj(shape, color, obj_size, row, col, box))
+        pattern = rng.choice(sorted(PATTERNS)) if world == "detail" else ""  # shapes world: no draw, scenes unchanged
+        objects.append(Obj(shape, color, obj_size, row, col, box, pattern))
     background = tuple(rng.randint(228, 250) for _ in range(3))
-    return Scene(split, index, size, background, sorted(objects, key=lambda o: (o.row, o.col)))
+    return Scene(split, index, size, background, sorted(objects, key=lambda o: (o.row, o.col)), world)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+    x1, y1, x2, y2 = o.box
+    if o.shape == "circle":
+        draw.ellipse(o.box, fill=fill)
+    elif o.shape == "square":  # a little inset, so a square and a circle of one size cover similar areas
+        inset = (x2 - x1) * 0.1
+        draw.rectangle((x1 + inset, y1 + inset, x2 - inset, y2 - inset), fill=fill)
+    else:
+        draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=fill)
+
+
+def pattern_fill(size: int, color: tuple, pattern: str) -> Image.Image:
+    """The whole canvas in the pattern: the colour on the pattern's pixels, white between them."""
+    y, x = np.mgrid[:size, :size]
+    on = PATTERNS[pattern](y, x)[..., None]
+    return Image.fromarray(np.where(on, np.array(color, np.uint8), np.uint8(255)).astype(np.uint8))
 
 
 def render(scene: Scene) -> Image.Image:
     img = Image.new("RGB", (scene.size, scene.size), scene.background)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        x1, y1, x2, y2 = o.box
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            draw.ellipse(o.box, fill=fill)
-        elif o.shape == "square":  # a little inset, so a square and a circle of one size cover similar areas
-            inset = (x2 - x1) * 0.1
-            draw.rectangle((x1 + inset, y1 + inset, x2 - inset, y2 - inset), fill=fill)
-        else:
-            draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=fill)
+        if not o.pattern:
+            draw_shape(draw, o, COLORS[o.color])
+            continue
+        mask = Image.new("L", img.size, 0)
+        draw_shape(ImageDraw.Draw(mask), o, 255)
+        img.paste(pattern_fill(scene.size, COLORS[o.color], o.pattern), (0, 0), mask)
     return img
 
 
@@ -146,9 +182,14 @@ def and_list(parts: list) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def looks(o: Obj) -> str:
+    """The detail world's pattern as a phrase after the name: " with checks" ("" for a solid object)."""
+    return f" with {o.pattern}" if o.pattern else ""
+
+
 def listing(objects: list, size=True, place=False) -> str:
-    """"a large red circle at the top left and a small blue square in the center"."""
-    return and_list([article(f"{o.size + ' ' if size else ''}{o.name}") + (f" {where(o)}" if place else "")
+    """"a large red circle at the top left and a small blue square with checks in the center"."""
+    return and_list([article(f"{o.size + ' ' if size else ''}{o.name}") + looks(o) + (f" {where(o)}" if place else "")
                      for o in objects])
 
 
@@ -200,7 +241,8 @@ def describe(scene: Scene, rng: random.Random) -> str:
     noun = plural(len(objs), "object" if rng.random() < 0.5 else "shape", words=True)
     parts = [rng.choice(OPENINGS).format(n=noun, verb="stands" if len(objs) == 1 else "stand")]
     for o in objs:
-        parts.append(rng.choice(OBJECT_SENTENCES).format(size=o.size, name=o.name, where=where(o), Where=cap(where(o))))
+        parts.append(rng.choice(OBJECT_SENTENCES).format(size=o.size, name=o.name + looks(o), where=where(o),
+                                                         Where=cap(where(o))))
     parts.append(relation_sentence(scene, rng))
     colors = sorted({o.color for o in objs})
     parts.append(f"The only color besides the background is {colors[0]}." if len(colors) == 1

@@ -2,7 +2,9 @@
 results file is filled, a rerun skips what exists, and the ablation table is produced."""
 import json
 
+import llava_min
 import train
+from llava_min.toy import stage_args
 
 
 def filled(value) -> bool:
@@ -34,3 +36,22 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
     table = (tmp_path / "runs" / "ablations.md").read_text()
     for row in ("full", "no-stage2", "no-stage1", "linear", "last-layer", "half-data"):
         assert f"| {row} |" in table
+
+
+def test_smoke_detail_world_with_anyres(tmp_path):
+    """The AnyRes variant of the toy: its own world, and stage 2 on tiles with row-end tokens."""
+    args = ["--preset", "smoke", "--world", "detail", "--anyres", "--out", str(tmp_path / "runs"),
+            "--data-dir", str(tmp_path / "data"), "--max-steps", "2", "--no-progress"]
+    train.main(args)
+    results = json.loads((tmp_path / "runs" / "anyres" / "results.json").read_text())
+    assert filled(results) and results["world"] == "detail" and results["variant"] == "anyres"
+    assert {"pattern", "color", "shape", "position", "size"} <= set(results["scores"]["short"])
+    model = llava_min.load(tmp_path / "runs" / "anyres" / "stage2")
+    assert model.anyres is not None and model.image_token_count((64, 64)) > model.num_image_tokens  # tiles + global
+
+
+def test_world_epochs_unless_given():
+    detail, shapes = train.parse_args(["--world", "detail"]), train.parse_args([])
+    assert stage_args(detail, "clip").epochs == 6 and stage_args(detail, "stage 2").epochs == 2
+    assert stage_args(detail, "lm").epochs is None and stage_args(shapes, "clip").epochs is None  # the preset's
+    assert stage_args(train.parse_args(["--world", "detail", "--epochs", "3"]), "clip").epochs == 3

@@ -78,6 +78,8 @@ def truth(scene, question):
         return str(sum(noun[0] in (o["color"], o["shape"], o["size"]) for o in objs))
     if m := re.fullmatch(r"(?:Where is|In which part of the image is) (.+?)(?: located)?\?", q):
         return find(objs, m[1])["position"]
+    if m := re.fullmatch(r"What pattern is on (.+)\?|What pattern does (.+) have\?|How is (.+) filled\?", q):
+        return find(objs, m[1] or m[2] or m[3])["pattern"]
     raise AssertionError(f"unknown question {q!r}")
 
 
@@ -237,3 +239,61 @@ def test_corpus_cap_and_bad_config(tmp_path):
     assert 5000 < (tmp_path / "corpus.txt").stat().st_size <= 10_000
     with pytest.raises(ValueError, match="image_size"):
         gen_data.build_world(tmp_path, num_images=3, num_eval=1, image_size=8, workers=1)
+
+
+# ---------------------------------------------------------------- the detail world (AnyRes)
+
+STRIPES = {"horizontal stripes": lambda x, y: y % 2 == 0, "vertical stripes": lambda x, y: x % 2 == 0,
+           "checks": lambda x, y: (x + y) % 2 == 0}  # which pixels of an object take its colour
+
+
+@pytest.fixture(scope="module")
+def detail(tmp_path_factory):
+    out = tmp_path_factory.mktemp("detail")
+    gen_data.main(["--out", str(out), "--world", "detail", "--num-images", "120", "--num-eval", "40",
+                   "--image-size", "48", "--seed", "2", "--workers", "2"])
+    return out
+
+
+def test_detail_world_answers_and_balance(detail):
+    scenes = {s["image"]: s for s in load(detail, "scenes.json")}
+    assert all(s["world"] == "detail" and 1 <= len(s["objects"]) <= 2 for s in scenes.values())
+    for record in load(detail, "eval.json") + load(detail, "instruct.json"):
+        scene, kind = scenes[record["image"]], record.get("type") or record["format"]
+        if kind in ("vqa", "short", "choice"):
+            for q, a in pairs(record):
+                options = dict(re.findall(r"^([A-E])\. (.+)$", q, re.M))
+                assert truth(scene, q) == options.get(a, a), (record["id"], q, a)
+    short = [r for r in load(detail, "eval.json") if r["format"] == "short"]
+    assert Counter(r["question_type"] for r in short) == {t: 16 for t in ("pattern", "color", "shape", "position",
+                                                                          "size")}
+    assert {r["answer"] for r in short if r["question_type"] == "pattern"} == set(STRIPES)
+    text = (detail / "corpus.txt").read_text()
+    assert all(p in text for p in STRIPES)  # the captions and the teacher talk about patterns too
+
+
+def tint(color):
+    return tuple((c + 255) / 2 for c in color)
+
+
+def test_detail_pictures_show_patterns_only_at_full_size(detail):
+    pretrain = {r["id"]: r["image"] for r in load(detail, "pretrain.json")}
+    for s in load(detail, "scenes.json")[:60]:
+        img = Image.open(detail / "images" / s["image"]).convert("RGB")
+        assert img.size == (96, 96)
+        images = [(img, 1)]
+        if s["split"] == "train":  # stage 1 sees the same scene at the encoder's size, patterns still drawn
+            low = pretrain[f"train-{s['index']:06d}"]
+            assert low == s["image"].replace(".png", "-low.png")
+            images.append((Image.open(detail / "images" / low).convert("RGB"), 2))
+        half = img.resize((48, 48), Image.BICUBIC)
+        for o in s["objects"]:
+            color, fill = COLORS[o["color"]], STRIPES[o["pattern"]]
+            for picture, shrink in images:
+                cx, cy = (o["box"][0] + o["box"][2]) // 2 // shrink, (o["box"][1] + o["box"][3]) // 2 // shrink
+                for x, y in ((cx, cy), (cx + 1, cy), (cx, cy + 1), (cx + 1, cy + 1)):
+                    assert picture.getpixel((x, y)) == (color if fill(x, y) else (255, 255, 255)), (s["image"], o)
+            if o["size"] == "large":  # halved: one flat tint, whatever the pattern (well inside the object)
+                cx, cy = (o["box"][0] + o["box"][2]) // 4, round(o["box"][1] * 0.2 + o["box"][3] * 0.3)
+                for x, y in ((cx, cy), (cx + 1, cy), (cx, cy + 1)):
+                    assert all(abs(a - b) <= 1 for a, b in zip(half.getpixel((x, y)), tint(color))), (s["image"], o)
