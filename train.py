@@ -26,6 +26,7 @@ from llava_min.data import LlavaDataset, collate
 from llava_min.llama import Llama, LlamaConfig
 from llava_min.tokenizer import Tokenizer
 from llava_min.trainer import TrainConfig, Trainer
+from llava_min.world import WORLDS
 
 
 @dataclass
@@ -137,7 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--data-fraction", type=float, default=1.0, help="ablation: use this share of instruct.json")
     p.add_argument("--num-images", type=int, help="toy world size (train images)")
     p.add_argument("--num-eval", type=int, help="toy world size (held-out images)")
-    p.add_argument("--world", choices=["shapes", "detail"], default="shapes",
+    p.add_argument("--world", choices=WORLDS, default="shapes",
                    help="toy world; detail: patterns a low-resolution view loses (compare with and without --anyres)")
     p.add_argument("--ablations", action="store_true", help="run the whole ablation table")
     args = p.parse_args(argv)

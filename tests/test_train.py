@@ -94,7 +94,8 @@ def run_stage2(parts, out, extra, nproc=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
         else [sys.executable]
-    subprocess.run(launcher + [str(ROOT / "train.py")] + args, check=True, env=env, cwd=ROOT, capture_output=True)
+    done = subprocess.run(launcher + [str(ROOT / "train.py")] + args, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, f"train.py {' '.join(extra)} failed:\n{done.stderr[-4000:]}"
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
