@@ -5,11 +5,16 @@ with `synchronize()` around every GPU timing; each figure is the median of the r
 
     python -m llava_min.bench --config tiny            # anywhere (CI runs it)
     python -m llava_min.bench --config 7b --out bench.json   # CUDA: ViT-L/14-336 + a 7B LLaMA (bf16); 1B for training
+
+On CUDA it adds the compiled rows (`--rows` picks rows; compiling takes a minute or two per shape):
+both language models under `torch.compile` for training, and ours decoding through the compiled,
+CUDA-graphed step for decode (transformers' figure there is its plain `generate`, from the row above).
 """
 import argparse
 import json
 import statistics
 import time
+import traceback
 from contextlib import contextmanager
 
 import torch
@@ -22,6 +27,9 @@ from .llava import Llava, LlavaConfig
 from .trainer import peak_flops
 from .weights import load_strict
 
+ROWS = ("train", "train-compiled", "prefill", "decode", "decode-compiled")
+START = time.perf_counter()
+
 # HBM bandwidth (bytes/s) for the decode roofline, keyed by a substring of the device name.
 BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.0e12, "A100": 1.55e12}
 
@@ -32,11 +40,11 @@ CONFIGS = {
                              image_size=56, patch_size=14),
                  text=dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2), train_text=None,
-                 batch=4, prompt=100, new_tokens=32, train_len=128),
+                 prompt=100, new_tokens=32, train_len=128, train_batch=4),
     "7b": dict(vision=VIT_L_336, text=dict(vocab_size=32064), train_text=dict(
                    vocab_size=32064, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                    num_attention_heads=32, num_key_value_heads=4),  # a 1.1B LLaMA (TinyLlama's shape)
-               batch=8, prompt=100, new_tokens=128, train_len=2048),
+               prompt=100, new_tokens=128, train_len=2048, train_batch=8),
 }
 
 
@@ -72,11 +80,15 @@ def sync(device):
 
 @contextmanager
 def peak_memory(device, out: dict):
+    """Peak MB allocated inside the block above what was allocated before it: both models stay resident
+    (and the first side's optimizer state during the second side's step), so totals would not compare."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     yield
-    out["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20) if cuda else None
+    out["peak_mb"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**20) if cuda else None
 
 
 def timed(fn, device, warmup: int, repeats: int, other=None) -> tuple:
@@ -115,11 +127,15 @@ def runs_on_flash(step) -> bool:
         return False
 
 
-def train_row(name, device, dtype, warmup, repeats) -> dict:
-    ours, theirs = build_pair(name, True, device, torch.float32)  # fp32 masters, bf16 autocast on CUDA
+def train_row(name, device, dtype, warmup, repeats, compile=False) -> dict:
+    """One stage-2 step (vision frozen, projector + LLM trained): fp32 masters, bf16 autocast on CUDA.
+    `compile`: both language models go through `torch.compile` (the rest stays eager)."""
+    ours, theirs = build_pair(name, True, device, torch.float32)
     c = CONFIGS[name]
-    batch = 1 if torch.device(device).type == "cuda" else c["batch"]
+    batch = c["train_batch"]
     ids, pixels = inputs(ours.cfg, batch, c["train_len"] - ours.num_image_tokens, device, torch.float32)
+    if compile:
+        ours.language_model.compile(), theirs.model.language_model.compile()
     labels = ids.masked_fill(ids == ours.cfg.image_token_id, -100)
     steps = {}
     for who, model, vision in (("ours", ours, ours.vision_tower), ("transformers", theirs, theirs.model.vision_tower)):
@@ -142,76 +158,128 @@ def train_row(name, device, dtype, warmup, repeats) -> dict:
         steps["transformers"]()
     t_ours, t_theirs = timed(steps["ours"], device, warmup, repeats, steps["transformers"])
     tokens = ids.numel()
-    row = {"row": "train step (tokens/s)", "ours": tokens / t_ours, "transformers": tokens / t_theirs,
+    row = {"row": "train step, both LLMs compiled (tokens/s)" if compile else "train step (tokens/s)",
+           "ours": tokens / t_ours, "transformers": tokens / t_theirs,
            "peak_mb_ours": mem_ours["peak_mb"], "peak_mb_transformers": mem_theirs["peak_mb"],
            "shape": f"batch {batch} x {ids.shape[1]} tokens, vision frozen"}
     row["flash_ours"] = runs_on_flash(steps["ours"])
     peak = peak_flops(device)
     if peak:
         from .stages import llava_flops_per_token
-        row["mfu_ours"] = llava_flops_per_token(ours, "2", ids.shape[1]) * row["ours"] / peak
+        flops = llava_flops_per_token(ours, "2", ids.shape[1])
+        row["mfu_ours"], row["mfu_transformers"] = flops * row["ours"] / peak, flops * row["transformers"] / peak
     return row
 
 
-def inference_rows(name, device, dtype, warmup, repeats) -> list:
+def inference_rows(name, device, dtype, warmup, repeats, wanted=("prefill", "decode"), batches=(1, 8)) -> list:
     ours, theirs = build_pair(name, False, device, dtype)
     ours.eval(), theirs.eval()
     c = CONFIGS[name]
     ours.cfg.text.eos_token_id = -1  # never stop early: every run decodes exactly the asked tokens
     rows = []
-    ids, pixels = inputs(ours.cfg, 1, c["prompt"], device, dtype)
     with torch.no_grad():
-        mem = ({}, {})
-        with peak_memory(device, mem[0]):
-            ours(ids, pixel_values=pixels)
-        with peak_memory(device, mem[1]):
-            theirs(input_ids=ids, pixel_values=pixels, logits_to_keep=1)
-        t = timed(lambda: ours.generate(ids, pixel_values=pixels, max_new_tokens=1), device, warmup, repeats,
-                  lambda: theirs.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=1, do_sample=False,
-                                          attention_mask=torch.ones_like(ids), pad_token_id=0))
-        rows.append({"row": "prefill latency (ms)", "ours": 1e3 * t[0], "transformers": 1e3 * t[1],
-                     "peak_mb_ours": mem[0]["peak_mb"], "peak_mb_transformers": mem[1]["peak_mb"],
-                     "shape": f"1 image ({ours.num_image_tokens} tokens) + {c['prompt']}-token prompt",
-                     "lower_is_better": True})
-        for batch in (1, 8):
-            rows.append(decode_row(ours, theirs, batch, c, device, dtype, warmup, repeats))
+        if "prefill" in wanted:
+            rows.append(report(guarded("prefill", prefill_row, ours, theirs, c, device, dtype, warmup, repeats)))
+        eager = {}
+        for compiled in (False, True):
+            if ("decode-compiled" if compiled else "decode") not in wanted:
+                continue
+            for batch in batches:
+                row = guarded(f"decode batch {batch}{' compiled' if compiled else ''}", decode_row, ours, theirs,
+                              batch, c, device, dtype, warmup, repeats, compiled, eager.get(batch))
+                eager.setdefault(batch, row)
+                rows.append(report(row))
     return rows
 
 
-def decode_row(ours, theirs, batch, c, device, dtype, warmup, repeats) -> dict:
-    """Decode rate = extra tokens / extra time of an N+1-token generation over a 1-token one."""
+def prefill_row(ours, theirs, c, device, dtype, warmup, repeats) -> dict:
+    ids, pixels = inputs(ours.cfg, 1, c["prompt"], device, dtype)
+    mem = ({}, {})
+    with peak_memory(device, mem[0]):
+        ours(ids, pixel_values=pixels)
+    with peak_memory(device, mem[1]):
+        theirs(input_ids=ids, pixel_values=pixels, logits_to_keep=1)
+    t = timed(lambda: ours.generate(ids, pixel_values=pixels, max_new_tokens=1), device, warmup, repeats,
+              lambda: theirs.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=1, do_sample=False,
+                                      attention_mask=torch.ones_like(ids), pad_token_id=0))
+    return {"row": "prefill latency (ms)", "ours": 1e3 * t[0], "transformers": 1e3 * t[1],
+            "peak_mb_ours": mem[0]["peak_mb"], "peak_mb_transformers": mem[1]["peak_mb"],
+            "shape": f"1 image ({ours.num_image_tokens} tokens) + {c['prompt']}-token prompt", "lower_is_better": True}
+
+
+def decode_row(ours, theirs, batch, c, device, dtype, warmup, repeats, compile=False, reference=None) -> dict:
+    """Decode rate = extra tokens / extra time of an N+1-token generation over a 1-token one.
+    `compile`: ours decodes through the compiled step (a CUDA graph on GPU); transformers as it comes,
+    its figures taken from the `reference` row (the same workload, timed just before) when given."""
     ids, pixels = inputs(ours.cfg, batch, c["prompt"], device, dtype)
     n = c["new_tokens"]
-    gen_ours = lambda k: ours.generate(ids, pixel_values=pixels, max_new_tokens=k)  # noqa: E731
+    gen_ours = lambda k: ours.generate(ids, pixel_values=pixels, max_new_tokens=k, compile=compile)  # noqa: E731
     gen_theirs = lambda k: theirs.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=k,  # noqa: E731
                                            min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(ids),
                                            pad_token_id=0)
-    mem = ({}, {})
+    theirs_timed = reference is None or "error" in reference
+    mem = ({}, {"peak_mb": None if theirs_timed else reference["peak_mb_transformers"]})
     with peak_memory(device, mem[0]):
         gen_ours(n + 1)
-    with peak_memory(device, mem[1]):
-        gen_theirs(n + 1)
-    long = timed(lambda: gen_ours(n + 1), device, warmup, repeats, lambda: gen_theirs(n + 1))
-    short = timed(lambda: gen_ours(1), device, warmup, repeats, lambda: gen_theirs(1))
-    rate = [batch * n / max(1e-9, a - b) for a, b in zip(long, short)]
-    row = {"row": f"decode batch {batch} (tokens/s)", "ours": rate[0], "transformers": rate[1],
+    if theirs_timed:
+        with peak_memory(device, mem[1]):
+            gen_theirs(n + 1)
+    long = timed(lambda: gen_ours(n + 1), device, warmup, repeats, (lambda: gen_theirs(n + 1)) if theirs_timed else None)
+    short = timed(lambda: gen_ours(1), device, warmup, repeats, (lambda: gen_theirs(1)) if theirs_timed else None)
+    rate = [batch * n / max(1e-9, long[0] - short[0]),
+            batch * n / max(1e-9, long[1] - short[1]) if theirs_timed else reference["transformers"]]
+    label = f"decode batch {batch}, ours compiled (tokens/s)" if compile else f"decode batch {batch} (tokens/s)"
+    row = {"row": label, "ours": rate[0], "transformers": rate[1],
            "peak_mb_ours": mem[0]["peak_mb"], "peak_mb_transformers": mem[1]["peak_mb"],
            "shape": f"{n} new tokens after 1 image + {c['prompt']} tokens"}
     bandwidth = next((v for k, v in BANDWIDTH.items() if torch.device(device).type == "cuda"
                       and k in torch.cuda.get_device_name(device)), None)
     if bandwidth:
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.language_model.parameters())
-        row["gb_per_s_ours"] = weight_bytes * rate[0] / batch / 1e9
+        row["gb_per_s_ours"] = decode_bytes(ours) * rate[0] / batch / 1e9
         row["roofline_share_ours"] = row["gb_per_s_ours"] * 1e9 / bandwidth
     return row
 
 
+def decode_bytes(model) -> int:
+    """Weight bytes one decode step must read: every LLM weight but the embedding table (a row each)."""
+    llm = model.language_model
+    return sum(p.numel() * p.element_size() for p in llm.parameters()) - \
+        (0 if llm.cfg.tie_word_embeddings else llm.embed_tokens.weight.numel() * llm.embed_tokens.weight.element_size())
+
+
+def report(row: dict) -> dict:
+    """Prints each row as it is measured (a 7B run takes minutes), with the time since start."""
+    print(f"[{time.perf_counter() - START:.0f}s] {json.dumps(row)}", flush=True)
+    return row
+
+
+def guarded(label: str, fn, *args) -> dict:
+    """A row, or (printed with its traceback) a row that names the error: one failure loses one row."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported in the table and in the exit status
+        traceback.print_exc()
+        return {"row": label, "error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def free_memory(device) -> None:
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def table(rows: list) -> str:
-    lines = ["| row | llava-min | transformers | ratio | peak MB (ours / theirs) | shape |", "|---|---|---|---|---|---|"]
+    lines = ["| row | llava-min | transformers | ratio | peak MB over resident (ours / theirs) | shape |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | |")
+            continue
         ratio = r["transformers"] / r["ours"] if r.get("lower_is_better") else r["ours"] / r["transformers"]
         mem = f"{r['peak_mb_ours']} / {r['peak_mb_transformers']}" if r["peak_mb_ours"] is not None else "n/a (CPU)"
-        extra = "".join(f", {k} {r[k]:.2f}" for k in ("mfu_ours", "gb_per_s_ours", "roofline_share_ours") if k in r)
+        extra = "".join(f", {k} {r[k]:.2f}" for k in ("mfu_ours", "mfu_transformers", "gb_per_s_ours",
+                                                      "roofline_share_ours") if k in r)
         lines.append(f"| {r['row']} | {r['ours']:.1f} | {r['transformers']:.1f} | {ratio:.2f}x | {mem} | "
                      f"{r['shape']}{extra} |")
     return "\n".join(lines)
@@ -224,21 +292,40 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--rows", nargs="+", choices=ROWS, help="default: all; on CPU all but the compiled ones "
+                   "(compiling takes minutes there)")
+    p.add_argument("--train-batch", type=int, help="sequences per training step (default: the config's)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
     args = p.parse_args(argv)
-    if args.config == "7b" and torch.device(args.device).type != "cuda":
+    cuda = torch.device(args.device).type == "cuda"
+    if args.config == "7b" and not cuda:
         p.error("--config 7b needs CUDA")
+    if args.train_batch:
+        CONFIGS[args.config]["train_batch"] = args.train_batch
+    wanted = args.rows or [r for r in ROWS if cuda or not r.endswith("compiled")]
     torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
-    rows = [train_row(args.config, args.device, dtype, args.warmup, args.repeats)]
-    rows += inference_rows(args.config, args.device, dtype, args.warmup, args.repeats)
-    device = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "CPU"
-    print(f"llava-min vs transformers, config {args.config}, {device}, {dtype}\n" + table(rows))
-    flash = "yes" if rows[0]["flash_ours"] else "NO"
-    note = "" if torch.device(args.device).type == "cuda" else " (CPU's flash kernel takes masks too: decisive on CUDA)"
-    print(f"training-shaped attention runs on the flash SDPA backend: {flash}{note}")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    for compiled in (False, True):
+        if ("train-compiled" if compiled else "train") in wanted:
+            rows.append(report(guarded(f"train step{' compiled' if compiled else ''}", train_row, args.config,
+                                       args.device, dtype, args.warmup, args.repeats, compiled)))
+            free_memory(args.device)
+    if {"prefill", "decode", "decode-compiled"} & set(wanted):
+        rows += inference_rows(args.config, args.device, dtype, args.warmup, args.repeats, wanted, args.batches)
+    device = torch.cuda.get_device_name(args.device) if cuda else "CPU"
+    print(f"llava-min vs transformers, config {args.config}, {device}, {dtype}, torch {torch.__version__}\n"
+          + table(rows))
+    if rows and "flash_ours" in rows[0]:
+        flash = "yes" if rows[0]["flash_ours"] else "NO"
+        note = "" if cuda else " (CPU's flash kernel takes masks too: decisive on CUDA)"
+        print(f"training-shaped attention runs on the flash SDPA backend: {flash}{note}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"config": args.config, "device": device, "dtype": str(dtype), "rows": rows}, f, indent=2)
+            json.dump({"config": args.config, "device": device, "dtype": str(dtype), "torch": torch.__version__,
+                       "rows": rows}, f, indent=2)
+    if any("error" in r for r in rows):
+        raise SystemExit("some rows failed (tracebacks above)")
 
 
 if __name__ == "__main__":

@@ -76,18 +76,30 @@ class KVCache:
     """
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype, device):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len, self.length = max_len, 0
+        # One tensor per layer, not one 5-D tensor: a compiled in-place write into a slice of a shared
+        # base tensor copies the whole base (measured: 98 tokens/s instead of 321 at batch 8 on a 7B).
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.max_len, self.length, self.batch_size = max_len, 0, batch_size
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None):
+        """Writes the new keys/values; returns the keys/values to attend over.
+
+        Without `input_pos`: slots [length, length + T), and only the filled part is returned.
+        With `input_pos` (a tensor of slot indices): the whole buffer is returned, the same shape at every
+        step, so a compiled decode step is captured once (gpt-fast); a mask hides the unwritten slots.
+        """
+        if input_pos is not None:
+            self.k[layer].index_copy_(2, input_pos, k)
+            self.v[layer].index_copy_(2, input_pos, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; this step needs {end}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -100,13 +112,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache]):
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache], input_pos=None):
         B, T, _ = x.shape
         split = lambda t: t.view(B, T, -1, self.cfg.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(self.layer, k, v, input_pos)
         # No mask tensor -> causal for a fresh sequence, or "see everything" for one new token.
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -135,8 +147,8 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask=None, cache=None, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,6 +233,24 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
+        return self.head(x, labels)
+
+    def head(self, x: torch.Tensor, labels=None):
+        """Final norm and the vocabulary projection (+ Eq. 3's loss when labels are given)."""
         logits = self.lm_head(self.norm(x))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return logits, loss
+
+    def decode_step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] for one new token per row, written at cache slot `input_pos` ([1] tensor).
+
+        The same shapes at every step (the whole cache is attended, later slots masked) and no Python
+        state read, so `torch.compile(mode="reduce-overhead")` captures it once as a CUDA graph. For
+        batches without padding; the caller advances `cache.length`.
+        """
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(input_pos.expand(x.shape[0], 1), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = (torch.arange(cache.max_len, device=x.device) <= input_pos)[None, None, None]  # [1, 1, 1, max_len]
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache, input_pos)
+        return self.head(x)[0][:, -1]

@@ -113,6 +113,10 @@ class Llava(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return self.language_model.new_cache(batch_size, max_len)
 
+    def decode_step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoded token per row (text only: images enter at prefill); see `Llama.decode_step`."""
+        return self.language_model.decode_step(input_ids, input_pos, cache)
+
     def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, attention_mask=None, **kwargs) -> torch.Tensor:
         """New token ids [B, n]; left-pad batches and pass `attention_mask`."""

@@ -90,3 +90,18 @@ def test_bad_inputs_are_clear(chat_model, tmp_path, capsys):
     with pytest.raises(ValueError, match="the model's context is 256"):
         session.ask("word " * 400)
     assert session.ask("short?", stream=None) is not None  # the chat goes on
+
+
+def test_compiled_decoding_keeps_a_conversation_identical(chat_model, monkeypatch):
+    """--compile decodes each turn's tokens at the cache slots after everything already seen; the step
+    is the eager `decode_step` here (compiled on CUDA in test_cuda.py)."""
+    from llava_min import generate as gen
+    monkeypatch.setattr(gen, "compiled_decode_step", lambda model: model.decode_step)
+    replies = []
+    for extra in ([], ["--compile"]):
+        session = open_chat(chat_model, extra=extra)
+        assert session.compile == bool(extra)
+        session.set_image(chat_model / "cat.png")
+        session.max_new_tokens = 10
+        replies.append([session.ask("Describe it."), session.ask("And the colors?"), list(session.cached_ids)])
+    assert replies[0] == replies[1]
