@@ -92,6 +92,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
 
 
 def decode_compiled(model, token: torch.Tensor, cache) -> torch.Tensor:
+    if cache.length >= cache.max_len:  # checked here: an out-of-range slot would fault inside the graph
+        raise ValueError(f"KV cache holds {cache.max_len} tokens; this step needs {cache.length + 1}")
     input_pos = torch.tensor([cache.length], device=token.device)
     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: the graph may reuse them
     last = compiled_decode_step(model)(token[:, None], input_pos, cache).clone()

@@ -245,7 +245,7 @@ class Llama(nn.Module):
         """Logits [B, V] for one new token per row, written at cache slot `input_pos` ([1] tensor).
 
         The same shapes at every step (the whole cache is attended, later slots masked) and no Python
-        state read, so `torch.compile(mode="reduce-overhead")` captures it once as a CUDA graph. For
+        state read, so `torch.compile` with CUDA graphs captures it once (generate.compiled_decode_step). For
         batches without padding; the caller advances `cache.length`.
         """
         x = self.embed_tokens(input_ids)

@@ -234,3 +234,14 @@ def test_compiled_generation_path_gives_the_eager_tokens(hf_llava_dir, monkeypat
         got = ours.generate(ids[:batch], pixel_values=x[:batch], max_new_tokens=12, compile=True)
         assert got.tolist() == eager[:batch].tolist()
     assert ours._static_cache.batch_size == 1 and ours._static_cache.max_len == 256
+
+
+def test_compiled_generation_refuses_to_overrun_the_cache(hf_llava_dir, monkeypatch):
+    from llava_min import generate as gen
+    monkeypatch.setattr(gen, "compiled_decode_step", lambda model: model.decode_step)
+    ours = llava_min.load(hf_llava_dir)
+    ours.cfg.text.eos_token_id = -1
+    ids, x = image_prompt(16), pixels(1)
+    cache = ours.new_cache(1, ids.shape[1] + 3)
+    with pytest.raises(ValueError, match="KV cache holds"):
+        ours.generate(ids, pixel_values=x, max_new_tokens=6, cache=cache, compile=True)
