@@ -127,12 +127,12 @@ def runs_on_flash(step) -> bool:
         return False
 
 
-def train_row(name, device, dtype, warmup, repeats, compile=False) -> dict:
+def train_row(name, device, dtype, warmup, repeats, compile=False, batch=None) -> dict:
     """One stage-2 step (vision frozen, projector + LLM trained): fp32 masters, bf16 autocast on CUDA.
     `compile`: both language models go through `torch.compile` (the rest stays eager)."""
     ours, theirs = build_pair(name, True, device, torch.float32)
     c = CONFIGS[name]
-    batch = c["train_batch"]
+    batch = batch or c["train_batch"]
     ids, pixels = inputs(ours.cfg, batch, c["train_len"] - ours.num_image_tokens, device, torch.float32)
     if compile:
         ours.language_model.compile(), theirs.model.language_model.compile()
@@ -300,8 +300,6 @@ def main(argv=None):
     cuda = torch.device(args.device).type == "cuda"
     if args.config == "7b" and not cuda:
         p.error("--config 7b needs CUDA")
-    if args.train_batch:
-        CONFIGS[args.config]["train_batch"] = args.train_batch
     wanted = args.rows or [r for r in ROWS if cuda or not r.endswith("compiled")]
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -309,7 +307,7 @@ def main(argv=None):
     for compiled in (False, True):
         if ("train-compiled" if compiled else "train") in wanted:
             rows.append(report(guarded(f"train step{' compiled' if compiled else ''}", train_row, args.config,
-                                       args.device, dtype, args.warmup, args.repeats, compiled)))
+                                       args.device, dtype, args.warmup, args.repeats, compiled, args.train_batch)))
             free_memory(args.device)
     if {"prefill", "decode", "decode-compiled"} & set(wanted):
         rows += inference_rows(args.config, args.device, dtype, args.warmup, args.repeats, wanted, args.batches)
