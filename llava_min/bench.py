@@ -11,6 +11,7 @@ both language models under `torch.compile` for training, and ours decoding throu
 CUDA-graphed step for decode (transformers' figure there is its plain `generate`, from the row above).
 """
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -263,7 +264,6 @@ def guarded(label: str, fn, *args) -> dict:
 
 
 def free_memory(device) -> None:
-    import gc
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
