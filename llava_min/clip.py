@@ -135,3 +135,13 @@ class VisionTower(nn.Module):
         """CLIP's image embedding before its projection: post_layernorm(CLS) of the last block."""
         z = self.hidden_states(pixel_values, self.cfg.num_hidden_layers)
         return self.post_layernorm(z[:, 0])
+
+    def pooled_and_features(self, pixel_values: torch.Tensor, select_layer: int) -> tuple:
+        """`pooled` and the patch features of block `select_layer`, in one pass."""
+        keep = select_layer % (self.cfg.num_hidden_layers + 1)
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        features = x[:, 1:]
+        for i, block in enumerate(self.layers, 1):
+            x = block(x)
+            features = x[:, 1:] if i == keep else features
+        return self.post_layernorm(x[:, 0]), features

@@ -37,18 +37,30 @@ class TextTower(nn.Module):
         return self.text_projection(pooled)
 
 
+def decorrelation_loss(z: torch.Tensor) -> torch.Tensor:
+    """How far the features' covariance C (over all tokens) is from the identity: ||C - I||^2 / dim (as VICReg)."""
+    z = z.reshape(-1, z.shape[-1]).float()
+    z = z - z.mean(0)
+    cov = z.T @ z / (len(z) - 1)
+    return (cov - torch.eye(len(cov), device=z.device)).pow(2).sum() / len(cov)
+
+
 class ContrastiveCLIP(nn.Module):
-    def __init__(self, vision: VisionTower, text_cfg: LlamaConfig, embed_dim: int = 128):
+    def __init__(self, vision: VisionTower, text_cfg: LlamaConfig, embed_dim: int = 128, feature_layer: int = -2,
+                 decorrelation: float = 0.0):
         super().__init__()
         self.vision_tower = vision
+        self.feature_layer, self.decorrelation = feature_layer, decorrelation
         self.visual_projection = nn.Linear(vision.cfg.hidden_size, embed_dim, bias=False)
         self.text_tower = TextTower(text_cfg, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
     def forward(self, pixel_values, input_ids, eot_index) -> torch.Tensor:
         """Symmetric InfoNCE over the batch (mean of image->text and text->image cross-entropy)."""
-        image = F.normalize(self.visual_projection(self.vision_tower.pooled(pixel_values)), dim=-1)
+        pooled, features = self.vision_tower.pooled_and_features(pixel_values, self.feature_layer)
+        image = F.normalize(self.visual_projection(pooled), dim=-1)
         text = F.normalize(self.text_tower(input_ids, eot_index), dim=-1)
         logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.t()
         target = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        return loss + self.decorrelation * decorrelation_loss(features) if self.decorrelation else loss

@@ -21,6 +21,7 @@ ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the REA
     "linear": ["--projector", "linear"],
     "last-layer": ["--select-layer", "-1"],
     "half-data": ["--data-fraction", "0.5"],
+    "no-whiten": ["--no-whiten-features"],
 }
 # Per-world epochs, where they differ from the preset's (train.py's --epochs overrides them). The detail world's
 # one-pixel patterns slow the contrastive start: at the preset's 2 CLIP epochs the loss stays near chance
@@ -31,7 +32,8 @@ WORLD_EPOCHS = {"detail": {"clip": 6.0, "stage 1": 2.0, "stage 2": 2.0}}
 def variant_name(args) -> str:
     parts = [name for name, on in [("no-stage1", args.no_stage1), ("no-stage2", args.no_stage2),
                                    ("linear", args.projector == "linear"), ("last-layer", args.select_layer == -1),
-                                   ("half-data", args.data_fraction == 0.5), ("anyres", args.anyres)] if on]
+                                   ("half-data", args.data_fraction == 0.5), ("anyres", args.anyres),
+                                   ("no-whiten", args.whiten_features is False)] if on]
     if args.data_fraction not in (0.5, 1.0):
         parts.append(f"data-{args.data_fraction:g}")
     return "-".join(parts) or "full"

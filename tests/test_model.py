@@ -50,6 +50,19 @@ def test_vision_pooled_matches_transformers(hf_clip_dir):
         torch.testing.assert_close(ours.pooled(x), ref(pixel_values=x).pooler_output, **TOL)
 
 
+@pytest.mark.parametrize("select_layer", [-2, -1, 0])
+def test_pooled_and_features_in_one_pass_match_transformers(hf_clip_dir, select_layer):
+    """What the toy CLIP's pretraining reads: the pooled embedding and one layer's patch features."""
+    from transformers import CLIPVisionModel
+    ref = hf_reference(CLIPVisionModel, hf_clip_dir)
+    x = pixels(2, seed=2)
+    with torch.no_grad():
+        out = ref(pixel_values=x, output_hidden_states=True)
+        pooled, features = llava_min.load_vision(hf_clip_dir).pooled_and_features(x, select_layer)
+    torch.testing.assert_close(pooled, out.pooler_output, **TOL)
+    torch.testing.assert_close(features, out.hidden_states[select_layer][:, 1:], **TOL)
+
+
 def test_penultimate_layer_never_runs_last_block(hf_clip_dir):
     ours = llava_min.load_vision(hf_clip_dir, select_layer=-2)
     called = []

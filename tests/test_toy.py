@@ -34,7 +34,7 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
 
     train.main(args + ["--ablations"])
     table = (tmp_path / "runs" / "ablations.md").read_text()
-    for row in ("full", "no-stage2", "no-stage1", "linear", "last-layer", "half-data"):
+    for row in ("full", "no-stage2", "no-stage1", "linear", "last-layer", "half-data", "no-whiten"):
         assert f"| {row} |" in table
 
 

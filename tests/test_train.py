@@ -102,12 +102,13 @@ def run_stage2(parts, out, extra, nproc=None):
 def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mode):
     """Stage 2 from a random projector (no stage 1): the projector must be seeded the same way too.
     The FSDP run is also interrupted after one step and resumed from its sharded snapshot."""
-    run_stage2(parts, tmp_path / "one", ["--batch-size", "4"])
+    plain = [] if mode == "ddp" else ["--no-whiten-features"]  # FSDP trains the projector unwhitened
+    run_stage2(parts, tmp_path / "one", ["--batch-size", "4"] + plain)
     if mode == "ddp":
         run_stage2(parts, tmp_path / "two", ["--batch-size", "2"], nproc=2)
     else:
-        run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp", "--stop-after", "1"], nproc=2)
-        run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp", "--resume"], nproc=2)
+        run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp", "--stop-after", "1"] + plain, nproc=2)
+        run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp", "--resume"] + plain, nproc=2)
     one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert one.keys() == two.keys()
     for k in one:
@@ -189,3 +190,21 @@ def test_anyres_stage2_trains_and_loads_in_transformers(parts, tmp_path):
         torch.testing.assert_close(ours(ids, pixel_values=pixels, image_sizes=[size])[0],
                                    theirs(input_ids=ids, pixel_values=pixels[None], image_sizes=torch.tensor([size])).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_whitened_stages_save_plain_checkpoints(parts, tmp_path):
+    """Stage 1 and 2 with --whiten-features write the usual keys, which load back; the flag changes the result."""
+    common = ["--preset", "smoke", "--tokenizer", str(parts / "tokenizer.model"),
+              "--image-folder", str(parts / "data" / "images"), "--max-steps", "3", "--no-progress"]
+    outs = {}
+    for flag in ("--whiten-features", "--no-whiten-features"):
+        s1, s2 = tmp_path / flag / "s1", tmp_path / flag / "s2"
+        train.main(["--stage", "1", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
+                    "--data", str(parts / "data" / "pretrain.json"), "--out", str(s1), flag] + common)
+        train.main(["--stage", "2", "--init", str(s1), "--data", str(parts / "data" / "instruct.json"),
+                    "--out", str(s2), flag] + common)
+        outs[flag] = (load_file(s1 / "mm_projector.safetensors"), load_file(s2 / "model.safetensors"))
+        llava_min.load(s2)
+    (w1, w2), (p1, p2) = outs["--whiten-features"], outs["--no-whiten-features"]
+    assert w1.keys() == p1.keys() and w2.keys() == p2.keys()
+    assert not torch.allclose(w1["model.mm_projector.0.weight"], p1["model.mm_projector.0.weight"])

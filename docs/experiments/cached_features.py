@@ -1,0 +1,184 @@
+"""Research script behind README "Where the limit is": stage 2 on cached visual features, many variants fast.
+
+The frozen vision tower's features of every image are computed once (or an oracle's are written from the
+annotation); then the projector and the LLM of a stage-1 model train on the single questions of
+instruct.json's VQA records (vicuna_v1, batch 32, AdamW, clip 1.0), scored every --eval-every steps by
+teacher-forced exact answers on eval.json's short-answer questions. Not part of the package; run from the
+repository root after `python train.py` has built data/toy and runs/toy:
+
+    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --constant-lr --steps 2000
+    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --constant-lr
+    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --transform zca --constant-lr
+"""
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import llava_min  # noqa: E402
+from llava_min.conversation import tokenize_conversation  # noqa: E402
+from llava_min.image import load_image, preprocess  # noqa: E402
+from llava_min.projector import Projector  # noqa: E402
+from llava_min.whiten import feature_statistics  # noqa: E402
+from llava_min.world import COLORS, SHAPES, SIZES  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("data/toy"))
+    p.add_argument("--stage1", type=Path, required=True, help="a stage-1 directory: its LLM, projector, tokenizer")
+    p.add_argument("--vision", type=Path, help="another CLIP directory (then the projector starts fresh)")
+    p.add_argument("--layer", type=int, default=-2)
+    p.add_argument("--features", choices=["clip", "oracle"], default="clip")
+    p.add_argument("--transform", choices=["none", "zca", "standardize", "mix"], default="none",
+                   help="zca: whiten; standardize: per dimension; mix: an ill-conditioned random mixing (for the oracle)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--constant-lr", action="store_true", help="constant after a 3%% warmup (default: cosine)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def clip_features(vision, images: list, image_folder: Path) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            pixels = torch.stack([preprocess(load_image(n, image_folder), vision.cfg.image_size, "crop")
+                                  for n in images[i: i + 256]])
+            out.append(vision(pixels))
+    return torch.cat(out)
+
+
+def oracle_features(scenes: dict, images: list) -> torch.Tensor:
+    """Per cell: one-hot colour, shape and size of its object (zeros if empty), one-hot row and column."""
+    colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
+    attributes = len(colors) + len(shapes) + len(sizes)
+    f = torch.zeros(len(images), 9, attributes + 6)
+    for r in range(3):
+        for c in range(3):
+            f[:, r * 3 + c, attributes + r] = f[:, r * 3 + c, attributes + 3 + c] = 1
+    for i, name in enumerate(images):
+        for o in scenes[name]["objects"]:
+            cell = f[i, o["row"] * 3 + o["col"]]
+            cell[colors.index(o["color"])] = 1
+            cell[len(colors) + shapes.index(o["shape"])] = 1
+            cell[len(colors) + len(shapes) + sizes.index(o["size"])] = 1
+    return f
+
+
+def transform(feats: torch.Tensor, train_rows: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    train = feats[train_rows].reshape(-1, feats.shape[-1])
+    if kind == "zca":
+        mu, whitening = feature_statistics(train)
+        return (feats - mu) @ whitening
+    if kind == "standardize":
+        return (feats - train.mean(0)) / train.std(0).clamp_min(1e-6)
+    if kind == "mix":  # into 128 dimensions, singular values from 1 down to 0.03
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(128, 128, generator=g))
+        mix = torch.randn(feats.shape[-1], 128, generator=g) / math.sqrt(feats.shape[-1])
+        return ((feats - train.mean(0)) @ mix) @ q @ torch.diag(torch.logspace(0, -1.5, 128)) @ q.T
+    return feats
+
+
+def spectrum(feats: torch.Tensor) -> str:
+    e = torch.linalg.eigvalsh(torch.cov(feats.reshape(-1, feats.shape[-1]).T)).flip(0)
+    return ", ".join(f"top {k}: {100 * e[:k].sum() / e.sum():.1f}%" for k in (1, 5, 20))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model = llava_min.load(args.stage1, dtype=torch.float32)
+    tok = llava_min.Tokenizer(args.stage1 / "tokenizer.model")
+    image_id = model.cfg.image_token_id
+    scenes = {s["image"]: s for s in json.loads((args.data / "scenes.json").read_text())}
+    images = sorted(scenes)
+    index = {name: i for i, name in enumerate(images)}
+    train_rows = torch.tensor([n.startswith("train/") for n in images])
+    if args.features == "oracle":
+        feats = oracle_features(scenes, images)
+    else:
+        vision = llava_min.load_vision(args.vision, select_layer=args.layer) if args.vision else model.vision_tower
+        vision.num_blocks = args.layer % (vision.cfg.num_hidden_layers + 1)
+        feats = clip_features(vision.eval(), images, args.data / "images")
+    feats = transform(feats, train_rows, args.transform, args.seed)
+    print(f"features {tuple(feats.shape)}; variance share of the principal directions: {spectrum(feats[train_rows])}")
+    if feats.shape[-1] != model.cfg.vision.hidden_size or args.transform != "none" or args.vision:
+        model.projector = Projector(model.cfg.projector_type, feats.shape[-1], model.cfg.text.hidden_size)
+
+    def encode(image, turns):
+        ids, labels = tokenize_conversation(turns, tok, "vicuna_v1", num_image_tokens=9, image_token_id=image_id)
+        return index[image], torch.tensor(ids), torch.tensor(labels)
+
+    train = [encode(r["image"], [{"from": "human", "value": "<image>\n" + q["value"].replace("<image>\n", "")}, a])
+             for r in json.loads((args.data / "instruct.json").read_text()) if r["id"].endswith("-vqa")
+             for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
+    evals = [r for r in json.loads((args.data / "eval.json").read_text()) if r["format"] == "short"]
+    held_out = [(*encode(r["image"], r["conversations"]), r["question_type"]) for r in evals]
+    print(f"{len(train)} training questions, {len(held_out)} held-out", flush=True)
+
+    def batch(items):
+        width = max(len(x[1]) for x in items)
+        ids = torch.full((len(items), width), tok.pad_id)
+        labels = torch.full((len(items), width), -100)
+        for i, x in enumerate(items):
+            ids[i, : len(x[1])], labels[i, : len(x[2])] = x[1], x[2]
+        return torch.tensor([x[0] for x in items]), ids, labels
+
+    def forward(rows, ids, labels):
+        is_image = ids == image_id
+        embeds = model.language_model.embed_tokens(ids.masked_fill(is_image, 0)).clone()
+        embeds[is_image] = model.projector(feats[rows]).reshape(-1, embeds.shape[-1])
+        return model.language_model(inputs_embeds=embeds, labels=labels)
+
+    @torch.no_grad()
+    def evaluate():
+        hits, counts = {}, {}
+        for i in range(0, len(held_out), 64):
+            chunk = held_out[i: i + 64]
+            rows, ids, labels = batch(chunk)
+            logits, _ = forward(rows, ids, labels)
+            target = labels[:, 1:]
+            exact = ((logits[:, :-1].argmax(-1) == target) | (target == -100)).all(1)
+            for x, ok in zip(chunk, exact.tolist()):
+                hits[x[3]], counts[x[3]] = hits.get(x[3], 0) + ok, counts.get(x[3], 0) + 1
+        per_type = {k: round(100 * hits[k] / counts[k], 1) for k in sorted(counts)}
+        return round(100 * sum(hits.values()) / sum(counts.values()), 1), per_type
+
+    params = list(model.projector.parameters()) + list(model.language_model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = max(1, int(0.03 * args.steps))
+
+    def lr_scale(step):
+        if step < warmup or args.constant_lr:
+            return min(1.0, (step + 1) / warmup)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    rng, order, t0 = random.Random(args.seed), [], time.time()
+    for step in range(args.steps):
+        if len(order) < args.batch_size:
+            order += rng.sample(range(len(train)), len(train))
+        items, order = [train[j] for j in order[: args.batch_size]], order[args.batch_size:]
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_scale(step)
+        _, loss = forward(*batch(items))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            overall, per_type = evaluate()
+            print(f"step {step + 1}: {overall}% {per_type} ({time.time() - t0:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
