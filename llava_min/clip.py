@@ -133,8 +133,7 @@ class VisionTower(nn.Module):
 
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP's image embedding before its projection: post_layernorm(CLS) of the last block."""
-        z = self.hidden_states(pixel_values, self.cfg.num_hidden_layers)
-        return self.post_layernorm(z[:, 0])
+        return self.pooled_and_features(pixel_values, -1)[0]
 
     def pooled_and_features(self, pixel_values: torch.Tensor, select_layer: int) -> tuple:
         """`pooled` and the patch features of block `select_layer`, in one pass."""
