@@ -138,9 +138,7 @@ class VisionTower(nn.Module):
     def pooled_and_features(self, pixel_values: torch.Tensor, select_layer: int) -> tuple:
         """`pooled` and the patch features of block `select_layer`, in one pass."""
         keep = select_layer % (self.cfg.num_hidden_layers + 1)
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        features = x[:, 1:]
-        for i, block in enumerate(self.layers, 1):
+        z = x = self.hidden_states(pixel_values, keep)
+        for block in self.layers[keep:]:
             x = block(x)
-            features = x[:, 1:] if i == keep else features
-        return self.post_layernorm(x[:, 0]), features
+        return self.post_layernorm(x[:, 0]), z[:, 1:]

@@ -39,9 +39,7 @@ class TextTower(nn.Module):
 
 def decorrelation_loss(z: torch.Tensor) -> torch.Tensor:
     """How far the features' covariance C (over all tokens) is from the identity: ||C - I||^2 / dim (as VICReg)."""
-    z = z.reshape(-1, z.shape[-1]).float()
-    z = z - z.mean(0)
-    cov = z.T @ z / (len(z) - 1)
+    cov = torch.cov(z.reshape(-1, z.shape[-1]).float().T)
     return (cov - torch.eye(len(cov), device=z.device)).pow(2).sum() / len(cov)
 
 
