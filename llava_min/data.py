@@ -8,6 +8,7 @@ tokenizing); its image and its tokens when it is read. A bad record either stops
 """
 import json
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -121,6 +122,14 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
+    @property
+    def lengths(self) -> list:
+        """A cheap length per record, for batches of similar lengths: its words, plus its image tokens where
+        that count is fixed (the official LLaVA's `lengths` counts the same way)."""
+        fixed = self.num_image_tokens if isinstance(self.num_image_tokens, int) and self.anyres is None else 0
+        return [sum(len(turn["value"].split()) for turn in record["conversations"]) + (fixed if "image" in record else 0)
+                for _, record in self.records]
+
     def image_tokens(self, image) -> int:
         if self.anyres is not None:
             return self.anyres.num_tokens((image.height, image.width))
@@ -167,6 +176,19 @@ class LlavaDataset(torch.utils.data.Dataset):
         if self.anyres is not None and image is not None:
             item["image_size"] = (image.height, image.width)
         return item
+
+
+@contextmanager
+def uncounted_skips(dataset):
+    """Reads inside leave `skipped` and `skip_log` as they were: for a look at the data before training
+    (which reads the same records again and counts their skips then). Sees through a Subset."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    saved = (Counter(base.skipped), list(base.skip_log)) if isinstance(base, LlavaDataset) else None
+    try:
+        yield dataset
+    finally:
+        if saved is not None:
+            base.skipped, base.skip_log = saved
 
 
 def collate(items: list, pad_id: int = 0) -> dict:

@@ -47,6 +47,7 @@ class TrainConfig:
     num_workers: int = 0
     resume: bool = False
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (ZeRO-3) instead of DDP
+    group_by_length: bool = False  # batches of samples of similar length (less padding); needs dataset lengths
     stop_after: Optional[int] = None  # leave after this many steps, as if interrupted (tests, time limits)
     progress: bool = True
 
@@ -73,6 +74,30 @@ def peak_flops(device) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def sample_lengths(dataset) -> list:
+    """`dataset.lengths` (through a Subset too): what group_by_length sorts by."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = sample_lengths(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if not hasattr(dataset, "lengths"):
+        raise ValueError(f"group_by_length needs a dataset with `lengths`; {type(dataset).__name__} has none")
+    return dataset.lengths
+
+
+def length_grouped(order: torch.Tensor, lengths: list, batch: int, generator: torch.Generator,
+                   megabatch: int = 50) -> torch.Tensor:
+    """`order` rearranged so that each run of `batch` samples has similar lengths: every `megabatch` batches
+    are sorted by length and cut into batches, then the epoch's batches are shuffled (transformers'
+    group_by_length). The same samples, less padding; a function of `order` and `generator` only."""
+    n = len(order) // batch * batch
+    batches = []
+    for start in range(0, n, megabatch * batch):
+        chunk = order[start: min(start + megabatch * batch, n)]
+        chunk = chunk[torch.tensor([lengths[i] for i in chunk.tolist()]).argsort(descending=True, stable=True)]
+        batches += list(chunk.split(batch))
+    return torch.cat([batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()] + [order[n:]])
 
 
 class Trainer:
@@ -103,6 +128,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
         self.warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
+        self.lengths = sample_lengths(dataset) if cfg.group_by_length else None
         self.step, self.skipped = 0, 0
         self.state_dir = Path(cfg.out_dir) / "resume"
         self.log_file = Path(cfg.out_dir) / "metrics.jsonl"
@@ -112,12 +138,21 @@ class Trainer:
         """This process's micro-batches of dataset indices from `first_step` on, in an epoch-seeded order
         that depends only on the seed: a resumed run sees exactly the batches it would have seen."""
         B, W, G = self.cfg.batch_size, self.world_size, self.global_batch
+        order_epoch = None
         for step in range(first_step, self.total_steps):
             epoch, within = divmod(step, self.steps_per_epoch)
-            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+            if epoch != order_epoch:
+                order_epoch, order = epoch, self.epoch_order(epoch)
             for j in range(self.cfg.grad_accum):
                 start = within * G + (j * W + self.rank) * B
                 yield order[start: start + B].tolist()
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator)
+        if self.lengths is not None:
+            order = length_grouped(order, self.lengths, self.global_batch, generator)
+        return order
 
     def step_batches(self, first_step: int):
         """Lists of `grad_accum` collated micro-batches, one list per optimizer step (workers prefetch)."""

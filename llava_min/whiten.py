@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .data import uncounted_skips
+
 
 def feature_statistics(features: torch.Tensor, eps: float = 1e-5) -> tuple:
     """features [..., D] -> (mu [D], A [D, D] = C^(-1/2)); eigenvalues below eps * the largest are raised
@@ -67,15 +69,17 @@ class WhitenedLinear(nn.Module):
 
 @torch.no_grad()
 def image_features(model, dataset, num_images: int, batch_size: int = 64) -> torch.Tensor:
-    """Z_v of the dataset's first `num_images` images (records without one, or skipped, are passed over)."""
+    """Z_v of the dataset's first `num_images` images (records without one, or skipped, are passed over;
+    training counts the skips when it reaches them)."""
     views = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if item is not None and item.get("pixel_values") is not None:
-            pixels = item["pixel_values"]
-            views += list(pixels) if pixels.dim() == 4 else [pixels]  # AnyRes: every tile is a view
-        if len(views) >= num_images:
-            break
+    with uncounted_skips(dataset):
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if item is not None and item.get("pixel_values") is not None:
+                pixels = item["pixel_values"]
+                views += list(pixels) if pixels.dim() == 4 else [pixels]  # AnyRes: every tile is a view
+            if len(views) >= num_images:
+                break
     if not views:
         raise ValueError("--whiten-features: the training data holds no images to measure the features on")
     param = next(model.vision_tower.parameters())

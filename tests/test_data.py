@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from llava_min.conversation import tokenize_conversation
-from llava_min.data import DataError, LlavaDataset, collate
+from llava_min.data import DataError, LlavaDataset, collate, uncounted_skips
 from llava_min.tokenizer import Tokenizer
 
 GOOD = {"id": "good", "image": "a.png",
@@ -163,6 +163,15 @@ def test_skip_mode_counts_every_reason_and_drops(tmp_path, tok, folder):
     assert batch["ids"] == ["good"] and batch["num_skipped"] == len(BAD_IMAGES) and batch["input_ids"].shape[0] == 1
     empty = collate([None, None])
     assert empty["input_ids"].shape == (0, 0) and empty["num_skipped"] == 2 and empty["pixel_values"] is None
+
+
+def test_a_look_before_training_does_not_count_skips(tmp_path, tok, folder):
+    ds = dataset(tmp_path, [GOOD, with_image("missing.png", "img0")], tok, folder, on_error="skip")
+    for view in (ds, torch.utils.data.Subset(ds, [1, 0])):
+        with uncounted_skips(view):
+            assert [view[i] is None for i in range(2)] == ([False, True] if view is ds else [True, False])
+        assert ds.skipped == {} and ds.skip_log == []
+    assert ds[1] is None and ds.skipped == {"bad image": 1} and len(ds.skip_log) == 1
 
 
 def test_truncation_keeps_alignment_and_skips_broken_samples(tmp_path, tok, folder):

@@ -76,11 +76,13 @@ def test_a_handful_of_records_is_overfit(parts, tmp_path):
     assert losses[-1] < 0.25 * losses[0], losses
 
 
-def test_resume_reproduces_the_uninterrupted_losses(parts, tmp_path):
-    whole = fit(stage1_model(parts), "2", parts, data="instruct.json", steps=6, out=tmp_path / "a")
-    first = fit(stage1_model(parts), "2", parts, data="instruct.json", steps=6, out=tmp_path / "b", stop_after=3)
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_reproduces_the_uninterrupted_losses(parts, tmp_path, group_by_length):
+    run = dict(data="instruct.json", steps=6, group_by_length=group_by_length)
+    whole = fit(stage1_model(parts), "2", parts, out=tmp_path / "a", **run)
+    first = fit(stage1_model(parts), "2", parts, out=tmp_path / "b", stop_after=3, **run)
     assert (tmp_path / "b" / "resume" / "state.pt").is_file()
-    rest = fit(stage1_model(parts), "2", parts, data="instruct.json", steps=6, out=tmp_path / "b", resume=True)
+    rest = fit(stage1_model(parts), "2", parts, out=tmp_path / "b", resume=True, **run)
     assert first + rest == whole
     logged = [l for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == 6
@@ -208,3 +210,35 @@ def test_whitened_stages_save_plain_checkpoints(parts, tmp_path):
     (w1, w2), (p1, p2) = outs["--whiten-features"], outs["--no-whiten-features"]
     assert w1.keys() == p1.keys() and w2.keys() == p2.keys()
     assert not torch.allclose(w1["model.mm_projector.0.weight"], p1["model.mm_projector.0.weight"])
+
+
+def test_length_grouped_order_is_the_same_samples_with_less_padding():
+    from llava_min.trainer import length_grouped
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 300, (1003,), generator=g).tolist()
+    order = torch.randperm(1003, generator=g)
+    grouped = length_grouped(order, lengths, batch=8, generator=torch.Generator().manual_seed(1), megabatch=10)
+    assert sorted(grouped.tolist()) == list(range(1003))
+    assert grouped[-3:].tolist() == order[-3:].tolist()  # the part of a batch the epoch drops stays at the end
+
+    def padded(o):
+        return sum(max(lengths[i] for i in o[k: k + 8].tolist()) * 8 for k in range(0, 1000, 8))
+    assert padded(grouped) < 0.75 * padded(order)
+    again = length_grouped(order, lengths, batch=8, generator=torch.Generator().manual_seed(1), megabatch=10)
+    assert torch.equal(grouped, again)
+    first = [max(lengths[i] for i in grouped[k: k + 8].tolist()) for k in range(0, 80, 8)]
+    assert first != sorted(first, reverse=True)  # the batches are shuffled, not longest first
+
+
+def test_record_lengths_rank_the_tokenized_lengths(parts):
+    from llava_min.trainer import sample_lengths
+    tok = Tokenizer(parts / "tokenizer.model")
+    ds = LlavaDataset(parts / "data" / "instruct.json", tok, parts / "data" / "images", "vicuna_v1", 4, -200,
+                      image_size=32)
+    tokens = torch.tensor([float(len(ds.tokens(r, 4)[0])) for _, r in ds.records])
+    words = torch.tensor(ds.lengths, dtype=torch.float)
+    assert torch.corrcoef(torch.stack([tokens.argsort().argsort().float(), words.argsort().argsort().float()]))[0, 1] > 0.9
+    subset = torch.utils.data.Subset(ds, [3, 1])
+    assert sample_lengths(subset) == [ds.lengths[3], ds.lengths[1]]
+    with pytest.raises(ValueError, match="lengths"):
+        sample_lengths(torch.utils.data.TensorDataset(torch.zeros(3)))

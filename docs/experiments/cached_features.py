@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=Path("data/toy"))
     p.add_argument("--stage1", type=Path, required=True, help="a stage-1 directory: its LLM, projector, tokenizer")
     p.add_argument("--vision", type=Path, help="another CLIP directory (then the projector starts fresh)")
+    p.add_argument("--llm", type=Path, help="another LLM directory (replaces the stage-1 model's)")
     p.add_argument("--layer", type=int, default=-2)
     p.add_argument("--features", choices=["clip", "oracle"], default="clip")
     p.add_argument("--transform", choices=["none", "zca", "standardize", "mix"], default="none",
@@ -97,7 +98,7 @@ def spectrum(feats: torch.Tensor) -> str:
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    model = llava_min.load(args.stage1, dtype=torch.float32)
+    model = llava_min.load(args.stage1, dtype=torch.float32, llm_path=args.llm)
     tok = llava_min.Tokenizer(args.stage1 / "tokenizer.model")
     image_id = model.cfg.image_token_id
     scenes = {s["image"]: s for s in json.loads((args.data / "scenes.json").read_text())}
