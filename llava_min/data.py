@@ -125,10 +125,10 @@ class LlavaDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list:
         """A cheap length per record, for batches of similar lengths: its words, plus its image tokens where
-        that count is fixed (the official LLaVA's `lengths` counts the same way)."""
+        that count is fixed (as the official LLaVA's `lengths`, which counts 128 for any image)."""
         fixed = self.num_image_tokens if isinstance(self.num_image_tokens, int) and self.anyres is None else 0
-        return [sum(len(turn["value"].split()) for turn in record["conversations"]) + (fixed if "image" in record else 0)
-                for _, record in self.records]
+        return [sum(len(turn["value"].split()) for turn in record["conversations"])
+                + (fixed if record.get("image") else 0) for _, record in self.records]
 
     def image_tokens(self, image) -> int:
         if self.anyres is not None:

@@ -9,6 +9,7 @@ repository root after `python train.py` has built data/toy and runs/toy:
     python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --constant-lr --steps 2000
     python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --constant-lr
     python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --transform zca --constant-lr
+    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --llm DIR --constant-lr
 """
 import argparse
 import json
