@@ -91,12 +91,11 @@ def length_grouped(order: torch.Tensor, lengths: list, batch: int, generator: to
     """`order` rearranged so that each run of `batch` samples has similar lengths: every `megabatch` batches
     are sorted by length and cut into batches, then the epoch's batches are shuffled (transformers'
     group_by_length). The same samples, less padding; a function of `order` and `generator` only."""
-    n = len(order) // batch * batch
+    n, lengths = len(order) // batch * batch, torch.as_tensor(lengths)
     batches = []
     for start in range(0, n, megabatch * batch):
         chunk = order[start: min(start + megabatch * batch, n)]
-        chunk = chunk[torch.tensor([lengths[i] for i in chunk.tolist()]).argsort(descending=True, stable=True)]
-        batches += list(chunk.split(batch))
+        batches += list(chunk[lengths[chunk].argsort(descending=True, stable=True)].split(batch))
     return torch.cat([batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()] + [order[n:]])
 
 
