@@ -25,7 +25,7 @@ from llava_min.clip_pretrain import ContrastiveCLIP
 from llava_min.data import LlavaDataset, collate
 from llava_min.llama import Llama, LlamaConfig
 from llava_min.tokenizer import Tokenizer
-from llava_min.trainer import TrainConfig, Trainer
+from llava_min.trainer import TrainConfig, Trainer, leave_world
 from llava_min.world import WORLDS
 
 
@@ -138,7 +138,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=256.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: fail fast or skip")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, help="processes loading batches (default: 4 on CUDA, where loading in "
+                   "the training process idled the GPU; 0 on CPU, whose cores do the arithmetic)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     # toy pipeline switches (issue: each ablation is one flag)
@@ -156,6 +157,7 @@ def parse_args(argv=None):
     suffix = "" if args.world == "shapes" else f"-{args.world}"
     args.out = args.out or Path(f"runs/toy{suffix}")
     args.data_dir = args.data_dir or Path(f"data/toy{suffix}")
+    args.num_workers = either(args.num_workers, 4 if torch.device(args.device).type == "cuda" else 0)
     return args
 
 
@@ -305,6 +307,7 @@ def main(argv=None):
     if args.stage is not None:
         torch.manual_seed(args.seed)  # fresh weights (a random projector, the toy models) depend on the seed only
         STAGES[args.stage](args, preset)
+        leave_world()  # not on an error: the other processes may be waiting in a collective
         return
     from llava_min.toy import run_ablations, run_pipeline  # the toy pipeline (and its ablation table)
     (run_ablations if args.ablations else run_pipeline)(args, preset, STAGES)

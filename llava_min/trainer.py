@@ -8,6 +8,7 @@ processes with batch B give the same update as one process with batch 2B (a per-
 would weight the tokens of short samples more).
 """
 import contextlib
+import gc
 import json
 import math
 import os
@@ -67,6 +68,16 @@ def world() -> tuple:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def leave_world() -> None:
+    """Ends the process group after a finished run: first the objects that still hold its pending work
+    (DDP's buckets, FSDP's groups) are freed, then every process meets and the group is destroyed, all
+    while the interpreter is alive. Left to interpreter exit, gloo's threads aborted 1 run in ~10."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def peak_flops(device) -> Optional[float]:

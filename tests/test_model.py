@@ -249,6 +249,28 @@ def test_compiled_generation_path_gives_the_eager_tokens(hf_llava_dir, monkeypat
     assert ours._static_cache.batch_size == 1 and ours._static_cache.max_len == 256
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_generation_stops_at_eos_like_eager(hf_llava_dir, monkeypatch, batch):
+    """The compiled path looks for the end only every 16 steps: the tokens it returns and the cache it
+    leaves (what a chat continues from) must still be the eager path's."""
+    from llava_min import generate as gen
+    monkeypatch.setattr(gen, "compiled_decode_step", lambda model: model.decode_step)
+    ours = llava_min.load(hf_llava_dir)
+    ours.cfg.text.eos_token_id = -1
+    ids, x = image_prompt(16, batch=2, seed=28, text_after=5), pixels(2, seed=29)
+    free = ours.generate(ids[:batch], pixel_values=x[:batch], max_new_tokens=24)
+    # pretend the token that ends every row soonest is EOS (rows end at different steps when batch = 2)
+    ending = lambda t: max(row.tolist().index(t) for row in free)  # noqa: E731
+    ours.cfg.text.eos_token_id = min(set.intersection(*(set(row.tolist()) for row in free)), key=ending)
+    runs = {}
+    for compiled in (False, True):
+        cache = ours.new_cache(batch, ids.shape[1] + 24)
+        runs[compiled] = ours.generate(ids[:batch], pixel_values=x[:batch], max_new_tokens=24, cache=cache,
+                                       compile=compiled), cache.length
+    (eager, eager_len), (got, got_len) = runs[False], runs[True]
+    assert eager.shape[1] < 24 and got.tolist() == eager.tolist() and got_len == eager_len
+
+
 def test_compiled_generation_refuses_to_overrun_the_cache(hf_llava_dir, monkeypatch):
     from llava_min import generate as gen
     monkeypatch.setattr(gen, "compiled_decode_step", lambda model: model.decode_step)

@@ -88,6 +88,12 @@ def test_resume_reproduces_the_uninterrupted_losses(parts, tmp_path, group_by_le
     assert len(logged) == 6
 
 
+def test_loader_workers_change_nothing(parts, tmp_path):
+    run = dict(data="instruct.json", steps=4, group_by_length=True)
+    alone = fit(stage1_model(parts), "2", parts, out=tmp_path / "a", **run)
+    assert fit(stage1_model(parts), "2", parts, out=tmp_path / "b", num_workers=2, **run) == alone
+
+
 def run_stage2(parts, out, extra, nproc=None):
     args = ["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
             "--tokenizer", str(parts / "tokenizer.model"), "--data", str(parts / "data" / "instruct.json"),
