@@ -101,11 +101,13 @@ class Llava(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, image_sizes=None):
+                cache: Optional[KVCache] = None, image_sizes=None, return_logits: bool = True):
         """Returns (logits, loss). `labels` align with `input_ids` (shifted inside), -100 ignored;
-        image positions must carry -100 (the data pipeline does this, Table 2)."""
+        image positions must carry -100 (the data pipeline does this, Table 2). `return_logits=False`
+        (training): (None, loss), computed at the supervised positions only."""
         embeds = self.embed(input_ids, pixel_values, image_sizes)
-        return self.language_model(labels=labels, attention_mask=attention_mask, cache=cache, inputs_embeds=embeds)
+        return self.language_model(labels=labels, attention_mask=attention_mask, cache=cache, inputs_embeds=embeds,
+                                   return_logits=return_logits)
 
     def tied_names(self) -> set:
         return {"language_model." + n for n in self.language_model.tied_names()}

@@ -60,12 +60,12 @@ def llava_loss(model, batch) -> torch.Tensor:
     if n == 0:
         return zero_loss(model)
     _, loss = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), labels=batch["labels"],
-                    image_sizes=batch.get("image_sizes"))
+                    image_sizes=batch.get("image_sizes"), return_logits=False)
     return loss * n
 
 
 def lm_loss(model, batch) -> torch.Tensor:
-    _, loss = model(batch["input_ids"], labels=batch["labels"])
+    _, loss = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
     return loss * num_targets(batch)
 
 

@@ -1,5 +1,6 @@
 """One training loop for every stage: AdamW, warmup + cosine, gradient accumulation, clipping, bf16
-autocast and TF32 on CUDA, DDP or FSDP under torchrun, a JSONL metrics log, and exact resume.
+autocast where the hardware has it (CUDA, recent x86 CPUs), TF32 on CUDA, DDP or FSDP under torchrun,
+a JSONL metrics log, and exact resume.
 
 The stage supplies the model, its parameter groups, a dataset + collate function, `loss_fn(model,
 batch)` giving the *sum* of the per-target losses and `count_fn(batch)` giving the number of targets.
@@ -49,6 +50,7 @@ class TrainConfig:
     resume: bool = False
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (ZeRO-3) instead of DDP
     group_by_length: bool = False  # batches of samples of similar length (less padding); needs dataset lengths
+    bf16: Optional[bool] = None  # bf16 autocast (fp32 weights); None: where the hardware has it (bf16_native)
     stop_after: Optional[int] = None  # leave after this many steps, as if interrupted (tests, time limits)
     progress: bool = True
 
@@ -78,6 +80,16 @@ def leave_world() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def bf16_native(device) -> bool:
+    """Whether bf16 matrix products are native here: CUDA, or a CPU with AVX512-BF16 or AMX instructions.
+    Elsewhere (most laptops, older servers) oneDNN emulates them, slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (x86)
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def peak_flops(device) -> Optional[float]:
@@ -116,6 +128,7 @@ class Trainer:
         self.model, self.dataset, self.collate, self.cfg = model, dataset, collate, cfg
         self.loss_fn, self.count_fn = loss_fn, count_fn
         self.device = torch.device(device)
+        self.bf16 = bf16_native(self.device) if cfg.bf16 is None else cfg.bf16
         self.rank, self.world_size = world()
         names = {id(p): n for n, p in model.named_parameters()}
         self.trainable_names = [names[id(p)] for g in param_groups for p in g["params"]]
@@ -192,7 +205,7 @@ class Trainer:
             ctx = model.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
             if self.fsdp:
                 model.set_requires_gradient_sync(sync)
-            with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                 part = self.loss_fn(model, batch)
                 # DDP / FSDP average gradients over processes; scale back up so the result is sum / total.
                 (part * self.world_size / total).backward()

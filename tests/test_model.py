@@ -110,6 +110,27 @@ def test_llava_logits_with_image_match_transformers(hf_llava_dir):
     torch.testing.assert_close(loss, out.loss, **TOL)
 
 
+
+def test_training_loss_without_logits_matches_transformers_with_its_gradients(hf_llava_dir):
+    """return_logits=False (what training uses) projects only the supervised positions: the same loss and
+    the same gradients as transformers' full logits, with labels scattered differently in each row."""
+    from transformers import LlavaForConditionalGeneration
+    ref = hf_reference(LlavaForConditionalGeneration, hf_llava_dir)
+    ours = llava_min.load(hf_llava_dir)
+    ids, x = image_prompt(16, batch=2, text_after=20), pixels(2)
+    kept = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.3
+    labels = ids.masked_fill((ids == IMAGE_TOKEN) | ~kept, -100)
+    logits, loss = ours(ids, pixel_values=x, labels=labels, return_logits=False)
+    out = ref(input_ids=ids, pixel_values=x, labels=labels)
+    assert logits is None
+    torch.testing.assert_close(loss, out.loss, **TOL)
+    loss.backward()
+    out.loss.backward()
+    for name, theirs in [("language_model.lm_head.weight", ref.lm_head.weight),
+                         ("language_model.norm.weight", ref.model.language_model.norm.weight),
+                         ("projector.linear_1.weight", ref.model.multi_modal_projector.linear_1.weight)]:
+        torch.testing.assert_close(ours.get_parameter(name).grad, theirs.grad, **TOL, msg=name)
+
 def test_out_of_vocabulary_image_token(hf_llava_dir):
     """The official -200 placeholder works like the in-vocabulary id."""
     ours = llava_min.load(hf_llava_dir)
@@ -196,6 +217,19 @@ def test_sampling_is_reproducible_with_a_generator(hf_llava_dir):
     runs = [generate(ours, ids, 10, temperature=0.9, top_p=0.9, generator=torch.Generator().manual_seed(7),
                      pixel_values=x) for _ in range(2)]
     assert runs[0].tolist() == runs[1].tolist()
+
+
+def test_attention_under_cpu_autocast_runs_in_fp32():
+    """bf16 autocast would make SDPA bf16; on a CPU attention stays fp32 (faster there, and exact)."""
+    from llava_min.llama import attend
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=g)
+    k, v = torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = attend(q, k, v, None, causal=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **TOL)
 
 
 def test_module_output_shapes():

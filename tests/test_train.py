@@ -94,11 +94,21 @@ def test_loader_workers_change_nothing(parts, tmp_path):
     assert fit(stage1_model(parts), "2", parts, out=tmp_path / "b", num_workers=2, **run) == alone
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_autocast_only_when_asked_with_fp32_weights(parts, tmp_path, bf16):
+    model = stage1_model(parts)
+    seen = set()
+    model.language_model.lm_head.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    fit(model, "2", parts, data="instruct.json", steps=2, out=tmp_path, bf16=bf16)
+    assert seen == {torch.bfloat16 if bf16 else torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def run_stage2(parts, out, extra, nproc=None):
     args = ["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
             "--tokenizer", str(parts / "tokenizer.model"), "--data", str(parts / "data" / "instruct.json"),
             "--image-folder", str(parts / "data" / "images"), "--max-steps", "3", "--out", str(out), "--no-progress",
-            "--seed", "1"] + extra
+            "--seed", "1", "--no-bf16"] + extra  # fp32: the sums over processes then agree to ~1e-6
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
         else [sys.executable]
