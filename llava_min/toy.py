@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .trainer import bf16_native
+
 ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the README's table)
     "full": [],
     "no-stage2": ["--no-stage2"],
@@ -97,7 +99,9 @@ def run_pipeline(args, preset, stages) -> dict:
                    out=stage2), timings)
     final = stage1 if args.no_stage2 else stage2
     results = evaluate_run(final, data, args)
+    bf16 = bf16_native(args.device) if args.bf16 is None else args.bf16
     results.update(variant=variant_name(args), world=args.world, seed=args.seed, device=device_name(args.device),
+                   precision="bf16 autocast" if bf16 else "fp32",
                    stage_seconds=timings, wall_seconds=round(time.perf_counter() - t_start, 1),
                    num_train_images=len(json.loads((data / "pretrain.json").read_text())))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -122,7 +126,7 @@ def evaluate_run(model_dir: Path, data: Path, args) -> dict:
 
 def report(results: dict) -> None:
     print(f"\nheld-out results ({results['world']} world, {results['variant']}, {results['device']}, "
-          f"{results['wall_seconds']:.0f}s)")
+          f"{results['precision']}, {results['wall_seconds']:.0f}s)")
     print(f"{'question type':<14}{'accuracy':>10}{'blind':>10}{'n':>6}")
     for fmt, kinds in results["scores"].items():
         for kind, s in kinds.items():
@@ -138,7 +142,8 @@ def run_ablations(args, preset, stages) -> None:
     """Every row of the README's ablation table, each a real run of the pipeline with one flag."""
     from train import parse_args
     base = ["--seed", str(args.seed), "--out", str(args.out), "--data-dir", str(args.data_dir), "--device", args.device,
-            "--world", args.world] + (["--anyres"] if args.anyres else [])
+            "--world", args.world] + (["--anyres"] if args.anyres else []) + \
+        ([] if args.bf16 is None else ["--bf16" if args.bf16 else "--no-bf16"])
     rows = {}
     for name, flags in ABLATIONS.items():
         print(f"\n=== ablation: {name} ({' '.join(flags) or 'no flag'}) ===")

@@ -21,7 +21,8 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
     train.main(args)
     results = json.loads((tmp_path / "runs" / "full" / "results.json").read_text())
     assert filled(results), results
-    for key in ("scores", "blind_scores", "samples", "stage_seconds", "wall_seconds", "device", "seed", "variant"):
+    for key in ("scores", "blind_scores", "samples", "stage_seconds", "wall_seconds", "device", "precision", "seed",
+                "variant"):
         assert key in results
     assert set(results["stage_seconds"]) == {"data", "tokenizer", "clip", "lm", "stage 1", "stage 2"}
     assert {"color", "count", "position", "overall"} <= set(results["scores"]["short"])
