@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .trainer import bf16_native
+from .trainer import use_bf16
 
 ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the README's table)
     "full": [],
@@ -99,9 +99,8 @@ def run_pipeline(args, preset, stages) -> dict:
                    out=stage2), timings)
     final = stage1 if args.no_stage2 else stage2
     results = evaluate_run(final, data, args)
-    bf16 = bf16_native(args.device) if args.bf16 is None else args.bf16
     results.update(variant=variant_name(args), world=args.world, seed=args.seed, device=device_name(args.device),
-                   precision="bf16 autocast" if bf16 else "fp32",
+                   precision="bf16 autocast" if use_bf16(args.device, args.bf16) else "fp32",
                    stage_seconds=timings, wall_seconds=round(time.perf_counter() - t_start, 1),
                    num_train_images=len(json.loads((data / "pretrain.json").read_text())))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))

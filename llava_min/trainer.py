@@ -50,7 +50,7 @@ class TrainConfig:
     resume: bool = False
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (ZeRO-3) instead of DDP
     group_by_length: bool = False  # batches of samples of similar length (less padding); needs dataset lengths
-    bf16: Optional[bool] = None  # bf16 autocast (fp32 weights); None: where the hardware has it (bf16_native)
+    bf16: Optional[bool] = None  # bf16 autocast (fp32 weights); None: where the hardware has it (use_bf16)
     stop_after: Optional[int] = None  # leave after this many steps, as if interrupted (tests, time limits)
     progress: bool = True
 
@@ -92,6 +92,11 @@ def bf16_native(device) -> bool:
     return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def use_bf16(device, choice: Optional[bool]) -> bool:
+    """bf16 autocast or not: the choice made (--bf16 / --no-bf16), else where it is native."""
+    return bf16_native(device) if choice is None else choice
+
+
 def peak_flops(device) -> Optional[float]:
     if torch.device(device).type != "cuda":
         return None
@@ -128,7 +133,7 @@ class Trainer:
         self.model, self.dataset, self.collate, self.cfg = model, dataset, collate, cfg
         self.loss_fn, self.count_fn = loss_fn, count_fn
         self.device = torch.device(device)
-        self.bf16 = bf16_native(self.device) if cfg.bf16 is None else cfg.bf16
+        self.bf16 = use_bf16(self.device, cfg.bf16)
         self.rank, self.world_size = world()
         names = {id(p): n for n, p in model.named_parameters()}
         self.trainable_names = [names[id(p)] for g in param_groups for p in g["params"]]

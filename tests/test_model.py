@@ -110,7 +110,6 @@ def test_llava_logits_with_image_match_transformers(hf_llava_dir):
     torch.testing.assert_close(loss, out.loss, **TOL)
 
 
-
 def test_training_loss_without_logits_matches_transformers_with_its_gradients(hf_llava_dir):
     """return_logits=False (what training uses) projects only the supervised positions: the same loss and
     the same gradients as transformers' full logits, with labels scattered differently in each row."""
@@ -130,6 +129,7 @@ def test_training_loss_without_logits_matches_transformers_with_its_gradients(hf
                          ("language_model.norm.weight", ref.model.language_model.norm.weight),
                          ("projector.linear_1.weight", ref.model.multi_modal_projector.linear_1.weight)]:
         torch.testing.assert_close(ours.get_parameter(name).grad, theirs.grad, **TOL, msg=name)
+
 
 def test_out_of_vocabulary_image_token(hf_llava_dir):
     """The official -200 placeholder works like the in-vocabulary id."""
