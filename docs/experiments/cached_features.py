@@ -12,6 +12,8 @@ repository root after `python train.py` has built data/toy and runs/toy:
     python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --llm DIR --constant-lr
     python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --types color \
         --constant-lr --steps 1000 --eval-every 250
+    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features words --types color \
+        --constant-lr --steps 1000 --eval-every 250
 
 Each evaluation also prints "color 2+", "position 2+" and "shape 2+": those questions on images with two to four
 objects, where the answer needs the object the question names to be picked out (README, "Where it fails").
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--vision", type=Path, help="another CLIP directory (then the projector starts fresh)")
     p.add_argument("--llm", type=Path, help="another LLM directory (replaces the stage-1 model's)")
     p.add_argument("--layer", type=int, default=-2)
-    p.add_argument("--features", choices=["clip", "oracle"], default="clip")
+    p.add_argument("--features", choices=["clip", "oracle", "words"], default="clip")
     p.add_argument("--transform", choices=["none", "zca", "standardize", "mix"], default="none",
                    help="zca: whiten; standardize: per dimension; mix: an ill-conditioned random mixing (for the oracle)")
     p.add_argument("--steps", type=int, default=2000)
@@ -67,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--floor", type=float, default=1e-5, help="zca: eigenvalues below this share of the largest "
                    "are raised to it")
     p.add_argument("--types-steps", type=int, help="the steps that train only on --types (default: all of them)")
+    p.add_argument("--init-scale", type=float, default=1.0, help="scale a fresh projector's first layer by this")
     return p.parse_args(argv)
 
 
@@ -94,6 +97,17 @@ def oracle_features(scenes: dict, images: list) -> torch.Tensor:
             cell[colors.index(o["color"])] = 1
             cell[len(colors) + shapes.index(o["shape"])] = 1
             cell[len(colors) + len(shapes) + sizes.index(o["size"])] = 1
+    return f
+
+
+def word_features(scenes: dict, images: list, model, tok) -> torch.Tensor:
+    """Per cell: the sum of the LLM's input embeddings of its object's words ("small red triangle"; zeros if
+    empty): the tokens a perfect stage-1 alignment would give."""
+    embed = model.language_model.embed_tokens.weight.detach()
+    f = torch.zeros(len(images), 9, embed.shape[-1])
+    for i, name in enumerate(images):
+        for o in scenes[name]["objects"]:
+            f[i, o["row"] * 3 + o["col"]] = embed[tok.encode(f"{o['size']} {o['color']} {o['shape']}")].sum(0)
     return f
 
 
@@ -145,6 +159,8 @@ def main(argv=None):
     train_rows = torch.tensor([n.startswith("train/") for n in images])
     if args.features == "oracle":
         feats = oracle_features(scenes, images)
+    elif args.features == "words":
+        feats = word_features(scenes, images, model, tok)
     else:
         vision = llava_min.load_vision(args.vision, select_layer=args.layer) if args.vision else model.vision_tower
         vision.num_blocks = args.layer % (vision.cfg.num_hidden_layers + 1)
@@ -152,8 +168,15 @@ def main(argv=None):
     feats = transform(feats, train_rows, args.transform, args.seed, args.keep, args.floor)
     feats = torch.cat([feats, *extra_columns(args, scenes, images, feats.shape[:2])], -1)
     print(f"features {tuple(feats.shape)}; variance share of the principal directions: {spectrum(feats[train_rows])}")
-    if feats.shape[-1] != model.cfg.vision.hidden_size or args.transform != "none" or args.vision:
+    if args.features == "words":  # the LLM reads the word embeddings as they are, through a trainable identity
+        model.projector = Projector("linear", feats.shape[-1], model.cfg.text.hidden_size)
+        with torch.no_grad():
+            model.projector.linear_1.weight.copy_(torch.eye(feats.shape[-1]))
+            model.projector.linear_1.bias.zero_()
+    elif feats.shape[-1] != model.cfg.vision.hidden_size or args.transform != "none" or args.vision:
         model.projector = Projector(model.cfg.projector_type, feats.shape[-1], model.cfg.text.hidden_size)
+        with torch.no_grad():
+            model.projector.linear_1.weight.mul_(args.init_scale)
 
     def encode(image, turns):
         ids, labels = tokenize_conversation(turns, tok, "vicuna_v1", num_image_tokens=9, image_token_id=image_id)
