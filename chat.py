@@ -14,13 +14,18 @@ from pathlib import Path
 import torch
 
 import llava_min
-from llava_min.conversation import tokenize_prompt
-from llava_min.generate import generate
+from llava_min.conversation import stop_text, tokenize_prompt
+from llava_min.generate import cut_at, generate, stop_at
 from llava_min.eval import model_pixels
 from llava_min.image import load_image
 from llava_min.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def partial_marker(text: str, end) -> int:
+    """How many of the text's last characters could be the start of the end marker (held back from the stream)."""
+    return next((k for k in range(len(end or "") - 1, 0, -1) if text.endswith(end[:k])), 0)
 
 
 class Chat:
@@ -78,22 +83,28 @@ class Chat:
         new = torch.tensor([ids[k:]], device=self.cache.k[0].device)
         has_image = bool((new == self.model.cfg.image_token_id).any())
         self.prefilled += new.shape[1]
-        reply_ids, shown = [], ""
+        reply_ids, text, shown, end = [], "", "", stop_text(self.template)
 
         def on_token(token):
-            nonlocal shown
+            nonlocal text
             reply_ids.append(int(token))
-            text_so_far = self.tok.decode([t for t in reply_ids if t != self.tok.eos_id])
-            if stream is not None and len(text_so_far) > len(shown):
-                stream(text_so_far[len(shown):])
-            shown = text_so_far
+            text = cut_at(self.tok.decode([t for t in reply_ids if t != self.tok.eos_id]), end)
+            show(text[: len(text) - partial_marker(text, end)])
+
+        def show(visible: str):
+            nonlocal shown
+            if stream is not None and len(visible) > len(shown):
+                stream(visible[len(shown):])
+            shown = visible
         budget = min(self.max_new_tokens, self.max_len - len(ids))
         generate(self.model, new, budget, temperature=self.temperature, top_p=self.top_p,
                  eos_id=self.model.cfg.text.eos_token_id, generator=self.generator, cache=self.cache,
-                 on_token=on_token, compile=self.compile, pixel_values=self.pixel_values if has_image else None,
+                 on_token=on_token, compile=self.compile, stop=stop_at(self.tok, end),
+                 pixel_values=self.pixel_values if has_image else None,
                  image_sizes=[self.image_size] if has_image and self.model.anyres else None)
         self.cached_ids = ids + reply_ids[:-1]  # the last sampled token was never fed back
-        reply = shown.strip()
+        show(text)  # what was held back, if the budget ended the reply
+        reply = text.strip()
         self.turns = turns + [{"from": "gpt", "value": reply}]
         return reply
 

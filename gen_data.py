@@ -269,6 +269,7 @@ def run_coco(args) -> dict:
     if not os.environ.get("OPENAI_API_KEY"):
         print("note: OPENAI_API_KEY is not set; requests go without an Authorization header")
     client = ChatClient(args.api_base, args.model)
+    args.types = list(dict.fromkeys(args.types))  # "--types detail detail" asks once
     requests = [(f"{c.image}|{t}", build_messages(t, c.captions, c.boxes), None) for c in contexts for t in args.types]
     args.out.mkdir(parents=True, exist_ok=True)
     responses = args.out / "responses.jsonl"

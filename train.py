@@ -7,7 +7,7 @@
 
 Stage 1 (feature alignment) trains only the projector W on caption pairs; stage 2 (end-to-end
 fine-tuning) trains W and the LLM on instruction data; CLIP stays frozen in both. The toy world also
-needs `--stage clip` and `--stage lm`, because LLaVA starts from a pretrained CLIP and LLM.
+needs `--stage tokenizer`, `--stage clip` and `--stage lm`, because LLaVA starts from a pretrained CLIP and LLM.
 """
 import argparse
 import dataclasses
@@ -19,7 +19,7 @@ import torch
 
 import llava_min
 from llava_min import stages
-from llava_min.checkpoints import save_llama, save_stage1, save_vision
+from llava_min.checkpoints import append_image_token, save_llama, save_stage1, save_vision
 from llava_min.clip import VisionConfig, VisionTower
 from llava_min.clip_pretrain import ContrastiveCLIP
 from llava_min.data import LlavaDataset, collate
@@ -102,7 +102,8 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["clip", "lm", "1", "2"], help="one stage; none = the whole toy pipeline")
+    p.add_argument("--stage", choices=["tokenizer", "clip", "lm", "1", "2"],
+                   help="one stage; none = the whole toy pipeline")
     p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     p.add_argument("--data", type=Path, help="training data (LLaVA JSON/JSONL; corpus.txt for --stage lm)")
     p.add_argument("--image-folder", type=Path)
@@ -193,6 +194,12 @@ def run(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSet
 
 # ---------------------------------------------------------------- stages
 
+def stage_tokenizer(args, preset: Preset):
+    """The toy's sentencepiece model, trained on --data (corpus.txt) and written to --out (a file)."""
+    from llava_min.tokenizer import train_tokenizer
+    train_tokenizer(args.data, args.out, preset.vocab_size)
+
+
 def stage_clip(args, preset: Preset):
     tok = Tokenizer(args.tokenizer)
     text_cfg = dataclasses.replace(preset.clip_text, vocab_size=tok.vocab_size)
@@ -235,8 +242,9 @@ def lora_config(args):
 def train_llava(args, preset: Preset, stage: str, model, tok, save):
     s = settings(args, preset.stage1 if stage == "1" else preset.stage2)
     projector_lr = args.projector_lr
-    if stage == "2" and args.lora and args.lr is None:  # LLaVA-1.5's LoRA recipe: 10x the lr, projector unchanged
-        s, projector_lr = dataclasses.replace(s, lr=10 * s.lr), projector_lr or s.lr
+    if stage == "2" and args.lora:  # LLaVA-1.5's LoRA recipe: 10x the lr for the adapter, the projector's unchanged
+        projector_lr = projector_lr or preset.stage2.lr
+        s = s if args.lr is not None else dataclasses.replace(s, lr=10 * preset.stage2.lr)
     lora = lora_config(args) if stage == "2" else None
     template = "plain" if stage == "1" else (args.template or preset.template)
     max_length = args.max_length or preset.max_length
@@ -279,8 +287,11 @@ def stage_1(args, preset: Preset):
 
 
 def stage_2(args, preset: Preset):
-    if args.init is not None:
-        model = llava_min.load(args.init, dtype=load_dtype(args, preset), device=args.device)
+    if args.init is not None:  # ours, or an official stage-1 release (its CLIP and LLM from --vision / --llm)
+        model = llava_min.load(args.init, dtype=load_dtype(args, preset), device=args.device, vision_path=args.vision,
+                               llm_path=args.llm)
+        if model.cfg.image_token_id < 0:  # the official placeholder: give <image> a row, as llava-hf needs
+            append_image_token(model)
         tokenizer = args.tokenizer or args.init / "tokenizer.model"
     else:  # no stage 1: CLIP + LLM + a random projector
         model = llava_min.build_llava(args.vision, args.llm, args.projector or preset.projector,
@@ -300,7 +311,7 @@ def stage_2(args, preset: Preset):
     return train_llava(args, preset, "2", model, Tokenizer(tokenizer), save)
 
 
-STAGES = {"clip": stage_clip, "lm": stage_lm, "1": stage_1, "2": stage_2}
+STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "lm": stage_lm, "1": stage_1, "2": stage_2}
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@
    LLM knows where rows end, and flatten; the global view's features go first.
 The number of visual tokens therefore depends on the image's size (`num_tokens`).
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,9 +37,9 @@ def fit_size(size: tuple, target: tuple) -> tuple:
     """(height, width) of the image resized to fit inside `target`, keeping its aspect ratio."""
     h, w = size
     th, tw = target
-    if tw / w < th / h:
-        return min(-(-h * tw // w), th), tw
-    return th, min(-(-w * th // h), tw)
+    if tw / w < th / h:  # the reference's float arithmetic (an exact integer ceiling differs by 1 px at times)
+        return min(math.ceil(h * (tw / w)), th), tw
+    return th, min(math.ceil(w * (th / h)), tw)
 
 
 def unpad_shape(size: tuple, grid: tuple) -> tuple:

@@ -176,12 +176,22 @@ def resolve_vision_path(cfg: dict, path, vision_path):
     name = cfg.get("mm_vision_tower")
     if local_dir(name, path):
         return local_dir(name, path)
-    cache = Path.home() / ".cache/huggingface/hub" / f"models--{str(name).replace('/', '--')}" / "snapshots"
-    snapshots = sorted(cache.glob("*/config.json")) if name else []
-    if snapshots:
-        return snapshots[-1].parent
+    snapshot = hub_snapshot(name) if name else None
+    if snapshot is not None:
+        return snapshot
     raise CheckpointError(f"{path}/config.json names the vision tower {name!r}, which is not a local directory "
                           f"or in the Hugging Face cache: pass vision_path=<CLIP directory>")
+
+
+def hub_snapshot(name: str) -> Optional[Path]:
+    """The Hugging Face cache's copy of repo `name` that `refs/main` points to (else its newest)."""
+    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"
+    repo = Path(hub) / f"models--{name.replace('/', '--')}"
+    main = repo / "refs" / "main"
+    if main.is_file() and (repo / "snapshots" / main.read_text().strip() / "config.json").is_file():
+        return repo / "snapshots" / main.read_text().strip()
+    snapshots = sorted((repo / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    return snapshots[-1].parent if snapshots else None
 
 
 def stage1_projector_file(path) -> Optional[Path]:
@@ -216,8 +226,16 @@ def build_llava(vision_path, llm_path, projector_type="mlp2x_gelu", select_layer
     materialize(model.projector, device, dtype)
     model.language_model.tie_weights()
     if image_token_id is None:
-        model.language_model.resize_vocab(-(-(text.vocab_size + 1) // 64) * 64)
+        append_image_token(model)
     return model
+
+
+def append_image_token(model: Llava) -> None:
+    """An `<image>` token after the vocabulary, the vocabulary padded to a multiple of 64, as llava-hf does
+    (32000 for Vicuna): what a model using the official -200 placeholder needs before transformers loads it."""
+    vocab = model.language_model.cfg.vocab_size
+    model.cfg.image_token_id = vocab
+    model.language_model.resize_vocab(-(-(vocab + 1) // 64) * 64)
 
 
 def save_stage1(model: Llava, out_dir, vision_path, llm_path, tokenizer_path=None) -> None:
@@ -258,7 +276,9 @@ def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_pa
     model = build_llava(vision_path, path, projector_type, proj_cfg.get("mm_vision_select_layer", -2),
                         proj_cfg.get("mm_vision_select_feature", "patch"), image_token_id=image_token_id, dtype=dtype,
                         device=device, image_aspect_ratio=proj_cfg.get("image_aspect_ratio", "pad"))
-    load_into(model.projector, proj_files, OFFICIAL_PROJECTOR, dtype, device, keep=is_official_projector)
+    # a whole checkpoint's files hold the LLM too; a projector file holds the projector and nothing else
+    keep = is_official_projector if projector_path is None else (lambda key: True)
+    load_into(model.projector, proj_files, OFFICIAL_PROJECTOR, dtype, device, keep=keep)
     return model
 
 
@@ -350,4 +370,7 @@ def save_llama(llm: Llama, out_dir, tokenizer_path=None) -> None:
 
 def save_llava(model: Llava, out_dir, tokenizer_path=None, extra_files: Optional[dict] = None) -> None:
     """A llava-hf directory in the hub's key names."""
+    if model.cfg.image_token_id < 0:
+        raise CheckpointError(f"{out_dir}: the image placeholder {model.cfg.image_token_id} has no row in the "
+                              "vocabulary, which llava-hf needs: call append_image_token(model) first")
     save_pretrained(model, hf_config(model.cfg), out_dir, hub_key, tokenizer_path, extra_files)

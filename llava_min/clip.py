@@ -108,6 +108,9 @@ class VisionTower(nn.Module):
         super().__init__()
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        if not -(cfg.num_hidden_layers + 1) <= select_layer <= cfg.num_hidden_layers:
+            raise ValueError(f"select_layer {select_layer} is outside the {cfg.num_hidden_layers + 1} hidden states "
+                             f"(embeddings + {cfg.num_hidden_layers} layers)")
         self.cfg, self.select_feature = cfg, select_feature
         self.num_blocks = select_layer % (cfg.num_hidden_layers + 1)  # blocks to run; -2 -> L - 1
         self.embeddings = VisionEmbeddings(cfg)

@@ -51,6 +51,13 @@ TEMPLATES = {
 
 # ---------------------------------------------------------------- turns
 
+def stop_text(template: str):
+    """The end marker a reply of this template stops at when it is not EOS ("###" for llava_v0, "\\n" for
+    plain), or None: the official CLI stops at `conv.sep` so."""
+    sep2 = TEMPLATES[template].sep2
+    return None if sep2 == "</s>" else sep2
+
+
 def check_turns(conversations) -> list:
     """(role, text) pairs, role 0 = human, 1 = assistant. Raises ValueError("<what is wrong>: <detail>")
     unless the turns alternate human, gpt, human, ... and every value is text."""

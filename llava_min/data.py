@@ -27,7 +27,10 @@ class DataError(ValueError):
 def read_records(path) -> list:
     """A JSON list or JSONL file, decided by the content, not the extension."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -203,9 +206,10 @@ def collate(items: list, pad_id: int = 0) -> dict:
         n = len(it["input_ids"])
         ids[row, :n], labels[row, :n], mask[row, :n] = it["input_ids"], it["labels"], 1
     images = [it["pixel_values"] for it in kept if it["pixel_values"] is not None]
-    batch = {"ids": [it["id"] for it in kept], "input_ids": ids, "labels": labels, "attention_mask": mask,
-             "pixel_values": torch.stack(images) if images else None, "num_skipped": len(items) - len(kept)}
     sizes = [it["image_size"] for it in kept if "image_size" in it]
-    if sizes:  # AnyRes: each image brings its own number of tiles
-        batch["pixel_values"], batch["image_sizes"] = torch.cat(images), torch.tensor(sizes)
+    pixels = (torch.cat(images) if sizes else torch.stack(images)) if images else None  # AnyRes: own tile counts
+    batch = {"ids": [it["id"] for it in kept], "input_ids": ids, "labels": labels, "attention_mask": mask,
+             "pixel_values": pixels, "num_skipped": len(items) - len(kept)}
+    if sizes:
+        batch["image_sizes"] = torch.tensor(sizes)
     return batch

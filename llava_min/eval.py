@@ -6,7 +6,6 @@ relative score (LLaVA Sec. 5.1). Greedy decoding, batched with left padding.
     python -m llava_min.eval --model DIR --bench bench.json --image-folder IMAGES --api-base URL --judge-model M
 """
 import argparse
-import argparse
 import json
 import re
 import string
@@ -37,9 +36,9 @@ def parse_choice(text: str, num_choices: int):
     text = text.strip()
     if len(text) == 1 and text in letters:
         return text
-    if len(text) >= 2 and text[0] in letters and text[1] == ".":
+    if len(text) >= 3 and text[0] in letters and text[1:3] == ". ":  # "B. blue" (not "B." or "A.B")
         return text[0]
-    found = re.findall(r"The answer is ([A-Z])\.", text)
+    found = re.findall(r"The answer is ([A-Z]).", text)  # the official pattern: "." is any character
     return found[0] if len(found) == 1 and found[0] in letters else None
 
 
@@ -86,10 +85,12 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
     """Greedy answers to each record's first question, batched with left padding."""
     from tqdm import tqdm
 
-    from .conversation import tokenize_prompt
+    from .conversation import stop_text, tokenize_prompt
+    from .generate import cut_at, stop_at
     from .image import load_image
     cfg, device = model.cfg, next(model.parameters()).device
     template = template or cfg.template
+    end = stop_text(template)
     answers = []
     for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc="eval"):
         chunk = records[start: start + batch_size]
@@ -107,8 +108,9 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
         dtype = next(model.vision_tower.parameters()).dtype
         pixels = (torch.cat if model.anyres else torch.stack)(images).to(device, dtype) if images else None
         out = model.generate(ids.to(device), pixel_values=pixels, attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, image_sizes=sizes if model.anyres else None)
-        answers += [decode_until_eos(tok, row) for row in out.tolist()]
+                             max_new_tokens=max_new_tokens, image_sizes=sizes if model.anyres else None,
+                             stop=stop_at(tok, end))
+        answers += [cut_at(decode_until_eos(tok, row), end).strip() for row in out.tolist()]
     return answers
 
 
@@ -124,8 +126,18 @@ def decode_until_eos(tok, ids: list) -> str:
     return tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids).strip()
 
 
+def check_eval_records(records: list, path) -> None:
+    """Before any answer is generated: every record holds what scoring reads."""
+    for n, r in enumerate(records):
+        need = ("id", "format", "answer", "conversations") + (("choices",) if r.get("format") == "choice" else ())
+        missing = [k for k in need if k not in r]
+        if missing:
+            raise ValueError(f"{path}: record {r.get('id', f'#{n}')}: missing {', '.join(missing)}")
+
+
 def evaluate(model, tok, data_path, image_folder, blind=False, batch_size=32, limit=None, progress=False) -> dict:
     records = json.loads(Path(data_path).read_text())[:limit]
+    check_eval_records(records, data_path)
     predictions = answer(model, tok, records, image_folder, blind=blind, batch_size=batch_size, progress=progress)
     return {"scores": score(records, predictions),
             "predictions": [{"id": r["id"], "prediction": p, "answer": r["answer"]} for r, p in zip(records, predictions)]}
@@ -198,6 +210,7 @@ def main(argv=None):
     from .checkpoints import load
     from .gpt_data import ChatClient
     from .tokenizer import Tokenizer
+    from .weights import atomic_write
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", type=Path, help="eval.json: short-answer and multiple-choice records")
@@ -229,7 +242,7 @@ def main(argv=None):
             print(f"LLaVA-Bench {category:<14} relative {s['relative']:>6.1f}  (model {s['model']}, reference "
                   f"{s['reference']}, n {s['n']})")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
 
 
 if __name__ == "__main__":

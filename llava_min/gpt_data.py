@@ -252,14 +252,22 @@ class ChatClient:
         return f"ChatClient({self.url!r}, model={self.model!r}, key from ${self.key_env})"
 
     def redact(self, text: str) -> str:
-        key = os.environ.get(self.key_env)
+        key = self.api_key(check=False)
         return text.replace(key, "[redacted]") if key else text
+
+    def api_key(self, check: bool = True) -> str:
+        """The key without the whitespace around it (a .env file's line end); one with whitespace or control
+        characters inside is refused before it reaches a header, whose error would quote it."""
+        key = os.environ.get(self.key_env, "").strip()
+        if check and any(c.isspace() or not c.isprintable() for c in key):
+            raise FatalTeacherError(f"${self.key_env} holds whitespace or control characters (not shown)")
+        return key
 
     def post(self, messages: list) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature}).encode()
         headers = {"Content-Type": "application/json"}
-        if os.environ.get(self.key_env):
-            headers["Authorization"] = "Bearer " + os.environ[self.key_env]
+        if self.api_key():
+            headers["Authorization"] = "Bearer " + self.api_key()
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             raw = response.read()

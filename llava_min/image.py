@@ -31,7 +31,10 @@ class ImageError(ValueError):
 def resolve_in_folder(name, image_folder) -> Path:
     """`name` inside `image_folder`; refuses `..`, absolute paths and symlinks that lead outside."""
     folder = Path(image_folder).resolve()
-    path = (folder / name).resolve()
+    try:
+        path = (folder / name).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise ImageError(f"image path {name!r} cannot be resolved in the image folder {image_folder}: {e}") from e
     if not path.is_relative_to(folder):
         raise ImageError(f"image path {name!r} leads outside the image folder {image_folder} (to {path})")
     return path

@@ -87,13 +87,16 @@ def merge_lora(llm: nn.Module) -> None:
 
 
 def adapter_state(model) -> dict:
-    """What an adapter checkpoint holds: every LoRA tensor and the (fully trained) projector."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("projector.")}
+    """What an adapter checkpoint holds: every LoRA tensor, the (fully trained) projector, and AnyRes's row-end
+    vector when the model has one (stage 2 trains it too)."""
+    return {k: v for k, v in model.state_dict().items()
+            if ".lora_" in k or k.startswith("projector.") or k == "image_newline"}
 
 
 def save_adapter(model, out_dir, base=None, tokenizer_path=None) -> None:
     cfg = model.language_model.lora_config
-    config = json.dumps({**asdict(cfg), "base": str(base) if base else None}, indent=2)
+    config = json.dumps({**asdict(cfg), "base": str(base) if base else None,
+                         "image_grid_pinpoints": model.cfg.image_grid_pinpoints or None}, indent=2)
     save_safetensors(adapter_state(model), Path(out_dir) / "adapter.safetensors")
     if tokenizer_path is not None:
         atomic_write(Path(out_dir) / "tokenizer.model", lambda tmp: tmp.write_bytes(Path(tokenizer_path).read_bytes()))
@@ -105,6 +108,8 @@ def load_adapter(model, adapter_dir) -> None:
     from safetensors.torch import load_file
     adapter_dir = Path(adapter_dir)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("image_grid_pinpoints") and model.anyres is None:  # trained on AnyRes tiles from a one-view base
+        model.use_anyres(cfg["image_grid_pinpoints"])
     add_lora(model.language_model, LoRAConfig(cfg["r"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"])))
     saved, expected = load_file(adapter_dir / "adapter.safetensors"), adapter_state(model)
     if set(saved) != set(expected):
@@ -119,7 +124,7 @@ def load_adapter(model, adapter_dir) -> None:
 
 
 def main(argv=None):
-    from .checkpoints import load, save_llava
+    from .checkpoints import append_image_token, load, save_llava
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="base + adapter -> a plain llava-hf checkpoint")
@@ -129,6 +134,8 @@ def main(argv=None):
     merge.add_argument("--tokenizer", type=Path, help="default: BASE/tokenizer.model")
     args = p.parse_args(argv)
     model = load(args.base, dtype=torch.float32)
+    if model.cfg.image_token_id < 0:  # as train.py did before training the adapter
+        append_image_token(model)
     load_adapter(model, args.adapter)
     merge_lora(model.language_model)
     save_llava(model, args.out, args.tokenizer or args.base / "tokenizer.model")

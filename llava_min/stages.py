@@ -5,11 +5,11 @@ frozen; stage 2 (end-to-end fine-tuning) trains W and the LLM, CLIP still frozen
 two stages before them, because LLaVA starts from a pretrained CLIP and a pretrained LLM:
 `clip` (contrastive image-caption pretraining) and `lm` (next-token pretraining on text).
 """
-import json
 from pathlib import Path
 
 import torch
 
+from .data import DataError, read_records
 from .image import load_image, preprocess
 from .llama import IGNORE_INDEX
 
@@ -101,7 +101,11 @@ class CaptionPairs(torch.utils.data.Dataset):
     """(image, caption) pairs from an LLaVA-format caption file (the stage-1 `pretrain.json`)."""
 
     def __init__(self, data_path, image_folder, tok, image_size: int, max_len: int = 64):
-        self.records = json.loads(Path(data_path).read_text())
+        self.records = read_records(data_path)
+        for n, r in enumerate(self.records):
+            if not isinstance(r, dict) or "image" not in r or not r.get("conversations"):
+                name = r.get("id", f"#{n}") if isinstance(r, dict) else f"#{n}"
+                raise DataError(f"{data_path}: record {name}: a caption pair needs 'image' and 'conversations'")
         self.image_folder, self.tok, self.image_size, self.max_len = image_folder, tok, image_size, max_len
 
     def __len__(self):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .trainer import use_bf16
+from .weights import atomic_write
 
 ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the README's table)
     "full": [],
@@ -82,7 +83,10 @@ def run_pipeline(args, preset, stages) -> dict:
     common = dict(tokenizer=tokenizer, image_folder=images, init=None)
 
     def train(name: str, key: str, **fields):
-        return lambda: stages[key](stage_args(args, name, **{**common, **fields}), preset)
+        def run():
+            torch.manual_seed(args.seed)  # fresh weights depend on the seed, not on which stages ran before
+            return stages[key](stage_args(args, name, **{**common, **fields}), preset)
+        return run
 
     clip, lm = root / "clip", root / "lm"
     step("clip", (clip / "config.json").is_file(), train("clip", "clip", data=data / "pretrain.json", out=clip),
@@ -103,7 +107,7 @@ def run_pipeline(args, preset, stages) -> dict:
                    precision="bf16 autocast" if use_bf16(args.device, args.bf16) else "fp32",
                    stage_seconds=timings, wall_seconds=round(time.perf_counter() - t_start, 1),
                    num_train_images=len(json.loads((data / "pretrain.json").read_text())))
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     report(results)
     from .plot import plot_losses
     curves = {name: d / "metrics.jsonl" for name, d in [("stage 1", stage1), ("stage 2", stage2)]}
@@ -140,16 +144,14 @@ def report(results: dict) -> None:
 def run_ablations(args, preset, stages) -> None:
     """Every row of the README's ablation table, each a real run of the pipeline with one flag."""
     from train import parse_args
-    base = ["--seed", str(args.seed), "--out", str(args.out), "--data-dir", str(args.data_dir), "--device", args.device,
-            "--world", args.world] + (["--anyres"] if args.anyres else []) + \
-        ([] if args.bf16 is None else ["--bf16" if args.bf16 else "--no-bf16"])
+    defaults = vars(parse_args([]))
     rows = {}
-    for name, flags in ABLATIONS.items():
+    for name, flags in ABLATIONS.items():  # the command line's settings, and the row's flag on top
         print(f"\n=== ablation: {name} ({' '.join(flags) or 'no flag'}) ===")
-        rows[name] = run_pipeline(parse_args(base + flags + (["--no-progress"] if args.no_progress else [])),
-                                  preset, stages)
+        row = {k: v for k, v in vars(parse_args(flags)).items() if v != defaults[k]}
+        rows[name] = run_pipeline(argparse.Namespace(**{**vars(args), "ablations": False, **row}), preset, stages)
     table = ablation_table(rows)
-    (args.out / "ablations.md").write_text(table)
+    atomic_write(args.out / "ablations.md", lambda tmp: tmp.write_text(table))
     print("\n" + table)
 
 

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
-from .weights import atomic_dir, save_safetensors
+from .weights import atomic_dir, atomic_write, recover_dir, save_safetensors
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
 # Dense bf16 peak FLOP/s for MFU, keyed by a substring of torch.cuda.get_device_name().
@@ -186,7 +186,8 @@ class Trainer:
         """Lists of `grad_accum` collated micro-batches, one list per optimizer step (workers prefetch)."""
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.micro_batch_indices(first_step),
                                              collate_fn=self.collate, num_workers=self.cfg.num_workers,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda",  # its own generator: starting
+                                             generator=torch.Generator().manual_seed(self.cfg.seed))  # draws no RNG
         group = []
         for batch in loader:
             group.append(batch)
@@ -235,6 +236,8 @@ class Trainer:
         """Runs to `total_steps` (or `stop_after`), calls `save()` at the end; returns the step losses."""
         torch.manual_seed(self.cfg.seed + self.rank)
         random.seed(self.cfg.seed + self.rank)
+        if self.cfg.resume:
+            recover_dir(self.state_dir)
         if self.cfg.resume and (self.state_dir / "state.pt").is_file():
             self.load_state()
         self.trim_log()
@@ -288,19 +291,23 @@ class Trainer:
     def trim_log(self) -> None:
         """Keep only the log lines of steps this run has already done (none on a fresh start)."""
         if self.rank == 0 and self.log_file.is_file():
-            lines = [l for l in self.log_file.read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
-            self.log_file.write_text("".join(l + "\n" for l in lines))
+            lines = [l for l in self.log_file.read_text().splitlines() if logged_step(l) <= self.step]
+            atomic_write(self.log_file, lambda tmp: tmp.write_text("".join(l + "\n" for l in lines)))
 
     # ------------------------------------------------------------ resume
     def save_state(self) -> None:
         """Trained weights, optimizer, schedule position, RNG: everything a resumed run needs."""
         model_state = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
         optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+        rng = [self.rng_state()]
+        if self.world_size > 1:  # every process draws its own dropout masks: keep each one's generators
+            rng = [None] * self.world_size
+            dist.all_gather_object(rng, self.rng_state())
         if self.rank == 0:
             with atomic_dir(self.state_dir) as tmp:
                 save_safetensors({n: model_state[n] for n in self.trainable_names}, tmp / "trainable.safetensors")
-                torch.save({"step": self.step, "optimizer": optim_state, "skipped": self.skipped,
-                            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "state.pt")
+                torch.save({"step": self.step, "optimizer": optim_state, "skipped": self.skipped, "rng": rng},
+                           tmp / "state.pt")
         if self.world_size > 1:
             dist.barrier()
 
@@ -315,8 +322,29 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.step, self.skipped = state["step"], state["skipped"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        if len(state["rng"]) != self.world_size:
+            raise ValueError(f"{self.state_dir}: snapshot of {len(state['rng'])} processes, this run has "
+                             f"{self.world_size}")
+        rng = state["rng"][self.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def rng_state(self) -> dict:
+        """This process's generators: CPU torch, Python, and the GPU's when it has one."""
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+
+def logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn last line (a crash mid-write) counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def shard(model) -> None:

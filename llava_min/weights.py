@@ -121,6 +121,7 @@ def atomic_dir(path):
     half-written checkpoint where a good one was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
@@ -133,6 +134,15 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_dir(path) -> None:
+    """After a crash between `atomic_dir`'s two renames only the previous copy is left, under its `.old` name:
+    put it back."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
 
 
 def atomic_write(path, write: Callable[[Path], None]) -> None:

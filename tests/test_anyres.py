@@ -28,6 +28,17 @@ def test_best_resolution_hand_made_cases(size, expected):
     assert select_best_resolution(size, [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]) == expected
 
 
+def test_resize_into_the_grid_equals_transformers():
+    from transformers.image_processing_utils import get_patch_output_size
+    from transformers.image_utils import ChannelDimension
+    from llava_min.anyres import fit_size
+    sizes = [(76, 57)] + [(h, w) for h in range(1, 200, 7) for w in range(1, 200, 5)]
+    for size in sizes:
+        for target in [(336, 672), (672, 336), (672, 672), (1008, 336)]:
+            expected = get_patch_output_size(np.zeros((*size, 3)), target, ChannelDimension.LAST)
+            assert fit_size(size, target) == expected, (size, target)
+
+
 def test_best_resolution_ties_go_to_the_least_waste():
     # a 100x100 image fits all of itself in both; the smaller canvas wastes less, whatever the order
     assert select_best_resolution((100, 100), [(400, 400), (200, 200)]) == (200, 200)
@@ -160,19 +171,21 @@ def test_chat_and_eval_use_anyres(next_chat_dir):
 
 
 def test_dataset_gives_tiles_sizes_and_counts(tiny_tokenizer, tmp_path):
+    NAMES = ("wide", "tall", "square")
     import json
     from llava_min.data import LlavaDataset, collate
-    for name in ("wide", "tall"):
+    for name in NAMES:
         image(SIZES[name]).save(tmp_path / f"{name}.png")
     records = [{"id": n, "image": f"{n}.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                                 {"from": "gpt", "value": "A red circle."}]}
-               for n in ("wide", "tall")]
+               for n in NAMES]
     (tmp_path / "d.json").write_text(json.dumps(records))
     anyres = AnyRes(tile=28, patch=7, pinpoints=[tuple(p) for p in PINPOINTS])
     ds = LlavaDataset(tmp_path / "d.json", llava_min.Tokenizer(tiny_tokenizer), tmp_path, image_token_id=399,
                       anyres=anyres)
-    batch = collate([ds[0], ds[1]])
-    assert batch["image_sizes"].tolist() == [list(SIZES["wide"]), list(SIZES["tall"])]
-    assert len(batch["pixel_values"]) == sum(1 + r * c for r, c in (anyres.grid(SIZES[n]) for n in ("wide", "tall")))
-    for row, name in enumerate(("wide", "tall")):
+    assert len({anyres.grid(SIZES[n]) for n in NAMES}) > 1  # images with different numbers of tiles
+    batch = collate([ds[i] for i in range(len(NAMES))])
+    assert batch["image_sizes"].tolist() == [list(SIZES[n]) for n in NAMES]
+    assert len(batch["pixel_values"]) == sum(1 + r * c for r, c in (anyres.grid(SIZES[n]) for n in NAMES))
+    for row, name in enumerate(NAMES):
         assert int((batch["input_ids"][row] == 399).sum()) == anyres.num_tokens(SIZES[name]) == reference_count(SIZES[name])

@@ -3,13 +3,11 @@ import io
 import shutil
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import chat
-import llava_min
 from conftest import CHAT_IMAGE_TOKEN as IMAGE_TOKEN, hf_reference
 from llava_min.conversation import tokenize_prompt
 from llava_min.image import preprocess
@@ -65,6 +63,27 @@ def test_second_turn_prefills_only_new_tokens(chat_model):
     fresh.max_new_tokens = 8
     fresh.turns = [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": first}]
     assert fresh.ask("And the colors?") == second
+
+
+@pytest.mark.parametrize("template,marker", [("llava_v0", "###"), ("plain", "\n")])
+def test_reply_stops_at_the_templates_end_marker(chat_model, monkeypatch, template, marker):
+    """Templates whose replies end in text, not EOS: the official CLI stops at that marker, and so do we."""
+    import llava_min.generate as g
+    from llava_min.eval import answer
+    session = open_chat(chat_model, extra=["--template", template])
+    tok = session.tok
+    scripted = tok.encode(f"It is a cat.{marker}Human: And the dog?{marker}", prefix=False)
+    assert marker in tok.decode(scripted)  # the tiny tokenizer can spell the marker
+    feed = iter(scripted + [5] * 64)
+    monkeypatch.setattr(g, "sample", lambda logits, *args, **kwargs: torch.full(logits.shape[:1], next(feed)))
+    streamed = []
+    assert session.ask("What is it?", stream=streamed.append) == "It is a cat."
+    assert "".join(streamed).strip() == "It is a cat."
+    prompt = session.prompt_ids([{"from": "human", "value": "What is it?"}])
+    assert "Human" not in tok.decode(session.cached_ids[len(prompt):])  # generation ended at the marker
+    feed = iter(scripted + [5] * 64)  # a batch of one: eval's answer is cut at the marker too
+    record = {"id": "q", "image": "cat.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+    assert answer(session.model, tok, [record], chat_model, template=template) == ["It is a cat."]
 
 
 def test_interactive_chat_through_stdin(chat_model, monkeypatch, capsys):

@@ -149,6 +149,20 @@ def test_official_layout_explicit_vision_path_overrides_the_name(hf_llava_dir, h
     assert_same_logits(llava_min.load(path, vision_path=llava_clip_dir), official_ids(expected))
 
 
+def test_vision_tower_from_the_hub_cache_is_the_one_refs_main_names(hf_llava_dir, hf_tensors, llava_clip_dir, expected,
+                                                                      tmp_path, monkeypatch):
+    import shutil
+    repo = tmp_path / "hub" / "models--org--clip"
+    shutil.copytree(llava_clip_dir, repo / "snapshots" / "aaa")
+    (repo / "snapshots" / "zzz").mkdir()  # another copy, newer and last by name: not the one main points to
+    (repo / "snapshots" / "zzz" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = official_dir(hf_llava_dir, hf_tensors, tmp_path / "official", vision_tower="org/clip")
+    assert_same_logits(llava_min.load(path), official_ids(expected))
+
+
 def test_stage1_projector_on_clip_and_vicuna(hf_llava_dir, hf_tensors, llava_clip_dir, expected, tmp_path):
     vicuna = official_dir(hf_llava_dir, hf_tensors, tmp_path / "vicuna", vision_tower="unused", include_projector=False)
     cfg = json.loads((vicuna / "config.json").read_text())
@@ -165,6 +179,9 @@ def test_stage1_projector_on_clip_and_vicuna(hf_llava_dir, hf_tensors, llava_cli
         torch.testing.assert_close(model(ids, pixel_values=x)[0], ref, atol=5e-2, rtol=0)
     with pytest.raises(CheckpointError, match="load_llama"):
         llava_min.load(vicuna)
+    torch.save({**proj, "model.embed_tokens.weight": torch.zeros(3, 4)}, stage1 / "mm_projector.bin")
+    with pytest.raises(CheckpointError, match="model.embed_tokens.weight"):  # tuned rows would be lost: refused
+        llava_min.load(vicuna, vision_path=llava_clip_dir, projector_path=stage1 / "mm_projector.bin")
 
 
 def test_build_llava_initializes_only_the_projector(hf_clip_dir, hf_llama_dir):

@@ -20,11 +20,20 @@ def test_short_answer_normalization(pred, answer, ok):
 
 
 @pytest.mark.parametrize("text,letter", [
-    ("B", "B"), ("B.", "B"), ("B. blue", "B"), ("The answer is C.", "C"), (" A ", "A"),
+    ("B", "B"), ("B.", None), ("A.B", None), ("B. blue", "B"), ("The answer is C.", "C"), (" A ", "A"),
     ("D", None), ("b", None), ("I think it is B", None), ("The answer is A. The answer is B.", None), ("", None),
 ])
 def test_scienceqa_choice_parsing(text, letter):
     assert ev.parse_choice(text, 3) == letter
+
+
+def test_a_record_missing_what_scoring_reads_is_named_before_any_answer(tmp_path):
+    import json
+    records = [{"id": "eval-1", "format": "short", "answer": "red", "conversations": []},
+               {"id": "eval-2", "format": "choice", "answer": "A", "conversations": []}]
+    (tmp_path / "eval.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="eval.json: record eval-2: missing choices"):
+        ev.evaluate(None, None, tmp_path / "eval.json", tmp_path)  # no model needed: it stops first
 
 
 def test_score_per_type():

@@ -175,6 +175,19 @@ def test_refused_key_stops_the_run_and_is_not_echoed(monkeypatch, tmp_path, requ
     assert KEY not in "".join(capsys.readouterr())
 
 
+def test_key_with_a_line_end_is_trimmed_and_one_with_a_control_character_refused_unshown(monkeypatch, tmp_path,
+                                                                                        requests, fake, capsys):
+    server = fake(fail_first=False)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY + "\r\n")  # a line of a CRLF .env file
+    assert run_requests(requests[:2], ChatClient(server.url, "m"), tmp_path / "a.jsonl", workers=1)["answered"] == 2
+    assert server.auth == {f"Bearer {KEY}"}
+    monkeypatch.setenv("OPENAI_API_KEY", KEY + "\rX")  # http.client's error would quote the header
+    with pytest.raises(FatalTeacherError) as err:
+        run_requests(requests, ChatClient(server.url, "m"), tmp_path / "b.jsonl", workers=1)
+    assert "OPENAI_API_KEY" in str(err.value) and KEY not in str(err.value)
+    assert KEY not in "".join(capsys.readouterr())
+
+
 # ---------------------------------------------------------------- prompts and parsing
 
 def test_context_and_messages():

@@ -171,3 +171,7 @@ def test_paths_must_stay_inside_the_image_folder(tmp_path):
     for name in ("../secret.png", "sub/../../secret.png", str(tmp_path / "secret.png"), "out_link.png"):
         with pytest.raises(ImageError, match=f"image path '{name}' leads outside the image folder"):
             load_image(name, image_folder=folder)
+    (folder / "loop_a.png").symlink_to(folder / "loop_b.png")
+    (folder / "loop_b.png").symlink_to(folder / "loop_a.png")
+    with pytest.raises(ImageError, match="image path 'loop_a.png' cannot be resolved in the image folder"):
+        load_image("loop_a.png", image_folder=folder)

@@ -91,3 +91,15 @@ def test_memory_estimate_counts_what_the_modules_hold():
     assert llm_params(text) == sum(p.numel() for p in llm.parameters())
     assert vision_params(vision) == sum(p.numel() for p in llava_min.VisionTower(vision).parameters())
     assert lora_params(text, 4) == sum(p.numel() for p in add_lora(llm, LoRAConfig(r=4)))
+
+
+def test_an_anyres_adapter_brings_its_grid_and_row_end_vector(hf_llava_dir, tmp_path):
+    """LLaVA-NeXT's stage 2 with LoRA: the base has one view; the adapter carries what AnyRes added."""
+    model = llava_min.load(hf_llava_dir)
+    model.use_anyres([(56, 28), (28, 56), (56, 56)])
+    add_lora(model.language_model, CFG)
+    save_adapter(model, tmp_path / "adapter", base=hf_llava_dir)
+    again = llava_min.load(hf_llava_dir)
+    load_adapter(again, tmp_path / "adapter")
+    assert again.anyres is not None and again.cfg.image_grid_pinpoints == model.cfg.image_grid_pinpoints
+    assert torch.equal(again.image_newline, model.image_newline)

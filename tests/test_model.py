@@ -209,6 +209,12 @@ def test_top_p_sampling_keeps_only_the_nucleus():
     draws = {int(sample(logits, temperature=1.0, top_p=0.7, generator=g)) for _ in range(300)}
     assert draws == {0, 1}
     assert int(sample(logits, temperature=0.0)) == 0
+    assert int(sample(logits, temperature=1.0, top_p=0.0, generator=g)) == 0  # nothing but the top token
+
+
+def test_select_layer_outside_the_tower_is_refused(hf_clip_dir):
+    with pytest.raises(ValueError, match="select_layer -6 is outside the 4 hidden states"):
+        llava_min.load_vision(hf_clip_dir, select_layer=-6)
 
 
 def test_sampling_is_reproducible_with_a_generator(hf_llava_dir):

@@ -2,6 +2,8 @@
 results file is filled, a rerun skips what exists, and the ablation table is produced."""
 import json
 
+import torch
+
 import llava_min
 import train
 from llava_min.toy import stage_args
@@ -37,6 +39,23 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
     table = (tmp_path / "runs" / "ablations.md").read_text()
     for row in ("full", "no-stage2", "no-stage1", "linear", "last-layer", "half-data", "no-whiten"):
         assert f"| {row} |" in table
+    for row in ("linear", "no-stage1"):  # every row runs with the command line's settings (--max-steps 2)
+        assert len((tmp_path / "runs" / row / "stage2" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_rerun_retrains_a_lost_stage_as_the_first_run_did(tmp_path):
+    """Fresh weights depend on the seed alone, not on whether CLIP and the LM were trained in this process."""
+    import shutil
+    from safetensors.torch import load_file
+    args = ["--preset", "smoke", "--out", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+            "--max-steps", "2", "--no-progress", "--no-stage2"]
+    stage1 = tmp_path / "runs" / "no-stage2" / "stage1"
+    train.main(args)
+    first = load_file(stage1 / "mm_projector.safetensors")
+    shutil.rmtree(stage1)
+    train.main(args)  # CLIP and the LM are found on disk; stage 1 trains again
+    again = load_file(stage1 / "mm_projector.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_smoke_detail_world_with_anyres(tmp_path):

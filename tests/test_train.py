@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def parts(tmp_path_factory):
     """A tiny world, its tokenizer, and a contrastive CLIP and an LM pretrained for a few steps."""
     import gen_data
-    from llava_min.tokenizer import train_tokenizer
     root = tmp_path_factory.mktemp("smoke")
     data = root / "data"
     gen_data.build_world(data, num_images=48, num_eval=12, seed=0, image_size=32, workers=1)
-    train_tokenizer(data / "corpus.txt", root / "tokenizer.model", 400)
+    train.main(["--stage", "tokenizer", "--preset", "smoke", "--data", str(data / "corpus.txt"),
+                "--out", str(root / "tokenizer.model")])
+    assert Tokenizer(root / "tokenizer.model").vocab_size == 400
     common = ["--preset", "smoke", "--tokenizer", str(root / "tokenizer.model"), "--image-folder", str(data / "images"),
               "--max-steps", "3", "--no-progress"]
     train.main(["--stage", "clip", "--data", str(data / "pretrain.json"), "--out", str(root / "clip")] + common)
@@ -49,6 +50,14 @@ def fit(model, stage, parts, data="pretrain.json", steps=3, out=None, lr=1e-3, *
                       progress=False, **cfg)
     trainer = Trainer(model, groups, ds, collate, stages.llava_loss, stages.num_targets, cfg)
     return trainer.fit(save=lambda: None)
+
+
+def test_caption_pairs_name_a_record_without_an_image(tmp_path):
+    import json
+    from llava_min.data import DataError
+    (tmp_path / "pretrain.json").write_text(json.dumps([{"id": "cap-7", "conversations": [{"value": "x"}]}]))
+    with pytest.raises(DataError, match="pretrain.json: record cap-7: a caption pair needs 'image'"):
+        stages.CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=None, image_size=32)
 
 
 def test_stage1_changes_only_the_projector(parts):
@@ -82,6 +91,10 @@ def test_resume_reproduces_the_uninterrupted_losses(parts, tmp_path, group_by_le
     whole = fit(stage1_model(parts), "2", parts, out=tmp_path / "a", **run)
     first = fit(stage1_model(parts), "2", parts, out=tmp_path / "b", stop_after=3, **run)
     assert (tmp_path / "b" / "resume" / "state.pt").is_file()
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a crash in the middle of a log line
+        f.write('{"step": 4, "lo')
+    state = tmp_path / "b" / "resume"  # and between the snapshot's two renames: only the previous one is left
+    state.rename(state.with_name(".resume.old"))
     rest = fit(stage1_model(parts), "2", parts, out=tmp_path / "b", resume=True, **run)
     assert first + rest == whole
     logged = [l for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -147,6 +160,34 @@ def test_checkpoint_loads_back_and_in_transformers(parts, tmp_path):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_stage2_from_an_official_stage1_release_saves_what_transformers_loads(parts, tmp_path):
+    """An official stage-1 release names no image token (the -200 placeholder): stage 2 gives `<image>` a row."""
+    import json
+    from transformers import LlavaForConditionalGeneration
+    from conftest import hf_reference
+    common = ["--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"), "--tokenizer",
+              str(parts / "tokenizer.model"), "--image-folder", str(parts / "data" / "images"), "--max-steps", "2",
+              "--no-progress", "--no-whiten-features"]
+    release = tmp_path / "release"
+    train.main(["--stage", "1", "--data", str(parts / "data" / "pretrain.json"), "--out", str(release)] + common)
+    cfg = json.loads((release / "config.json").read_text())
+    del cfg["image_token_index"]
+    (release / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "lmsys/vicuna-7b-v1.5",
+                                                     "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+    assert llava_min.load(release, vision_path=parts / "clip", llm_path=parts / "lm").cfg.image_token_id == -200
+    train.main(["--stage", "2", "--init", str(release), "--data", str(parts / "data" / "instruct.json"),
+                "--out", str(tmp_path / "s2")] + common)
+    ours = llava_min.load(tmp_path / "s2")
+    vocab = Tokenizer(parts / "tokenizer.model").sp.get_piece_size()
+    assert ours.cfg.image_token_id == vocab and ours.cfg.text.vocab_size % 64 == 0
+    theirs = hf_reference(LlavaForConditionalGeneration, tmp_path / "s2")
+    ids = torch.tensor([[1] + [ours.cfg.image_token_id] * ours.num_image_tokens + [5, 6, 7, 8]])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pixel_values=x)[0], theirs(input_ids=ids, pixel_values=x).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
     calls, clean = [], stages.llava_loss
 
@@ -171,7 +212,7 @@ def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
                 "--no-progress"])
     args = ["--stage", "2", "--preset", "smoke", "--init", str(stage1), "--data", str(parts / "data" / "instruct.json"),
             "--image-folder", str(parts / "data" / "images"), "--max-steps", "4", "--no-progress", "--lora",
-            "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]
+            "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.3"]  # dropout: resume restores its RNG
     train.main(args + ["--out", str(tmp_path / "whole")])
     train.main(args + ["--out", str(tmp_path / "parts"), "--stop-after", "2"])
     assert not (tmp_path / "parts" / "adapter.safetensors").exists()
@@ -191,6 +232,23 @@ def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids, pixel_values=x)[0], base.eval()(ids, pixel_values=x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("extra,adapter_lr,projector_lr", [([], 1e-2, 1e-3), (["--lr", "5e-4"], 5e-4, 1e-3),
+                                                            (["--projector-lr", "2e-4"], 1e-2, 2e-4)])
+def test_lora_learning_rates_unless_given(parts, monkeypatch, extra, adapter_lr, projector_lr):
+    """LLaVA-1.5's LoRA recipe: 10 times the stage-2 lr for the adapters, the projector's lr unchanged."""
+    seen = []
+
+    def record(model, stage, lr, projector_lr=None, lora=None):
+        seen.append((lr, projector_lr))
+        raise KeyboardInterrupt  # enough: the learning rates are decided
+    monkeypatch.setattr(stages, "freeze_for_stage", record)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
+                    "--tokenizer", str(parts / "tokenizer.model"), "--data", str(parts / "data" / "instruct.json"),
+                    "--image-folder", str(parts / "data" / "images"), "--out", "unused", "--lora"] + extra)
+    assert seen == [(pytest.approx(adapter_lr), pytest.approx(projector_lr))]
 
 
 def test_anyres_stage2_trains_and_loads_in_transformers(parts, tmp_path):
