@@ -13,12 +13,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import sys
+
 import torch
 
-import llava_min
-from llava_min.eval import evaluate, is_correct
-from llava_min.image import load_image, preprocess
-from llava_min.tokenizer import Tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import llava_min  # noqa: E402
+from llava_min.eval import evaluate, is_correct  # noqa: E402
+from llava_min.image import load_image, preprocess  # noqa: E402
+from llava_min.tokenizer import Tokenizer  # noqa: E402
 
 ATTRIBUTES = ("color", "shape", "size", "position")
 FOUND_BY = {"color": "shape", "position": "shape", "shape": "color"}  # question type -> the key it names
