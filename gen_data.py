@@ -241,21 +241,24 @@ def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_si
 def coco_records(contexts: list, responses_path: Path, types: list, seed: int) -> tuple:
     """The teacher's answers in responses.jsonl -> LLaVA records; malformed answers are counted and skipped."""
     wanted = {f"{c.image}|{t}": (c, t) for c in contexts for t in types}
-    records, malformed = [], 0
+    records, malformed, seen = [], 0, set()
     for line in responses_path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
             context, rtype = wanted[row["key"]]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a torn line, or an answer to a request no longer asked for
+        if row["key"] in seen:
+            continue  # answered twice: the first answer is the record
+        seen.add(row["key"])
         rng = random.Random(f"{seed}/{row['key']}")
         try:
             turns = parse_response(rtype, row["response"], rng)
         except MalformedResponse:
             malformed += 1
             continue
-        stem = Path(context.image).stem
-        records.append({"id": f"{stem}-{rtype}", "image": context.image, "type": rtype, "conversations": turns})
+        name = Path(context.image).with_suffix("").as_posix()  # the path: two folders may hold one stem
+        records.append({"id": f"{name}-{rtype}", "image": context.image, "type": rtype, "conversations": turns})
     records.sort(key=lambda r: r["id"])
     random.Random(seed).shuffle(records)
     return records, malformed
@@ -279,12 +282,20 @@ def run_coco(args) -> dict:
     write_json(args.out / "instruct.json", records)
     rng = random.Random(args.seed)
     write_json(args.out / "pretrain.json", [
-        {"id": Path(c.image).stem, "image": c.image,
+        {"id": Path(c.image).with_suffix("").as_posix(), "image": c.image,
          "conversations": [human(rng.choice(BRIEF_INSTRUCTIONS), image=True), gpt(rng.choice(c.captions))]}
         for c in contexts])
-    print(f"{len(records)} records in {args.out / 'instruct.json'}; {malformed} malformed responses skipped; "
+    print(f"{len(records)} records in {args.out / 'instruct.json'}; {malformed} malformed responses skipped "
+          f"(for good: they stay in responses.jsonl as answered); "
           f"{counts['failed']} requests failed (rerun to retry them)")
     return {**counts, "records": len(records), "malformed": malformed}
+
+
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def parse_args(argv=None):
@@ -304,7 +315,7 @@ def parse_args(argv=None):
     c = p.add_argument_group("the paper's pipeline on COCO-style annotations")
     c.add_argument("--coco-captions", type=Path, help="captions_*.json")
     c.add_argument("--coco-instances", type=Path, help="instances_*.json")
-    c.add_argument("--max-images", type=int, help="use only the first N images (by id)")
+    c.add_argument("--max-images", type=positive_int, help="use only the first N images (by id)")
     c.add_argument("--types", nargs="+", choices=RESPONSE_TYPES, default=list(RESPONSE_TYPES))
     c.add_argument("--teacher", choices=["openai", "rule"], default="rule",
                    help="openai: any OpenAI-compatible endpoint (key from $OPENAI_API_KEY); rule: the world's own")

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,8 @@ _STREET = (["A red double-decker bus drives down a busy city street.", "A bus pa
 FEW_SHOT = {  # Sec. 3: a few hand-written examples of the context -> response mapping, per type
     "conversation": [(_KITCHEN, "Question:\nWhat is the man doing?\n===\nAnswer:\nHe is cutting a loaf of bread on "
                                 "the kitchen counter.\n===\nQuestion:\nWhat is he wearing?\n===\nAnswer:\nHe wears a "
-                                "blue apron.\n===\nQuestion:\nWhat is next to him?\n===\nAnswer:\nA stove stands to "
-                                "his left, and there is a bowl on the counter to his right."),
+                                "blue apron.\n===\nQuestion:\nWhat is next to him?\n===\nAnswer:\nA stove: he is slicing "
+                                "the bread right next to it."),
                      (_STREET, "Question:\nWhat color is the bus?\n===\nAnswer:\nThe bus is red.\n===\nQuestion:\n"
                                "What kind of bus is it?\n===\nAnswer:\nIt is a double-decker bus, with two floors "
                                "of seats.")],
@@ -138,6 +139,8 @@ def parse_pairs(text: str) -> list:
         q, a = q[len("Question:"):].strip(), a[len("Answer:"):].strip()
         if not q or not a:
             raise MalformedResponse("an empty question or answer")
+        if any(line.lstrip().startswith(("Question:", "Answer:")) for line in (q + "\n" + a).splitlines()):
+            raise MalformedResponse("a Question: or Answer: inside a block: a '===' separator is missing")
         pairs.append((q, a))
     return pairs
 
@@ -160,6 +163,8 @@ def parse_response(rtype: str, text: str, rng: random.Random) -> list:
         pairs = parse_pairs(text)
         if rtype == "complex" and len(pairs) != 1:
             raise MalformedResponse(f"complex reasoning takes one question, got {len(pairs)}")
+        if rtype == "complex" and LEAKED_BOX.search(text):  # its context had boxes, which it must not quote
+            raise MalformedResponse("complex reasoning quotes the context's box coordinates")
     turns = []
     for i, (q, a) in enumerate(pairs):
         turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
@@ -198,11 +203,17 @@ def read_coco(captions_file, instances_file, limit=None) -> list:
                              (instances_file, inst, ("images", "annotations", "categories"))):
         need(isinstance(data, dict) and all(isinstance(data.get(k), list) for k in keys), path, "top level",
              f"is not a COCO annotation file (needs the lists {', '.join(keys)})")
-    images = {}
+    images, files = {}, {}
     for i, im in enumerate(caps["images"]):
         need(isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str)
              and all(is_number(im.get(k)) and im[k] > 0 for k in ("width", "height")),
              captions_file, f"images[{i}]", "needs id, file_name and positive width and height")
+        name = Path(im["file_name"])
+        need(not name.is_absolute() and ".." not in name.parts, captions_file, f"images[{i}]",
+             f"file_name {im['file_name']!r} leaves the image folder")
+        need(im["file_name"] not in files, captions_file, f"images[{i}]",
+             f"repeats the file_name {im['file_name']!r} of images[{files.get(im['file_name'])}]")
+        files[im["file_name"]] = i
         images[im["id"]] = (im, [], [])
     names = {}
     for i, c in enumerate(inst["categories"]):
@@ -332,6 +343,9 @@ def run_requests(requests: list, teacher, results_path, workers: int = 4, progre
     """Sends the (key, messages, meta) requests not answered yet, `workers` at a time, and appends a
     {"key", "response"} line per answer as it arrives (flushed). `stop` (a threading.Event) or Ctrl-C ends
     the run after the requests in flight. Returns counts: skipped (done before), answered, failed."""
+    repeated = [k for k, n in Counter(r[0] for r in requests).items() if n > 1]
+    if repeated:
+        raise ValueError(f"requests repeat a key: {repeated[0]!r}")
     drop_torn_line(results_path)
     done, stop = done_keys(results_path), stop or threading.Event()
     todo = iter([r for r in requests if r[0] not in done])

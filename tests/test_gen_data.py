@@ -165,6 +165,11 @@ def test_malformed_reply_body_is_counted_not_fatal(tmp_path, requests, fake, cap
     assert "malformed reply" in capsys.readouterr().out
 
 
+def test_requests_with_one_key_twice_are_refused(tmp_path, requests):
+    with pytest.raises(ValueError, match="requests repeat a key: 'img1|conversation'"):
+        run_requests(requests + [requests[1]], lambda messages, meta: "unused", tmp_path / "r.jsonl")
+
+
 def test_refused_key_stops_the_run_and_is_not_echoed(monkeypatch, tmp_path, requests, fake, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server = fake(status=401)  # the error body repeats the key, as some servers do
@@ -217,7 +222,11 @@ def test_parsing_good_responses():
     ("conversation", "Question:\nA?"), ("conversation", "no format at all"), ("conversation", ""),
     ("conversation", "Answer:\nB\n===\nQuestion:\nA?"), ("conversation", "Question:\n\n===\nAnswer:\nB"),
     ("detail", ""), ("detail", "Question:\nA\n===\nAnswer:\nB"), ("detail", "A cat at [0.120, 0.400, 0.5, 0.9]."),
-    ("complex", "Question:\nA\n===\nAnswer:\nB\n===\nQuestion:\nC\n===\nAnswer:\nD"), ("complex", None)])
+    ("complex", "Question:\nA\n===\nAnswer:\nB\n===\nQuestion:\nC\n===\nAnswer:\nD"), ("complex", None),
+    # separators dropped after the first exchange: the rest would hide inside the first answer
+    ("conversation", "Question:\nA?\n===\nAnswer:\nB.\nQuestion:\nC?\nAnswer:\nD."),
+    ("complex", "Question:\nWhy?\n===\nAnswer:\nBecause.\n\nQuestion:\nAnother?\n\nAnswer:\nMore."),
+    ("complex", "Question:\nWhy wait?\n===\nAnswer:\nThe light at [0.862, 0.080, 0.911, 0.297] is red.")])
 def test_parsing_malformed_responses(rtype, bad):
     with pytest.raises(MalformedResponse):
         parse_response(rtype, bad, random.Random(0))
@@ -250,6 +259,9 @@ def test_read_coco(tmp_path):
     ("inst", lambda i: i["annotations"][0].update(category_id=99), r"instances.json: annotations\[0\]"),
     ("inst", lambda i: i["categories"][0].pop("name"), r"instances.json: categories\[0\]"),
     ("inst", lambda i: i.pop("categories"), "instances.json: top level is not a COCO annotation file"),
+    ("caps", lambda c: c["images"][2].update(file_name="../../etc/passwd"), r"images\[2\] file_name .* leaves"),
+    ("caps", lambda c: c["images"][0].update(file_name="/abs/x.jpg"), r"images\[0\] file_name .* leaves"),
+    ("caps", lambda c: c["images"][2].update(file_name="000000000001.jpg"), r"images\[2\] repeats .* images\[0\]"),
 ])
 def test_malformed_coco_names_file_and_entry(tmp_path, which, break_it, message):
     caps_file, inst_file = coco_files(tmp_path)
