@@ -239,6 +239,15 @@ def lora_config(args):
     return LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
 
 
+def master_weights(model, stage: str, lora) -> None:
+    """Frozen weights in bf16; trained ones keep fp32 masters (AnyRes's row-end vector, trained with the
+    projector, too: a bf16 copy would round most of its small updates away)."""
+    for part, trained in stages.STAGE_PARTS[stage].items():
+        getattr(model, part).to(torch.float32 if trained and not (lora and part == "language_model") else torch.bfloat16)
+    if model.anyres is not None:
+        model.image_newline.data = model.image_newline.data.float()
+
+
 def train_llava(args, preset: Preset, stage: str, model, tok, save):
     s = settings(args, preset.stage1 if stage == "1" else preset.stage2)
     projector_lr = args.projector_lr
@@ -251,13 +260,12 @@ def train_llava(args, preset: Preset, stage: str, model, tok, save):
     data = llava_dataset(args, model, tok, template, max_length, args.data_fraction if stage == "2" else 1.0)
     if either(args.whiten_features, preset.whiten_features):  # a projector is fresh in stage 1, or without one
         save = whitened(args, model, data, save, fresh=stage == "1" or args.init is None)
-    if torch.device(args.device).type == "cuda":  # frozen weights in bf16; trained ones keep fp32 masters
-        for part, trained in stages.STAGE_PARTS[stage].items():
-            getattr(model, part).to(torch.float32 if trained and not (lora and part == "language_model") else torch.bfloat16)
+    if torch.device(args.device).type == "cuda":
+        master_weights(model, stage, lora)
     groups = stages.freeze_for_stage(model, stage, s.lr, projector_lr, lora=lora)  # LoRA adapters are made in fp32
     model.language_model.grad_checkpointing = preset.grad_checkpointing if args.grad_checkpointing is None \
         else args.grad_checkpointing
-    flops = stages.llava_flops_per_token(model, stage, max_length)
+    flops = stages.llava_flops_per_token(model, max_length)
     pad = lambda items: collate(items, pad_id=tok.pad_id)  # noqa: E731
     return run(args, model, groups, data, pad, stages.llava_loss, stages.num_targets, s, save, flops,
                either(args.group_by_length, preset.group_by_length))

@@ -32,7 +32,9 @@ ROWS = ("train", "train-compiled", "prefill", "decode", "decode-compiled")
 START = time.perf_counter()
 
 # HBM bandwidth (bytes/s) for the decode roofline, keyed by a substring of the device name.
-BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.0e12, "A100": 1.55e12}
+# HBM bandwidth by a substring of torch.cuda.get_device_name(), the more specific names first
+BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12,
+             "A100 80GB PCIe": 1.935e12, "A100": 1.555e12}
 
 VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                  image_size=336, patch_size=14)
@@ -136,7 +138,7 @@ def train_row(name, device, dtype, warmup, repeats, compile=False, batch=None) -
     batch = batch or c["train_batch"]
     ids, pixels = inputs(ours.cfg, batch, c["train_len"] - ours.num_image_tokens, device, torch.float32)
     if compile:
-        ours.language_model.compile(), theirs.model.language_model.compile()
+        ours.language_model.compile(), theirs.model.language_model.compile(), theirs.lm_head.compile()
     labels = ids.masked_fill(ids == ours.cfg.image_token_id, -100)
     steps = {}
     for who, model, vision in (("ours", ours, ours.vision_tower), ("transformers", theirs, theirs.model.vision_tower)):
@@ -167,7 +169,7 @@ def train_row(name, device, dtype, warmup, repeats, compile=False, batch=None) -
     peak = peak_flops(device)
     if peak:
         from .stages import llava_flops_per_token
-        flops = llava_flops_per_token(ours, "2", ids.shape[1])
+        flops = llava_flops_per_token(ours, ids.shape[1])
         row["mfu_ours"], row["mfu_transformers"] = flops * row["ours"] / peak, flops * row["transformers"] / peak
     return row
 

@@ -50,14 +50,16 @@ def lora_params(c: LlamaConfig, r: int) -> int:
     return c.num_hidden_layers * sum(r * (a + b) for a, b in shapes)
 
 
-def activation_bytes_per_token_layer(c: LlamaConfig, lora: bool) -> int:
+def activation_bytes_per_token_layer(c: LlamaConfig, lora_r: int = 0) -> int:
     """What one LLaMA block saves for backward, per token (bf16 unless noted)."""
     d, i = c.hidden_size, c.intermediate_size
     norms = 2 * (4 * d + 2 * d)  # two RMSNorms: fp32 input copy + output
     attention = 2 * (3 * d) + 2 * (2 * d) + 2 * d  # q, k, v; rotated q, k; attention output
     mlp = 2 * 4 * i  # gate, up, silu(gate), product
-    lora_inputs = 4 * 7 * 128 if lora else 0  # the rank-r intermediates (fp32); inputs are shared with the base
-    return norms + attention + mlp + lora_inputs
+    # each adapter saves its input's dropout mask (bf16) and fp32 copy, and its rank-r intermediate (fp32);
+    # q, k, v, o, gate and up read d values, down reads i (measured with saved_tensors_hooks)
+    lora = (6 * (6 * d + i) + 4 * 7 * lora_r) if lora_r else 0
+    return norms + attention + mlp + lora
 
 
 def estimate(text: LlamaConfig, vision: VisionConfig, mode: str, seq_len=2048, micro_batch=1, checkpointing=True,
@@ -70,7 +72,7 @@ def estimate(text: LlamaConfig, vision: VisionConfig, mode: str, seq_len=2048, m
     weights = 2 * (n_vision + frozen_llm) + 4 * trained
     optimizer = 12 * trained  # fp32 gradient + AdamW's two moments
     tokens = seq_len * micro_batch
-    per_layer = activation_bytes_per_token_layer(text, mode == "stage2-lora") * tokens
+    per_layer = activation_bytes_per_token_layer(text, lora_r if mode == "stage2-lora" else 0) * tokens
     if checkpointing:
         activations = text.num_hidden_layers * 2 * text.hidden_size * tokens + per_layer
     else:

@@ -9,7 +9,14 @@ W, H, PAD = 420, 260, 40
 
 
 def read_losses(metrics_file) -> list:
-    return [json.loads(line)["loss"] for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    """The logged losses; a torn last line (a crash mid-write) is left out, as the trainer does."""
+    losses = []
+    for line in Path(metrics_file).read_text().splitlines():
+        try:
+            losses.append(json.loads(line)["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return losses
 
 
 def smooth(values: list, window: int) -> list:

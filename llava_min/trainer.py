@@ -29,7 +29,8 @@ from .weights import atomic_dir, atomic_write, recover_dir, save_safetensors
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
 # Dense bf16 peak FLOP/s for MFU, keyed by a substring of torch.cuda.get_device_name().
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12,
+              "L4": 121e12, "4090": 165e12}  # the more specific names first
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """LoRA: starts as the base model, trains only adapters (+ projector), merges to the same function."""
+import pytest
 import torch
 
 import llava_min
@@ -93,6 +94,27 @@ def test_memory_estimate_counts_what_the_modules_hold():
     assert lora_params(text, 4) == sum(p.numel() for p in add_lora(llm, LoRAConfig(r=4)))
 
 
+def test_memory_estimate_counts_what_an_adapter_saves_for_backward():
+    """The LoRA term of the activation estimate, against the tensors one adapted layer saves (bf16 base)."""
+    from llava_min.llama import LlamaConfig
+    from llava_min.lora import LoRALinear
+    from llava_min.memory import activation_bytes_per_token_layer
+    text = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4)
+    extra = activation_bytes_per_token_layer(text, lora_r=8) - activation_bytes_per_token_layer(text)
+    saved = 0
+    for n_in, n_out in [(64, 64)] * 4 + [(64, 160)] * 2 + [(160, 64)]:  # q, k, v, o, gate, up, down
+        layer = LoRALinear(torch.nn.Linear(n_in, n_out, dtype=torch.bfloat16), LoRAConfig(r=8, dropout=0.05))
+        x = torch.randn(10, n_in, dtype=torch.bfloat16, requires_grad=True)
+        own = {p.data_ptr() for p in layer.parameters()} | {x.data_ptr()}  # weights, and the input the base saves
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.append(0 if t.data_ptr() in own else t.numel() * t.element_size()) or t, lambda t: t):
+            layer.train()(x)
+        saved += sum(sizes) // 10
+    assert extra == saved
+
+
 def test_an_anyres_adapter_brings_its_grid_and_row_end_vector(hf_llava_dir, tmp_path):
     """LLaVA-NeXT's stage 2 with LoRA: the base has one view; the adapter carries what AnyRes added."""
     model = llava_min.load(hf_llava_dir)
@@ -103,3 +125,18 @@ def test_an_anyres_adapter_brings_its_grid_and_row_end_vector(hf_llava_dir, tmp_
     load_adapter(again, tmp_path / "adapter")
     assert again.anyres is not None and again.cfg.image_grid_pinpoints == model.cfg.image_grid_pinpoints
     assert torch.equal(again.image_newline, model.image_newline)
+
+
+@pytest.mark.parametrize("stage,lora", [("1", False), ("2", False), ("2", True)])
+def test_flops_per_token_equal_what_a_step_computes(hf_llava_dir, stage, lora):
+    """The MFU formula against torch's FLOP counter on one forward + backward (math attention, logits everywhere)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from llava_min.stages import llava_flops_per_token
+    model = llava_min.load(hf_llava_dir)
+    freeze_for_stage(model, stage, lr=1e-3, lora=CFG if lora else None)
+    ids, x, labels = batch()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids, pixel_values=x, labels=labels)[1].backward()
+    expected = llava_flops_per_token(model, ids.shape[1]) * ids.numel()
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)

@@ -251,6 +251,17 @@ def test_lora_learning_rates_unless_given(parts, monkeypatch, extra, adapter_lr,
     assert seen == [(pytest.approx(adapter_lr), pytest.approx(projector_lr))]
 
 
+def test_trained_parts_keep_fp32_masters_the_rest_bf16(parts):
+    """What train.py does to a bf16-loaded model on CUDA, checked here on CPU."""
+    model = llava_min.build_llava(parts / "clip", parts / "lm", "mlp2x_gelu", dtype=torch.bfloat16)
+    model.use_anyres([(64, 32), (32, 64)])
+    train.master_weights(model, "2", lora=None)
+    dtypes = lambda m: {p.dtype for p in m.parameters()}  # noqa: E731
+    assert dtypes(model.vision_tower) == {torch.bfloat16}
+    assert dtypes(model.projector) == dtypes(model.language_model) == {torch.float32}
+    assert model.image_newline.dtype == torch.float32  # trained with the projector
+
+
 def test_anyres_stage2_trains_and_loads_in_transformers(parts, tmp_path):
     from transformers import LlavaNextForConditionalGeneration
     from conftest import hf_reference
