@@ -41,13 +41,24 @@ def hf_reference(cls, path):
     return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def nontrivial(model):
+    """A fresh model's norms are all 1 and its biases all 0, which hides a swapped norm or a dropped bias:
+    perturb them (in place, from the seeded RNG) before saving."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture(scope="session")
 def hf_llava_dir(tmp_path_factory):
     import torch
     from transformers import LlavaForConditionalGeneration
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("hf_llava")
-    LlavaForConditionalGeneration(hf_llava_config()).save_pretrained(path)
+    nontrivial(LlavaForConditionalGeneration(hf_llava_config())).save_pretrained(path)
     return path
 
 
@@ -61,7 +72,7 @@ def hf_clip_dir(tmp_path_factory):
     cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
                                                 num_hidden_layers=2, num_attention_heads=4, projection_dim=16).to_dict(),
                      vision_config=CLIPVisionConfig(**TINY_VISION).to_dict(), projection_dim=16)
-    CLIPModel(cfg).save_pretrained(path)
+    nontrivial(CLIPModel(cfg)).save_pretrained(path)
     return path
 
 
@@ -71,7 +82,7 @@ def hf_llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(2)
     path = tmp_path_factory.mktemp("hf_llama")
-    LlamaForCausalLM(LlamaConfig(**{**TINY_TEXT, "rope_theta": 500.0})).save_pretrained(path)
+    nontrivial(LlamaForCausalLM(LlamaConfig(**{**TINY_TEXT, "rope_theta": 500.0}))).save_pretrained(path)
     return path
 
 

@@ -44,6 +44,18 @@ def test_only_lora_and_projector_change(hf_llava_dir):
     assert len(lora) == 2 * 7 and all(after[k].abs().sum() > 0 for k in lora)  # every adapter moved
 
 
+def test_an_adapted_layer_is_w_plus_alpha_over_r_b_a():
+    """LoRA written out: h = W x + (alpha / r) B A x."""
+    from llava_min.lora import LoRALinear
+    base = torch.nn.Linear(12, 8)
+    layer = LoRALinear(base, CFG).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    expected = x @ base.weight.T + base.bias + (8.0 / 4) * x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_merged_weights_give_the_same_logits(hf_llava_dir, tmp_path):
     """Tolerance 1e-5 (fp32): merging only reorders the sum W x + s B A x."""
     from transformers import LlavaForConditionalGeneration

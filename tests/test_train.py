@@ -46,8 +46,8 @@ def fit(model, stage, parts, data="pretrain.json", steps=3, out=None, lr=1e-3, *
     ds = LlavaDataset(parts / "data" / data, tok, parts / "data" / "images", "plain" if stage == "1" else "vicuna_v1",
                       model.num_image_tokens, model.cfg.image_token_id, image_size=32)
     groups = stages.freeze_for_stage(model, stage, lr)
-    cfg = TrainConfig(out_dir=str(out or parts / f"fit{stage}"), lr=lr, max_steps=steps, batch_size=4,
-                      progress=False, **cfg)
+    cfg = TrainConfig(out_dir=str(out or parts / f"fit{stage}"), lr=lr, max_steps=steps, progress=False,
+                      **{"batch_size": 4, **cfg})
     trainer = Trainer(model, groups, ds, collate, stages.llava_loss, stages.num_targets, cfg)
     return trainer.fit(save=lambda: None)
 
@@ -99,6 +99,25 @@ def test_resume_reproduces_the_uninterrupted_losses(parts, tmp_path, group_by_le
     assert first + rest == whole
     logged = [l for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == 6
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(parts, tmp_path):
+    """The 7B presets accumulate 16 micro-batches: 2 x 2 must take the steps 1 x 4 takes."""
+    run = dict(data="instruct.json", steps=3)  # losses, not weights: Adam turns rounding-sized gradients into lr-sized steps
+    losses = fit(stage1_model(parts), "2", parts, out=tmp_path / "a", **run)
+    assert fit(stage1_model(parts), "2", parts, out=tmp_path / "b", batch_size=2, grad_accum=2, **run) == \
+        pytest.approx(losses, rel=1e-6)
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine(parts, tmp_path):
+    import json
+    import math
+    from llava_min.trainer import lr_at
+    assert [lr_at(s, 100, 10, 1.0) for s in (0, 4, 9, 10, 55, 100)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.5, 0.0])
+    fit(stage1_model(parts), "2", parts, data="instruct.json", steps=8, out=tmp_path, lr=1e-3, warmup_ratio=0.25)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [1e-3 * (s + 1) / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(8)]
+    assert logged == pytest.approx(expected)
 
 
 def test_loader_workers_change_nothing(parts, tmp_path):
