@@ -1,6 +1,6 @@
 """GPT-assisted visual instruction data (LLaVA Sec. 3), and a synthetic world for offline toy runs.
 
-    python gen_data.py --out data/toy --num-images 8000 --seed 0            # the synthetic world (rule teacher)
+    python gen_data.py --out data/toy --num-images 8000 --seed 0 --image-size 96  # the synthetic world (rule teacher)
     python gen_data.py --out data/toy-detail --world detail --image-size 96  # its variant for AnyRes
     OPENAI_API_KEY=... python gen_data.py --coco-captions captions_train2017.json \\
         --coco-instances instances_train2017.json --teacher openai --api-base https://api.openai.com/v1 \\
@@ -303,7 +303,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int,
-                   help="processes (world; default: CPU count) or requests in flight (teacher; default 4)")
+                   help="processes (world; default: the CPU count, at most 8) or requests in flight "
+                        "(teacher; default 4)")
     w = p.add_argument_group("synthetic world")
     w.add_argument("--num-images", type=int, default=WorldConfig.num_images, help="training images")
     w.add_argument("--num-eval", type=int, default=WorldConfig.num_eval, help="held-out images")

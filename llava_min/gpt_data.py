@@ -77,8 +77,8 @@ _STREET = (["A red double-decker bus drives down a busy city street.", "A bus pa
 FEW_SHOT = {  # Sec. 3: a few hand-written examples of the context -> response mapping, per type
     "conversation": [(_KITCHEN, "Question:\nWhat is the man doing?\n===\nAnswer:\nHe is cutting a loaf of bread on "
                                 "the kitchen counter.\n===\nQuestion:\nWhat is he wearing?\n===\nAnswer:\nHe wears a "
-                                "blue apron.\n===\nQuestion:\nWhat is next to him?\n===\nAnswer:\nA stove: he is slicing "
-                                "the bread right next to it."),
+                                "blue apron.\n===\nQuestion:\nWhat is next to him?\n===\nAnswer:\nA stove: he is "
+                                "slicing the bread right next to it."),
                      (_STREET, "Question:\nWhat color is the bus?\n===\nAnswer:\nThe bus is red.\n===\nQuestion:\n"
                                "What kind of bus is it?\n===\nAnswer:\nIt is a double-decker bus, with two floors "
                                "of seats.")],

@@ -1,5 +1,5 @@
 """One training loop for every stage: AdamW, warmup + cosine, gradient accumulation, clipping, bf16
-autocast where the hardware has it (CUDA, recent x86 CPUs), TF32 on CUDA, DDP or FSDP under torchrun,
+autocast where the hardware has it (CUDA, recent x86 CPUs), DDP or FSDP under torchrun,
 a JSONL metrics log, and exact resume.
 
 The stage supplies the model, its parameter groups, a dataset + collate function, `loss_fn(model,

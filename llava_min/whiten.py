@@ -2,7 +2,7 @@
 
 The toy CLIP's patch features are nearly low-rank: one direction holds about 60% of their variance and
 five hold 96%, while what tells a circle from a square, or one cell from another, lies in directions
-with well under 1% (README, "Where the limit is"). Gradient steps on the projector's first layer follow
+with well under 1% (docs/toy-research.md, "How the limit was found"). Gradient steps on the projector's first layer follow
 the input's covariance, so the tiny LLM learns to read those directions very slowly. Here the first
 layer is trained as
 

@@ -1,4 +1,4 @@
-"""Research script behind README "Where the limit is": stage 2 on cached visual features, many variants fast.
+"""Research script behind docs/toy-research.md: stage 2 on cached visual features, many variants fast.
 
 The frozen vision tower's features of every image are computed once (or an oracle's are written from the
 annotation); then the projector and the LLM of a stage-1 model train on the single questions of

@@ -3,7 +3,8 @@
 LLaVA leans on Vicuna to look things up in its context; this asks whether the toy LM can, with no image at
 all. Two commands:
 
-    # a corpus.txt whose chats start with the scene in words where the image goes (same size as corpus.txt)
+    # a corpus.txt whose chats start with the scene in words where the image goes (same size as corpus.txt);
+    # --one-question: a document per short-answer question instead (all 56,000 of instruct.json)
     python docs/experiments/scene_in_words.py corpus data/toy /tmp/scene.txt
     python train.py --stage lm --data /tmp/scene.txt --tokenizer runs/toy/tokenizer.model --out /tmp/scene-lm \
         --epochs 20 --max-steps 1000
@@ -36,8 +37,21 @@ def with_scene(conversations: list, scene: dict) -> list:
     return turns
 
 
-def write_corpus(data: Path, out: Path, seed: int = 0) -> None:
+def one_question_docs(data: Path, scenes: dict) -> list:
+    """Each short-answer question of instruct.json as its own chat, the scene in words before it."""
+    return [chat_text(with_scene([q, a], scenes[r["image"]]))
+            for r in json.loads((data / "instruct.json").read_text()) if r["id"].endswith("-vqa")
+            for q, a in zip(r["conversations"][0::2], r["conversations"][1::2])]
+
+
+def write_corpus(data: Path, out: Path, one_question: bool, seed: int = 0) -> None:
     scenes = {s["image"]: s for s in json.loads((data / "scenes.json").read_text())}
+    if one_question:
+        docs = one_question_docs(data, scenes)
+        random.Random(seed).shuffle(docs)
+        out.write_text("\n".join(docs) + "\n", encoding="utf-8")
+        print(f"{out}: {len(docs)} chats")
+        return
     records = json.loads((data / "pretrain.json").read_text()) + json.loads((data / "instruct.json").read_text())
     docs = [chat_text(with_scene(r["conversations"], scenes[r["image"]])) for r in records]
     random.Random(seed).shuffle(docs)
@@ -77,6 +91,7 @@ def main() -> None:
     c = sub.add_parser("corpus", help="write the corpus with each scene in words")
     c.add_argument("data", type=Path)
     c.add_argument("out", type=Path)
+    c.add_argument("--one-question", action="store_true", help="a document per short-answer question")
     s = sub.add_parser("score", help="score an LM on the held-out questions with the scene in words")
     s.add_argument("data", type=Path)
     s.add_argument("lm", type=Path)
@@ -84,7 +99,7 @@ def main() -> None:
     s.add_argument("--blind", action="store_true", help="the question alone, no scene")
     args = p.parse_args()
     if args.command == "corpus":
-        write_corpus(args.data, args.out)
+        write_corpus(args.data, args.out, args.one_question)
     else:
         score(args.data, args.lm, args.tokenizer, args.blind)
 
