@@ -60,6 +60,9 @@ def check_record(record, template: str = "vicuna_v1") -> None:
         raise ValueError(f"not a caption pair: the plain template takes one human turn and one reply, got {len(turns)}")
     if any(not text.strip() for role, text in turns if role == 1):
         raise ValueError("empty reply: an assistant turn has no text")
+    if any(not text.replace(IMAGE, "").strip() for role, text in turns[2:] if role == 0) or \
+            (not record.get("image") and not turns[0][1].strip()):
+        raise ValueError("empty question: a human turn has no text (only the first may hold the image alone)")
     image = record.get("image")
     if image is not None and (not isinstance(image, str) or not image):
         raise ValueError(f"bad image field: {image!r} is not a file name (one image per record)")

@@ -63,7 +63,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(name, image_folder=None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Opens an image as RGB. With `image_folder`, `name` is relative to it and must stay inside it.
-    The size is read from the header and checked before any pixel is decoded (decompression bombs)."""
+    The size is read from the header and checked before any pixel is decoded (decompression bombs).
+    EXIF orientation is not applied, as neither the official code nor transformers applies it."""
     path = resolve_in_folder(name, image_folder) if image_folder is not None else Path(name)
     if not path.is_file():
         raise ImageError(f"image {path} does not exist" + (" (it is not a file)" if path.exists() else ""))

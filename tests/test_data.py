@@ -114,6 +114,10 @@ BAD_RECORDS = [
     ({"id": "e8", "image": ["a.png", "b.png"], "conversations": GOOD["conversations"]}, "record e8: bad image field"),
     ({"id": "e9", "image": "a.png", "conversations": GOOD["conversations"][:1] + [{"from": "gpt", "value": "<image>"}]},
      "record e9: <image> in a reply"),
+    ({"id": "e11", "conversations": [{"from": "human", "value": " "}, {"from": "gpt", "value": "hi"}]},
+     "record e11: empty question"),  # text only: the official prompt drops an empty turn
+    ({"id": "e12", "image": "a.png", "conversations": GOOD["conversations"][:2] + [
+        {"from": "human", "value": ""}, {"from": "gpt", "value": "x"}]}, "record e12: empty question"),
     ({"conversations": [{"from": "human", "value": "hi"}]}, "record #1: unanswered turn"),  # no id: the file index
     (["not", "a", "record"], "record #1: not a record: a list"),
     ({"id": "e10", "image": "a.png", "conversations": [{"from": "human", "value": "<image> <image>"},
