@@ -188,8 +188,9 @@ def hub_snapshot(name: str) -> Optional[Path]:
     hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"
     repo = Path(hub) / f"models--{name.replace('/', '--')}"
     main = repo / "refs" / "main"
-    if main.is_file() and (repo / "snapshots" / main.read_text().strip() / "config.json").is_file():
-        return repo / "snapshots" / main.read_text().strip()
+    snapshot = repo / "snapshots" / main.read_text().strip() if main.is_file() else None
+    if snapshot is not None and (snapshot / "config.json").is_file():
+        return snapshot
     snapshots = sorted((repo / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
     return snapshots[-1].parent if snapshots else None
 

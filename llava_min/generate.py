@@ -82,7 +82,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     check_every = 16 if compiled and on_token is None and stop is None else 1
     last = logits[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    out = []
+    out, rows = [], [[] for _ in range(B)]  # rows: each row's tokens so far, for `stop`
     for step in range(max_new_tokens):
         token = sample(last, temperature, top_p, generator)
         token = token.masked_fill(finished, eos_id)
@@ -91,7 +91,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
             on_token(token)
         finished |= token == eos_id
         if stop is not None:
-            rows = torch.stack(out, dim=1).tolist()
+            for row, t in zip(rows, token.tolist()):
+                row.append(t)
             finished |= torch.tensor([stop(row) for row in rows], device=finished.device)
         if step == max_new_tokens - 1 or (step % check_every == check_every - 1 and bool(finished.all())):
             break

@@ -277,8 +277,9 @@ class ChatClient:
     def post(self, messages: list) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature}).encode()
         headers = {"Content-Type": "application/json"}
-        if self.api_key():
-            headers["Authorization"] = "Bearer " + self.api_key()
+        key = self.api_key()
+        if key:
+            headers["Authorization"] = "Bearer " + key
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             raw = response.read()

@@ -67,7 +67,6 @@ def device_name(device) -> str:
 
 def run_pipeline(args, preset, stages) -> dict:
     import gen_data
-    from .tokenizer import train_tokenizer
 
     t_start, timings = time.perf_counter(), {}
     data, root = args.data_dir, args.out
@@ -78,8 +77,6 @@ def run_pipeline(args, preset, stages) -> dict:
          lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,
                                      progress=not args.no_progress, world=args.world),
          timings)
-    step("tokenizer", tokenizer.is_file(), lambda: train_tokenizer(data / "corpus.txt", tokenizer, preset.vocab_size),
-         timings)
     common = dict(tokenizer=tokenizer, image_folder=images, init=None)
 
     def train(name: str, key: str, **fields):
@@ -87,6 +84,9 @@ def run_pipeline(args, preset, stages) -> dict:
             torch.manual_seed(args.seed)  # fresh weights depend on the seed, not on which stages ran before
             return stages[key](stage_args(args, name, **{**common, **fields}), preset)
         return run
+
+    step("tokenizer", tokenizer.is_file(), train("tokenizer", "tokenizer", data=data / "corpus.txt", out=tokenizer),
+         timings)
 
     clip, lm = root / "clip", root / "lm"
     step("clip", (clip / "config.json").is_file(), train("clip", "clip", data=data / "pretrain.json", out=clip),
