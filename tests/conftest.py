@@ -119,3 +119,22 @@ def chat_model(tmp_path_factory, tiny_tokenizer):
     for name, seed in (("cat.png", 0), ("dog.png", 1)):
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(path / name)
     return path
+
+
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory):
+    """A tiny world, its tokenizer, and a contrastive CLIP and an LM pretrained for a few steps."""
+    import gen_data
+    import train
+    from llava_min.tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("smoke")
+    data = root / "data"
+    gen_data.build_world(data, num_images=48, num_eval=12, seed=0, image_size=32, workers=1)
+    train.main(["--stage", "tokenizer", "--preset", "smoke", "--data", str(data / "corpus.txt"),
+                "--out", str(root / "tokenizer.model")])
+    assert Tokenizer(root / "tokenizer.model").vocab_size == 400
+    common = ["--preset", "smoke", "--tokenizer", str(root / "tokenizer.model"), "--image-folder", str(data / "images"),
+              "--max-steps", "3", "--no-progress"]
+    train.main(["--stage", "clip", "--data", str(data / "pretrain.json"), "--out", str(root / "clip")] + common)
+    train.main(["--stage", "lm", "--data", str(data / "corpus.txt"), "--out", str(root / "lm")] + common)
+    return root

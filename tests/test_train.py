@@ -19,23 +19,6 @@ from llava_min.trainer import TrainConfig, Trainer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    """A tiny world, its tokenizer, and a contrastive CLIP and an LM pretrained for a few steps."""
-    import gen_data
-    root = tmp_path_factory.mktemp("smoke")
-    data = root / "data"
-    gen_data.build_world(data, num_images=48, num_eval=12, seed=0, image_size=32, workers=1)
-    train.main(["--stage", "tokenizer", "--preset", "smoke", "--data", str(data / "corpus.txt"),
-                "--out", str(root / "tokenizer.model")])
-    assert Tokenizer(root / "tokenizer.model").vocab_size == 400
-    common = ["--preset", "smoke", "--tokenizer", str(root / "tokenizer.model"), "--image-folder", str(data / "images"),
-              "--max-steps", "3", "--no-progress"]
-    train.main(["--stage", "clip", "--data", str(data / "pretrain.json"), "--out", str(root / "clip")] + common)
-    train.main(["--stage", "lm", "--data", str(data / "corpus.txt"), "--out", str(root / "lm")] + common)
-    return root
-
-
 def stage1_model(parts):
     torch.manual_seed(0)  # the fresh projector
     return llava_min.build_llava(parts / "clip", parts / "lm", "mlp2x_gelu", dtype=torch.float32)
