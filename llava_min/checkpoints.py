@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .anyres import PINPOINTS
-from .clip import VisionConfig, VisionTower
+from .clip import ACTIVATIONS, VisionConfig, VisionTower
 from .llama import Llama, LlamaConfig
 from .llava import Llava, LlavaConfig
 from .weights import (CheckpointError, atomic_write, load_strict, materialize, read_tensors, save_safetensors,
@@ -84,12 +84,26 @@ def pick(cls, d: dict, defaults: dict):
     return cls(**{k: v for k, v in {**defaults, **d}.items() if k in names})
 
 
+def unsupported(d: dict, where: str, **allowed) -> None:
+    """Settings a config may hold that this model does not implement: an error naming the first one."""
+    for key, ok in allowed.items():
+        value = d.get(key)
+        if value is not None and value not in ok:
+            raise CheckpointError(f"{where} {key} {value!r} is not supported (supported: {', '.join(map(repr, ok))})")
+
+
 def vision_config(d: dict) -> VisionConfig:
+    unsupported(d, "CLIP vision config:", hidden_act=tuple(ACTIVATIONS))
     return pick(VisionConfig, d, HF_CLIP_DEFAULTS)
 
 
 def llama_config(d: dict) -> LlamaConfig:
-    d = {"num_key_value_heads": d.get("num_attention_heads", 32), **d}
+    """A LLaMA config from transformers' config.json (Mistral's too, without a sliding window), or an
+    official LLaVA config, which is one with the mm_* keys added."""
+    unsupported(d, "LLaMA config:", model_type=("llama", "mistral", "llava_llama", "llava", "llava_mistral"),
+                hidden_act=("silu",), attention_bias=(False,), mlp_bias=(False,), sliding_window=())
+    if d.get("num_key_value_heads") is None:
+        d = {**d, "num_key_value_heads": d.get("num_attention_heads", 32)}  # no grouping, as transformers reads it
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"RoPE scaling {rope} is not supported (plain LLaMA RoPE only)")
@@ -146,11 +160,16 @@ def llava_hf_config(cfg: dict) -> LlavaConfig:
     if not isinstance(layer, int):
         raise CheckpointError(f"vision_feature_layer {layer} (several layers) is not supported")
     extra = cfg.get("llava_min", {})  # what llava-hf configs cannot say (written by save_llava)
+    projector_type = extra.get("projector_type", "mlp2x_gelu")
+    unsupported(cfg, "LLaVA config:", multimodal_projector_bias=(True,),  # a linear W is saved as W -> identity -> I
+                projector_hidden_act=("linear", "gelu") if projector_type == "linear" else ("gelu",))
     vision = cfg.get("vision_config")
+    text = llama_config(cfg.get("text_config") or {})
+    text.tie_word_embeddings = text.tie_word_embeddings or bool(cfg.get("tie_word_embeddings"))  # either ties, as in transformers
     return LlavaConfig(
         vision=vision_config(vision) if vision else VisionConfig(),
-        text=llama_config(cfg.get("text_config") or {}),
-        projector_type=extra.get("projector_type", "mlp2x_gelu"),
+        text=text,
+        projector_type=projector_type,
         select_layer=layer,
         select_feature=SELECT_STRATEGY[cfg.get("vision_feature_select_strategy", "default")],
         image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
@@ -289,7 +308,12 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
     cfg = read_config(path)
     if cfg.get("model_type") in ("llava", "llava_next") and "text_config" in cfg:
         model = build_on_meta(Llava, llava_hf_config(cfg))
-        model.ignored_keys = load_into(model, weight_files(path), LLAVA_PREFIXES, dtype, device)
+        files = weight_files(path)
+        keep = lambda key: True  # noqa: E731
+        if model.cfg.projector_type == "linear":
+            keep = lambda key: IDENTITY_LAYER not in key  # noqa: E731
+            check_identity_layer(files)
+        model.ignored_keys = load_into(model, files, LLAVA_PREFIXES, dtype, device, keep=keep)
         model.language_model.tie_weights()
     elif "mm_vision_tower" in cfg or (cfg.get("model_type") == "llama" and projector_path is not None):
         model = load_official(path, cfg, dtype, device, vision_path, projector_path, llm_path)
@@ -298,6 +322,28 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
                               "(llava-hf, official LLaVA, or a LLaMA directory + vision_path + projector_path); "
                               "for CLIP or LLaMA alone use load_vision / load_llama")
     return model.eval()
+
+
+# ---------------------------------------------------------------- a linear W in llava-hf's two-layer projector
+
+IDENTITY_LAYER = "multi_modal_projector.linear_2."  # llava-hf has only Linear -> act -> Linear: a linear W
+                                                    # is written as W -> identity ("linear" act) -> I, exactly W
+
+
+def identity_layer(dim: int, dtype=torch.float32) -> dict:
+    return {IDENTITY_LAYER + "weight": torch.eye(dim, dtype=dtype), IDENTITY_LAYER + "bias": torch.zeros(dim, dtype=dtype)}
+
+
+def check_identity_layer(files) -> None:
+    """A linear projector's second layer, written for transformers, must be the identity it stands for."""
+    found = {IDENTITY_LAYER + key.split(IDENTITY_LAYER)[1]: t.float()  # under any of the key namings
+             for key, t, _ in read_tensors(files, lambda key: IDENTITY_LAYER in key)}
+    if found:
+        dim = found.get(IDENTITY_LAYER + "bias", torch.zeros(0)).numel()
+        if found.keys() != identity_layer(dim).keys() or \
+                not all(torch.equal(found[k], v) for k, v in identity_layer(dim).items()):
+            raise CheckpointError(f"{files[0]}: the config says a linear projector, but {IDENTITY_LAYER}* is not "
+                                  "the identity layer save_llava writes for one")
 
 
 # ---------------------------------------------------------------- writing llava-hf directories
@@ -333,7 +379,7 @@ def hf_config(cfg: LlavaConfig) -> dict:
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", **anyres,
         "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
         "vision_feature_layer": cfg.select_layer, "vision_feature_select_strategy": strategy,
-        "projector_hidden_act": "gelu", "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,
+        "projector_hidden_act": "linear" if cfg.projector_type == "linear" else "gelu", "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,
         "image_seq_length": cfg.vision.num_patches + (cfg.select_feature == "cls_patch"),
         "llava_min": {"projector_type": cfg.projector_type, "image_aspect_ratio": cfg.image_aspect_ratio,
                       "template": cfg.template},
@@ -345,10 +391,10 @@ def vision_key(name: str) -> str:
 
 
 def save_pretrained(module, config: dict, out_dir, rename, tokenizer_path=None, extra_files: Optional[dict] = None,
-                    weights_name="model.safetensors"):
+                    weights_name="model.safetensors", extra_tensors: Optional[dict] = None):
     """`config.json` + `model.safetensors` (+ `tokenizer.model`), written atomically."""
-    tied = module.tied_names() if hasattr(module, "tied_names") else set()
-    tensors = {rename(k): v for k, v in module.state_dict().items() if k not in tied}
+    tied = module.tied_names() if hasattr(module, "tied_names") else {}
+    tensors = {rename(k): v for k, v in module.state_dict().items() if k not in tied} | (extra_tensors or {})
     out_dir = Path(out_dir)  # each file atomically, config.json last: it marks a finished checkpoint
     save_safetensors(tensors, out_dir / weights_name)
     if tokenizer_path is not None:
@@ -374,4 +420,6 @@ def save_llava(model: Llava, out_dir, tokenizer_path=None, extra_files: Optional
     if model.cfg.image_token_id < 0:
         raise CheckpointError(f"{out_dir}: the image placeholder {model.cfg.image_token_id} has no row in the "
                               "vocabulary, which llava-hf needs: call append_image_token(model) first")
-    save_pretrained(model, hf_config(model.cfg), out_dir, hub_key, tokenizer_path, extra_files)
+    linear = model.projector.linear_2 is None
+    extra = identity_layer(model.cfg.text.hidden_size, model.projector.linear_1.weight.dtype) if linear else None
+    save_pretrained(model, hf_config(model.cfg), out_dir, hub_key, tokenizer_path, extra_files, extra_tensors=extra)

@@ -3,7 +3,7 @@
 Works for any model whose forward is `logits, _ = model(input_ids, attention_mask=..., cache=...)`
 (`Llama` and `Llava`). Batches are left-padded, so every row's next token sits in the last column.
 """
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -49,10 +49,11 @@ def static_cache(model, batch_size: int, length: int, multiple: int = 256):
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int = 2, generator=None, cache=None,
+             top_p: float = 1.0, eos_id: Union[int, Sequence[int]] = 2, generator=None, cache=None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None, compile: bool = False,
              stop: Optional[Callable[[list], bool]] = None, **model_kwargs) -> torch.Tensor:
-    """New token ids [B, n <= max_new_tokens]; a row that has finished repeats `eos_id`.
+    """New token ids [B, n <= max_new_tokens]; a row that has finished repeats `eos_id` (the first, when
+    a config lists several end tokens).
 
     Pass `cache` (from `model.new_cache`) to continue a conversation: only `input_ids` (the new
     tokens) are prefilled and the cache keeps everything for the next call. `on_token` sees each
@@ -61,6 +62,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     given, sees each row's new tokens after every step; True ends the row (a template's text end marker).
     """
     B, T = input_ids.shape
+    eos = torch.tensor(eos_id, device=input_ids.device).reshape(-1)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if attention_mask is not None and bool(attention_mask.all()):
@@ -85,11 +87,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     out, rows = [], [[] for _ in range(B)]  # rows: each row's tokens so far, for `stop`
     for step in range(max_new_tokens):
         token = sample(last, temperature, top_p, generator)
-        token = token.masked_fill(finished, eos_id)
+        token = token.masked_fill(finished, int(eos[0]))
         out.append(token)
         if on_token is not None:
             on_token(token)
-        finished |= token == eos_id
+        finished |= torch.isin(token, eos)
         if stop is not None:
             for row, t in zip(rows, token.tolist()):
                 row.append(t)
@@ -102,7 +104,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
             last = decode_compiled(model, token, cache, input_pos)
         else:
             last = model(token[:, None], attention_mask=attention_mask, cache=cache)[0][:, -1]
-    tokens = until_all_finished(torch.stack(out, dim=1), eos_id)
+    tokens = until_all_finished(torch.stack(out, dim=1), eos)
     cache.length = prefilled + tokens.shape[1] - 1  # the last token is never fed (steps past it are dropped)
     return tokens
 
@@ -117,9 +119,9 @@ def cut_at(reply: str, text: Optional[str]) -> str:
     return reply.split(text)[0] if text else reply
 
 
-def until_all_finished(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+def until_all_finished(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     """Cuts [B, n] tokens after the first column where every row has ended (finished rows repeat eos)."""
-    done = (tokens == eos_id).all(dim=0).nonzero()
+    done = torch.isin(tokens, eos).all(dim=0).nonzero()
     return tokens[:, : int(done[0]) + 1] if len(done) else tokens
 
 

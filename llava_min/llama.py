@@ -7,7 +7,7 @@ no mask (no left padding, no cache offset) it passes `is_causal=True` and no mas
 CUDA pick the fused flash kernel.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_id: Union[int, list] = 2  # a list: any of them ends a reply (generate)
     pad_token_id: int = 0
 
     def __post_init__(self):
@@ -209,8 +209,9 @@ class Llama(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def tied_names(self) -> set:
-        return {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()
+    def tied_names(self) -> dict:
+        """Tied parameter -> the one it shares (none unless the config ties them)."""
+        return {"lm_head.weight": "embed_tokens.weight"} if self.cfg.tie_word_embeddings else {}
 
     @torch.no_grad()
     def resize_vocab(self, new_size: int) -> None:

@@ -79,9 +79,19 @@ class Llava(nn.Module):
             raise ValueError(f"{len(h_v)} tiles in pixel_values, but the image sizes call for {sum(counts)}")
         return [self.anyres.merge(f, size, self.image_newline) for f, size in zip(h_v.split(counts), sizes)]
 
+    def check_ids(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> None:
+        """Every id a word of the vocabulary or this model's image token (the official -200 is not llava-hf's)."""
+        bad = ((input_ids < 0) | (input_ids >= self.cfg.text.vocab_size)) & ~is_image
+        if bool(bad.any()):
+            raise ValueError(f"input_ids hold id {int(input_ids[bad][0])}, which is neither in the vocabulary "
+                             f"({self.cfg.text.vocab_size} tokens) nor this model's image token "
+                             f"{self.cfg.image_token_id}: tokenize with image_token_id=model.cfg.image_token_id")
+
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor], image_sizes=None) -> torch.Tensor:
         """Word embeddings with every image-token position replaced by the next visual token."""
         is_image = input_ids == self.cfg.image_token_id
+        if input_ids.shape[1] > 1:  # (not per decoded token: the check waits for the GPU)
+            self.check_ids(input_ids, is_image)
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if pixel_values is None:
             # (a single decoded token is never an image slot: skip the check, it costs a GPU sync)
@@ -109,8 +119,8 @@ class Llava(nn.Module):
         return self.language_model(labels=labels, attention_mask=attention_mask, cache=cache, inputs_embeds=embeds,
                                    return_logits=return_logits)
 
-    def tied_names(self) -> set:
-        return {"language_model." + n for n in self.language_model.tied_names()}
+    def tied_names(self) -> dict:
+        return {"language_model." + k: "language_model." + v for k, v in self.language_model.tied_names().items()}
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return self.language_model.new_cache(batch_size, max_len)

@@ -131,14 +131,17 @@ def main(argv=None):
     merge.add_argument("--base", type=Path, required=True)
     merge.add_argument("--adapter", type=Path, required=True)
     merge.add_argument("--out", type=Path, required=True)
-    merge.add_argument("--tokenizer", type=Path, help="default: BASE/tokenizer.model")
+    merge.add_argument("--tokenizer", type=Path, help="default: the one saved with the adapter, else BASE's")
+    merge.add_argument("--vision", type=Path, help="an official stage-1 BASE: the CLIP directory it goes with")
+    merge.add_argument("--llm", type=Path, help="an official stage-1 BASE: the LLaMA / Vicuna directory it goes with")
     args = p.parse_args(argv)
-    model = load(args.base, dtype=torch.float32)
+    model = load(args.base, dtype=torch.float32, vision_path=args.vision, llm_path=args.llm)
     if model.cfg.image_token_id < 0:  # as train.py did before training the adapter
         append_image_token(model)
     load_adapter(model, args.adapter)
     merge_lora(model.language_model)
-    save_llava(model, args.out, args.tokenizer or args.base / "tokenizer.model")
+    saved = args.adapter / "tokenizer.model"
+    save_llava(model, args.out, args.tokenizer or (saved if saved.is_file() else args.base / "tokenizer.model"))
     print(f"merged {args.adapter} into {args.base} -> {args.out}")
 
 

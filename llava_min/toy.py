@@ -43,8 +43,11 @@ def variant_name(args) -> str:
 
 
 def step(name: str, done: bool, fn, timings: dict) -> None:
+    """Runs `fn` unless its output exists; `timings` holds each step's seconds (a skipped one keeps the
+    time it took when it ran, from an earlier results.json)."""
     if done:
-        print(f"[{name}] output exists, skipped")
+        took = f" (it took {timings[name]:.0f}s when it ran)" if name in timings else ""
+        print(f"[{name}] output exists, skipped{took}")
         return
     print(f"[{name}] ...", flush=True)
     t0 = time.perf_counter()
@@ -65,13 +68,21 @@ def device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def earlier_timings(results_file: Path) -> dict:
+    """The step times an earlier run of this variant recorded (none if it has not finished one)."""
+    try:
+        return dict(json.loads(results_file.read_text())["stage_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def run_pipeline(args, preset, stages) -> dict:
     import gen_data
 
-    t_start, timings = time.perf_counter(), {}
     data, root = args.data_dir, args.out
     images, tokenizer = data / "images", root / "tokenizer.model"
     run_dir = root / variant_name(args)
+    t_start, timings = time.perf_counter(), earlier_timings(run_dir / "results.json")
     num_images, num_eval = args.num_images or preset.num_images, args.num_eval or preset.num_eval
     step("data", (data / "eval.json").is_file(),
          lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,

@@ -78,8 +78,8 @@ def load_strict(model: nn.Module, tensors, rename: Callable[[str], Optional[str]
     Names starting with a prefix in `allow_missing` may stay unloaded (the caller initializes them).
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = getattr(model, "tied_names", lambda: set())()
-    loaded, ignored, sources = {}, [], set()
+    tied = getattr(model, "tied_names", dict)()
+    loaded, ignored, sources, tied_copies = {}, [], set(), []
     for key, tensor, file in tensors:
         sources.add(str(file))
         reason = ignore(key)
@@ -89,6 +89,7 @@ def load_strict(model: nn.Module, tensors, rename: Callable[[str], Optional[str]
         name = rename(key)
         if name in tied:
             ignored.append((key, "tied to the input embedding"))
+            tied_copies.append((key, tensor, file, name))
             continue
         if name not in expected:
             raise CheckpointError(f"unexpected tensor {key!r} in {file}: the model has no such parameter")
@@ -102,6 +103,10 @@ def load_strict(model: nn.Module, tensors, rename: Callable[[str], Optional[str]
     if missing:
         raise CheckpointError(f"{len(missing)} tensor(s) missing from {', '.join(sorted(sources)) or 'the checkpoint'}: "
                               + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    for key, tensor, file, name in tied_copies:  # a tied copy must be a copy: a different head would be lost
+        if tied[name] in loaded and not torch.equal(tensor.to(device=device, dtype=dtype), loaded[tied[name]]):
+            raise CheckpointError(f"tensor {key!r} in {file} differs from {tied[name]!r}, to which the config ties it "
+                                  "(tie_word_embeddings): set it to false to load the file's own head")
     model.load_state_dict(loaded, strict=False, assign=True)  # strictness was checked above, with names
     return ignored
 

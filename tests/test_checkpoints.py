@@ -238,6 +238,62 @@ def test_bad_checkpoint_names_the_tensor_and_file(hf_llava_dir, hf_tensors, tmp_
         llava_min.load(path)
 
 
+def with_config(src, dst, edit, tensors=None):
+    """A copy of checkpoint `src` with its config.json edited (and its weights replaced, if given)."""
+    path = copy_with_tensors(src, dst, tensors if tensors is not None else load_file(src / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("where,key,value", [
+    ("text_config", "hidden_act", "gelu"), ("text_config", "model_type", "gemma"),
+    ("text_config", "sliding_window", 8), ("text_config", "attention_bias", True), ("text_config", "mlp_bias", True),
+    ("vision_config", "hidden_act", "gelu_new"), (None, "projector_hidden_act", "quick_gelu"),
+    (None, "multimodal_projector_bias", False)])
+def test_a_setting_the_model_lacks_is_named(hf_llava_dir, tmp_path, where, key, value):
+    """Settings transformers implements and llava-min does not: an error, never a model that computes something else."""
+    def edit(cfg):
+        (cfg[where] if where else cfg)[key] = value
+    with pytest.raises(CheckpointError, match=f"{key} {value!r} is not supported"):
+        llava_min.load(with_config(hf_llava_dir, tmp_path / "edited", edit))
+
+
+def test_a_tied_head_must_equal_the_embedding(hf_llava_dir, hf_tensors, expected, tmp_path):
+    tie = lambda cfg: cfg["text_config"].update(tie_word_embeddings=True)  # noqa: E731
+    with pytest.raises(CheckpointError, match="'language_model.lm_head.weight' in .* differs from .*tie_word_embeddings"):
+        llava_min.load(with_config(hf_llava_dir, tmp_path / "distinct", tie))  # the file's own, different head
+    tensors = dict(hf_tensors)
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()
+    model = llava_min.load(with_config(hf_llava_dir, tmp_path / "copy", tie, tensors))  # a copy of it: tied
+    assert model.language_model.lm_head.weight is model.language_model.embed_tokens.weight
+
+
+def test_tying_at_the_top_level_and_unset_key_value_heads_read_as_transformers_reads_them(hf_llava_dir, hf_tensors,
+                                                                                          tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    tensors = {k: v for k, v in hf_tensors.items() if k != "language_model.lm_head.weight"}
+
+    def edit(cfg):
+        cfg["tie_word_embeddings"], cfg["text_config"]["tie_word_embeddings"] = True, False
+        cfg["text_config"].update(num_attention_heads=4, num_key_value_heads=None)
+        for name in ("k_proj", "v_proj"):  # 4 heads of key/value now, not 2
+            for layer in range(2):
+                key = f"language_model.model.layers.{layer}.self_attn.{name}.weight"
+                tensors[key] = torch.randn(64, 64, generator=torch.Generator().manual_seed(layer))
+    path = with_config(hf_llava_dir, tmp_path / "tied", edit)
+    save_file(tensors, path / "model.safetensors")
+    ids, x = image_prompt(16, batch=2), pixels(2)
+    ours = llava_min.load(path)
+    assert ours.cfg.text.num_key_value_heads == 4 and ours.language_model.lm_head.weight is \
+        ours.language_model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pixel_values=x)[0],
+                                   hf_reference(LlavaForConditionalGeneration, path)(input_ids=ids, pixel_values=x).logits,
+                                   **TOL)
+
+
 def test_no_weights_is_a_clear_error(hf_llava_dir, tmp_path):
     shutil.copy(hf_llava_dir / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="no weights in"):
@@ -270,3 +326,24 @@ def test_saved_checkpoint_loads_back_and_in_transformers(hf_llava_dir, expected,
         theirs = hf_reference(LlavaForConditionalGeneration, tmp_path / "out")(input_ids=ids, pixel_values=x).logits
     torch.testing.assert_close(theirs, ref, **TOL)
     assert not list((tmp_path / "out").glob(".*")), "temporary files were left behind"
+
+
+def test_a_linear_projector_saves_as_linear_identity_identity_which_transformers_loads(hf_clip_dir, hf_llama_dir,
+                                                                                         tmp_path):
+    """llava-hf's projector is Linear -> act -> Linear: LLaVA v1's linear W is written as W -> identity -> I."""
+    from transformers import LlavaForConditionalGeneration
+    torch.manual_seed(0)
+    model = llava_min.build_llava(hf_clip_dir, hf_llama_dir, projector_type="linear")
+    llava_min.save_llava(model, tmp_path / "linear")
+    ids = torch.tensor([[1] + [model.cfg.image_token_id] * model.num_image_tokens + [5, 6, 7]])
+    x = pixels(1)
+    with torch.no_grad():
+        ours = model(ids, pixel_values=x)[0]
+        torch.testing.assert_close(llava_min.load(tmp_path / "linear")(ids, pixel_values=x)[0], ours, atol=0, rtol=0)
+        theirs = hf_reference(LlavaForConditionalGeneration, tmp_path / "linear")(input_ids=ids, pixel_values=x).logits
+    torch.testing.assert_close(theirs, ours, **TOL)
+    tensors = load_file(tmp_path / "linear" / "model.safetensors")
+    tensors["multi_modal_projector.linear_2.bias"] += 0.1  # no longer the identity: not what the config says
+    save_file(tensors, tmp_path / "linear" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="linear projector, but multi_modal_projector.linear_2"):
+        llava_min.load(tmp_path / "linear")

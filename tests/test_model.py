@@ -147,6 +147,10 @@ def test_image_token_count_mismatch_is_a_clear_error(hf_llava_dir):
         ours(image_prompt(15), pixel_values=pixels(1))
     with pytest.raises(ValueError, match="no pixel_values"):
         ours(image_prompt(16))
+    official = image_prompt(16).masked_fill(image_prompt(16) == IMAGE_TOKEN, -200)  # tokenized for another layout
+    with pytest.raises(ValueError, match="id -200, which is neither in the vocabulary \\(128 tokens\\) nor this "
+                                         "model's image token 120"):
+        ours(official, pixel_values=pixels(1))
 
 
 def test_cached_logits_equal_uncached(hf_llava_dir):
@@ -203,6 +207,8 @@ def test_generation_stops_at_eos(hf_llava_dir):
     ours.cfg.text.eos_token_id = int(first[0, 2])  # pretend the third token is EOS
     got = ours.generate(ids, pixel_values=x, max_new_tokens=5)
     assert got.tolist() == first[:, :3].tolist()
+    ours.cfg.text.eos_token_id = [127, int(first[0, 1])]  # a config may list several end tokens: any one ends it
+    assert ours.generate(ids, pixel_values=x, max_new_tokens=5).tolist() == first[:, :2].tolist()
 
 
 def test_top_p_sampling_keeps_only_the_nucleus():

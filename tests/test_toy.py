@@ -32,11 +32,16 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out results" in out and "sample answers" in out
 
-    train.main(args)  # a rerun finds every output and only evaluates again
-    assert json.loads((tmp_path / "runs" / "full" / "results.json").read_text())["stage_seconds"] == {}
+    train.main(args)  # a rerun finds every output, only evaluates again, and keeps the times the steps took
+    assert json.loads((tmp_path / "runs" / "full" / "results.json").read_text())["stage_seconds"] == \
+        results["stage_seconds"]
+    assert "[stage 2] output exists, skipped (it took" in capsys.readouterr().out
 
     train.main(args + ["--ablations"])
     table = (tmp_path / "runs" / "ablations.md").read_text()
+    took = results["stage_seconds"]["stage 1"] + results["stage_seconds"]["stage 2"]
+    assert f"| full | {results['scores']['short']['overall']['accuracy']:.1f} |" in table
+    assert table.split("| full |")[1].split("\n")[0].rstrip().endswith(f"| {took:.0f}s |")
     for row in ("full", "no-stage2", "no-stage1", "linear", "last-layer", "half-data", "no-whiten"):
         assert f"| {row} |" in table
     for row in ("linear", "no-stage1"):  # every row runs with the command line's settings (--max-steps 2)

@@ -188,6 +188,13 @@ def test_stage2_from_an_official_stage1_release_saves_what_transformers_loads(pa
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, pixel_values=x)[0], theirs(input_ids=ids, pixel_values=x).logits,
                                    atol=1e-5, rtol=1e-5)
+    # LoRA on the release, merged by naming the same CLIP and LLM
+    from llava_min.lora import main as lora_main
+    train.main(["--stage", "2", "--init", str(release), "--data", str(parts / "data" / "instruct.json"),
+                "--out", str(tmp_path / "lora"), "--lora", "--lora-r", "4"] + common)
+    lora_main(["merge", "--base", str(release), "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "merged"),
+               "--vision", str(parts / "clip"), "--llm", str(parts / "lm")])
+    assert llava_min.load(tmp_path / "merged").cfg.image_token_id == vocab
 
 
 def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
