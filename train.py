@@ -44,7 +44,7 @@ class Preset:
     projector: str = "mlp2x_gelu"
     select_layer: int = -2
     template: str = "vicuna_v1"
-    image_aspect: str = "pad"
+    image_aspect: str = "pad"  # stage 2's (and so the finished model's); stage 1 center-crops (SPEC section 4)
     max_length: int = 2048
     grad_checkpointing: bool = False
     anyres: bool = False  # stage 2 on AnyRes tiles (LLaVA-NeXT)
@@ -289,7 +289,8 @@ def stage_1(args, preset: Preset):
     model = llava_min.build_llava(args.vision, args.llm, args.projector or preset.projector,
                                   select_layer=either(args.select_layer, preset.select_layer),
                                   dtype=load_dtype(args, preset), device=args.device,
-                                  image_aspect_ratio=preset.image_aspect, template=args.template or preset.template)
+                                  image_aspect_ratio="crop",  # the plain CLIP processor, as the official pretrain.sh
+                                  template=args.template or preset.template)
     save = lambda: save_stage1(model, args.out, args.vision, args.llm, tokenizer)  # noqa: E731
     return train_llava(args, preset, "1", model, Tokenizer(tokenizer), save)
 
@@ -308,6 +309,7 @@ def stage_2(args, preset: Preset):
                                       image_aspect_ratio=preset.image_aspect)
         tokenizer = args.tokenizer or args.llm / "tokenizer.model"
     model.cfg.template = args.template or preset.template
+    model.cfg.image_aspect_ratio = preset.image_aspect  # stage 1 cropped; stage 2 (LLaVA-1.5: pad) decides the model's
     if (args.anyres or preset.anyres) and model.anyres is None:  # LLaVA-NeXT: stage 1 on one view, stage 2 on tiles
         tile = model.cfg.vision.image_size
         model.use_anyres([(h * tile, w * tile) for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))])

@@ -273,6 +273,11 @@ def save_stage1(model: Llava, out_dir, vision_path, llm_path, tokenizer_path=Non
                     weights_name="mm_projector.safetensors")
 
 
+def official_aspect(value: str) -> str:
+    """The official trainer pads for "pad" and center-crops otherwise (its stage 1 writes "square")."""
+    return "pad" if value == "pad" else "crop"
+
+
 def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_path=None, llm_path=None) -> Llava:
     """An official LLaVA directory (Vicuna keys + model.mm_projector.*), a stage-1 release (config +
     mm_projector.bin; the LLM from `llm_path` or the local directory `_name_or_path` names), or a LLaMA
@@ -295,7 +300,7 @@ def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_pa
     image_token_id = None if proj_cfg.get("image_token_index", -1) >= 0 else -200
     model = build_llava(vision_path, path, projector_type, proj_cfg.get("mm_vision_select_layer", -2),
                         proj_cfg.get("mm_vision_select_feature", "patch"), image_token_id=image_token_id, dtype=dtype,
-                        device=device, image_aspect_ratio=proj_cfg.get("image_aspect_ratio", "pad"))
+                        device=device, image_aspect_ratio=official_aspect(proj_cfg.get("image_aspect_ratio", "pad")))
     # a whole checkpoint's files hold the LLM too; a projector file holds the projector and nothing else
     keep = is_official_projector if projector_path is None else (lambda key: True)
     load_into(model.projector, proj_files, OFFICIAL_PROJECTOR, dtype, device, keep=keep)

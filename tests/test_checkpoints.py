@@ -138,7 +138,11 @@ def test_official_layout_loads_with_the_clip_it_names(hf_llava_dir, hf_tensors, 
     model = llava_min.load(path)
     assert model.cfg.image_token_id == -200 and model.cfg.projector_type == "mlp2x_gelu"
     assert any("text_model" in k for k, _ in model.ignored_keys)
+    assert model.cfg.image_aspect_ratio == "pad"
     assert_same_logits(model, official_ids(expected))
+    cfg = json.loads((path / "config.json").read_text())  # what the official stage 1 writes: the plain processor
+    (path / "config.json").write_text(json.dumps({**cfg, "image_aspect_ratio": "square"}))
+    assert llava_min.load(path).cfg.image_aspect_ratio == "crop"
 
 
 def test_official_layout_explicit_vision_path_overrides_the_name(hf_llava_dir, hf_tensors, llava_clip_dir, expected,

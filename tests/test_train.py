@@ -197,6 +197,24 @@ def test_stage2_from_an_official_stage1_release_saves_what_transformers_loads(pa
     assert llava_min.load(tmp_path / "merged").cfg.image_token_id == vocab
 
 
+def test_stage1_crops_and_stage2_pads_as_the_official_scripts(parts, tmp_path, monkeypatch):
+    """LLaVA-1.5: pretrain.sh leaves the plain CLIP processor (center crop), finetune.sh pads (SPEC section 4)."""
+    import json
+    seen = []
+    original = train.LlavaDataset
+    monkeypatch.setattr(train, "LlavaDataset", lambda *a, **kw: seen.append(kw["image_aspect"]) or original(*a, **kw))
+    common = ["--preset", "llava-v1.5-7b", "--tokenizer", str(parts / "tokenizer.model"), "--image-folder",
+              str(parts / "data" / "images"), "--batch-size", "4", "--grad-accum", "1", "--max-steps", "1",
+              "--no-progress", "--device", "cpu"]
+    train.main(["--stage", "1", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"), "--data",
+                str(parts / "data" / "pretrain.json"), "--out", str(tmp_path / "s1")] + common)
+    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), "--data", str(parts / "data" / "instruct.json"),
+                "--out", str(tmp_path / "s2")] + common)
+    assert seen == ["crop", "pad"]
+    assert json.loads((tmp_path / "s1" / "config.json").read_text())["image_aspect_ratio"] == "crop"
+    assert llava_min.load(tmp_path / "s2").cfg.image_aspect_ratio == "pad"
+
+
 def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
     calls, clean = [], stages.llava_loss
 
