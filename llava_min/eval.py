@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve".split())}
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 NUMBER_WORDS["none"] = "0"
 ARTICLES = {"a", "an", "the"}
 
@@ -23,7 +22,9 @@ ARTICLES = {"a", "an", "the"}
 # ---------------------------------------------------------------- answer checking
 
 def normalize_answer(text: str) -> str:
-    """Case, punctuation, articles and number words removed, as VQA scoring normalizes."""
+    """VQA-style: lower case; punctuation, articles dropped; "1,000" -> "1000"; number words zero to ten
+    (and "none") as digits, as VQA's map. VQA's list of contractions ("dont" -> "don't") is left out."""
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)
     text = text.strip().lower().translate(str.maketrans({c: " " for c in string.punctuation if c != "."}))
     text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)  # keep decimal points, drop full stops
     words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]

@@ -14,6 +14,7 @@ from llava_min.gpt_data import ChatClient
     ("Red", "red", True), ("red.", "red", True), ("The red one", "red one", True), ("two", "2", True),
     ("Two.", "2", True), ("none", "0", True), ("3.5", "3.5", True), ("top left", "top left", True),
     ("top-left", "top left", True), ("blue", "red", False), ("2 circles", "2", False), ("yes", "no", False),
+    ("1,000", "1000", True), ("red, blue", "red blue", True), ("eleven", "11", False),  # VQA's map stops at ten
 ])
 def test_short_answer_normalization(pred, answer, ok):
     assert ev.is_correct({"format": "short", "answer": answer}, pred) is ok
