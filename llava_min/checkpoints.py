@@ -165,7 +165,7 @@ def llava_hf_config(cfg: dict) -> LlavaConfig:
                 projector_hidden_act=("linear", "gelu") if projector_type == "linear" else ("gelu",))
     vision = cfg.get("vision_config")
     text = llama_config(cfg.get("text_config") or {})
-    text.tie_word_embeddings = text.tie_word_embeddings or bool(cfg.get("tie_word_embeddings"))  # either ties, as in transformers
+    text.tie_word_embeddings = text.tie_word_embeddings or bool(cfg.get("tie_word_embeddings"))  # as transformers
     return LlavaConfig(
         vision=vision_config(vision) if vision else VisionConfig(),
         text=text,
@@ -336,7 +336,8 @@ IDENTITY_LAYER = "multi_modal_projector.linear_2."  # llava-hf has only Linear -
 
 
 def identity_layer(dim: int, dtype=torch.float32) -> dict:
-    return {IDENTITY_LAYER + "weight": torch.eye(dim, dtype=dtype), IDENTITY_LAYER + "bias": torch.zeros(dim, dtype=dtype)}
+    return {IDENTITY_LAYER + "weight": torch.eye(dim, dtype=dtype),
+            IDENTITY_LAYER + "bias": torch.zeros(dim, dtype=dtype)}
 
 
 def check_identity_layer(files) -> None:
@@ -384,7 +385,8 @@ def hf_config(cfg: LlavaConfig) -> dict:
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", **anyres,
         "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
         "vision_feature_layer": cfg.select_layer, "vision_feature_select_strategy": strategy,
-        "projector_hidden_act": "linear" if cfg.projector_type == "linear" else "gelu", "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,
+        "projector_hidden_act": "linear" if cfg.projector_type == "linear" else "gelu",  # linear: see IDENTITY_LAYER
+        "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,
         "image_seq_length": cfg.vision.num_patches + (cfg.select_feature == "cls_patch"),
         "llava_min": {"projector_type": cfg.projector_type, "image_aspect_ratio": cfg.image_aspect_ratio,
                       "template": cfg.template},
