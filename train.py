@@ -100,6 +100,23 @@ PRESETS = {
 }
 
 
+def positive(kind, zero_ok: bool = False):
+    """An argparse type: a number above zero (or at least zero), never a silent stand-in for the preset's."""
+    def parse(text: str):
+        value = kind(text)
+        if not (value >= 0 if zero_ok else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if zero_ok else 'above'} 0, got {text}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["tokenizer", "clip", "lm", "1", "2"],
@@ -113,21 +130,22 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one beside the LLM / init)")
     p.add_argument("--out", type=Path, help="default: runs/toy (runs/toy-detail for --world detail)")
     p.add_argument("--data-dir", type=Path, help="toy pipeline: where the world lives (default: data/toy[-detail])")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--projector-lr", type=float)
+    p.add_argument("--max-steps", type=positive(int))
+    p.add_argument("--epochs", type=positive(float))
+    p.add_argument("--batch-size", type=positive(int))
+    p.add_argument("--grad-accum", type=positive(int))
+    p.add_argument("--lr", type=positive(float))
+    p.add_argument("--projector-lr", type=positive(float))
     p.add_argument("--projector", choices=["linear", "mlp2x_gelu"])
     p.add_argument("--select-layer", type=int, help="CLIP layer for the visual features (-2: penultimate)")
     p.add_argument("--template", help="conversation template for stage 2")
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-length", type=positive(int))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP (sharded) instead of DDP")
-    p.add_argument("--save-every", type=int, default=0, help="steps between resumable snapshots")
-    p.add_argument("--stop-after", type=int, help="leave after this many steps with a resumable snapshot")
+    p.add_argument("--save-every", type=positive(int, zero_ok=True), default=0,
+                   help="steps between resumable snapshots (0: none)")
+    p.add_argument("--stop-after", type=positive(int), help="leave after this many steps with a resumable snapshot")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--whiten-features", action=argparse.BooleanOptionalAction, default=None,
                    help="stages 1 and 2: train the projector in whitened feature coordinates (default: the preset's)")
@@ -135,12 +153,13 @@ def parse_args(argv=None):
                    help="stages 1 and 2: batches of records of similar length, less padding (default: the preset's)")
     p.add_argument("--anyres", action="store_true", help="stage 2: AnyRes tiles + row-end tokens (LLaVA-NeXT)")
     p.add_argument("--lora", action="store_true", help="stage 2: LoRA adapters instead of the full LLM")
-    p.add_argument("--lora-r", type=int, default=128)
-    p.add_argument("--lora-alpha", type=float, default=256.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-r", type=positive(int), default=128)
+    p.add_argument("--lora-alpha", type=positive(float), default=256.0)
+    p.add_argument("--lora-dropout", type=positive(float, zero_ok=True), default=0.05)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: fail fast or skip")
-    p.add_argument("--num-workers", type=int, help="processes loading batches (default: 4 on CUDA, where loading in "
-                   "the training process idled the GPU; 0 on CPU, whose cores do the arithmetic)")
+    p.add_argument("--num-workers", type=positive(int, zero_ok=True),
+                   help="processes loading batches (default: 4 on CUDA, where loading in the training process idled "
+                        "the GPU; 0 on CPU, whose cores do the arithmetic)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, fp32 weights (default: on CUDA and on CPUs with AVX512-BF16 or AMX)")
@@ -148,9 +167,9 @@ def parse_args(argv=None):
     # toy pipeline switches (issue: each ablation is one flag)
     p.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 from a random projector")
     p.add_argument("--no-stage2", action="store_true", help="ablation: alignment only, no instruction tuning")
-    p.add_argument("--data-fraction", type=float, default=1.0, help="ablation: use this share of instruct.json")
-    p.add_argument("--num-images", type=int, help="toy world size (train images)")
-    p.add_argument("--num-eval", type=int, help="toy world size (held-out images)")
+    p.add_argument("--data-fraction", type=fraction, default=1.0, help="ablation: use this share of instruct.json")
+    p.add_argument("--num-images", type=positive(int), help="toy world size (train images)")
+    p.add_argument("--num-eval", type=positive(int), help="toy world size (held-out images)")
     p.add_argument("--world", choices=WORLDS, default="shapes",
                    help="toy world; detail: patterns a low-resolution view loses (compare with and without --anyres)")
     p.add_argument("--clip-decorrelation", type=float,
@@ -175,7 +194,8 @@ def load_dtype(args, preset: Preset):
 
 def settings(args, preset_stage: StageSettings) -> StageSettings:
     """The preset's settings for a stage, with any command-line overrides."""
-    overrides = {k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "grad_accum") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "grad_accum")
+                 if getattr(args, k) is not None}
     return dataclasses.replace(preset_stage, **overrides)
 
 

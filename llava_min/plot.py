@@ -9,11 +9,12 @@ W, H, PAD = 420, 260, 40
 
 
 def read_losses(metrics_file) -> list:
-    """The logged losses; a torn last line (a crash mid-write) is left out, as the trainer does."""
+    """The logged losses; a torn last line (a crash mid-write) is left out, as the trainer does, and so is
+    a step with nothing to learn (loss null)."""
     losses = []
     for line in Path(metrics_file).read_text().splitlines():
         try:
-            losses.append(json.loads(line)["loss"])
+            losses.append(float(json.loads(line)["loss"]))
         except (ValueError, KeyError, TypeError):
             continue
     return losses

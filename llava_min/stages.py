@@ -5,6 +5,7 @@ frozen; stage 2 (end-to-end fine-tuning) trains W and the LLM, CLIP still frozen
 two stages before them, because LLaVA starts from a pretrained CLIP and a pretrained LLM:
 `clip` (contrastive image-caption pretraining) and `lm` (next-token pretraining on text).
 """
+import math
 from pathlib import Path
 
 import torch
@@ -49,19 +50,36 @@ def num_targets(batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if len(batch["input_ids"]) else 0
 
 
-def zero_loss(model) -> torch.Tensor:
-    """A zero that still touches every trained parameter (keeps DDP's gradient all-reduce in step)."""
-    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+def with_blank_image(model, batch: dict) -> dict:
+    """The batch plus a row holding a blank image and nothing to learn. For a micro-batch without images
+    (text only, or every record skipped): its forward then runs the vision tower and the projector as
+    every other micro-batch does, so under DDP / FSDP this process joins the same collectives as the
+    others, and every trained parameter gets a gradient (the official trainer feeds text-only samples
+    a blank image for the same reason)."""
+    llava = getattr(model, "module", model)  # DDP wraps the model; FSDP does not
+    ids, size = batch["input_ids"], llava.cfg.vision.image_size
+    n = llava.image_token_count((size, size))
+    tiles = 1 + math.prod(llava.anyres.grid((size, size))) if llava.anyres is not None else 1
+    width = max(ids.shape[1], n)
+    row = torch.full((1, width), llava.cfg.text.pad_token_id, dtype=ids.dtype, device=ids.device)
+    row[0, :n] = llava.cfg.image_token_id
+    pad_to = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
+    blank = {"input_ids": torch.cat([pad_to(ids, llava.cfg.text.pad_token_id), row]),
+             "labels": torch.cat([pad_to(batch["labels"], IGNORE_INDEX), torch.full_like(row, IGNORE_INDEX)]),
+             "pixel_values": torch.zeros(tiles, 3, size, size, device=ids.device)}
+    if llava.anyres is not None:
+        blank["image_sizes"] = torch.tensor([[size, size]])
+    return blank
 
 
 def llava_loss(model, batch) -> torch.Tensor:
     """Eq. 3 summed over the assistant tokens (Table 2: only they carry labels)."""
     n = num_targets(batch)
-    if n == 0:
-        return zero_loss(model)
-    _, loss = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), labels=batch["labels"],
-                    image_sizes=batch.get("image_sizes"), return_logits=False)
-    return loss * n
+    if batch.get("pixel_values") is None:
+        batch = with_blank_image(model, batch)
+    logits, loss = model(batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"],
+                         image_sizes=batch.get("image_sizes"), return_logits=n == 0)
+    return loss * n if n else logits.sum() * 0.0  # nothing to learn: a zero that reaches every trained parameter
 
 
 def lm_loss(model, batch) -> torch.Tensor:

@@ -220,10 +220,15 @@ class Trainer:
             self.skipped += batch.get("num_skipped", 0)
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
+        if total.item() == 0:  # every record of the step skipped: nothing to learn, no update (the step still counts)
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan"), None
         loss = loss_sum / total
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: stopping. The last saved checkpoint "
-                                     f"in {self.cfg.out_dir} is intact; lower --lr or check the data.")
+            saved = "the last snapshot in {} is intact".format(self.state_dir) if self.state_dir.is_dir() else \
+                "no snapshot was saved (--save-every N makes them)"
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: stopping; {saved}. "
+                                     "Lower --lr or check the data.")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad) if self.cfg.clip_grad else None
         lr_scale = lr_at(self.step, self.total_steps, self.warmup, 1.0)
         for group in self.optimizer.param_groups:
@@ -276,8 +281,9 @@ class Trainer:
     def log(self, loss, grad_norm, tokens, dt, bar) -> None:
         if self.rank != 0:
             return
-        record = {"step": self.step, "loss": round(loss, 6), "lr": self.optimizer.param_groups[0]["lr"],
-                  "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4)}
+        record = {"step": self.step, "loss": None if math.isnan(loss) else round(loss, 6),  # None: all skipped
+                  "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens / dt, 1),
+                  "step_s": round(dt, 4)}
         if grad_norm is not None:
             record["grad_norm"] = round(float(grad_norm), 4)
         if self.peak and self.flops_per_token:
@@ -299,7 +305,9 @@ class Trainer:
     def save_state(self) -> None:
         """Trained weights, optimizer, schedule position, RNG: everything a resumed run needs."""
         model_state = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+        optim_state = None  # before the first update there is none, and asking for it would make some (a step of 1)
+        if self.optimizer.state:
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
         rng = [self.rng_state()]
         if self.world_size > 1:  # every process draws its own dropout masks: keep each one's generators
             rng = [None] * self.world_size
@@ -320,8 +328,9 @@ class Trainer:
                              "... which this run does not train (different stage or flags?)")
         set_model_state_dict(self.model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
         state = torch.load(self.state_dir / "state.pt", weights_only=True)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        if state["optimizer"] is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         self.step, self.skipped = state["step"], state["skipped"]
         if len(state["rng"]) != self.world_size:
             raise ValueError(f"{self.state_dir}: snapshot of {len(state['rng'])} processes, this run has "

@@ -119,29 +119,37 @@ def test_bf16_autocast_only_when_asked_with_fp32_weights(parts, tmp_path, bf16):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def run_stage2(parts, out, extra, nproc=None):
+def run_stage2(parts, out, extra, nproc=None, data=None):
     args = ["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
-            "--tokenizer", str(parts / "tokenizer.model"), "--data", str(parts / "data" / "instruct.json"),
+            "--tokenizer", str(parts / "tokenizer.model"), "--data", str(data or parts / "data" / "instruct.json"),
             "--image-folder", str(parts / "data" / "images"), "--max-steps", "3", "--out", str(out), "--no-progress",
             "--seed", "1", "--no-bf16"] + extra  # fp32: the sums over processes then agree to ~1e-6
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
         else [sys.executable]
-    done = subprocess.run(launcher + [str(ROOT / "train.py")] + args, env=env, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(launcher + [str(ROOT / "train.py")] + args, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # a collective mismatch hangs: fail instead
     assert done.returncode == 0, f"train.py {' '.join(extra)} failed:\n{done.stderr[-4000:]}"
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mode):
     """Stage 2 from a random projector (no stage 1): the projector must be seeded the same way too.
-    The FSDP run is also interrupted after one step and resumed from its sharded snapshot."""
-    plain = [] if mode == "ddp" else ["--no-whiten-features"]  # FSDP trains the projector unwhitened
-    run_stage2(parts, tmp_path / "one", ["--batch-size", "4"] + plain)
+    The FSDP run is also interrupted after one step and resumed from its sharded snapshot. Most records
+    are skipped (missing images), so some micro-batch of one process has none left: it must still take
+    part in every collective, and a step with none left at all updates nothing."""
+    import json
+    records = [r for r in json.loads((parts / "data" / "instruct.json").read_text()) if r.get("image")]
+    bad = [{**r, "id": f"bad-{i}", "image": f"missing-{i}.png"} for i, r in enumerate(records[4:16])]
+    (tmp_path / "mixed.json").write_text(json.dumps(records[:4] + bad))
+    plain = ["--on-error", "skip"] + ([] if mode == "ddp" else ["--no-whiten-features"])  # FSDP: unwhitened
+    run_stage2(parts, tmp_path / "one", ["--batch-size", "4"] + plain, data=tmp_path / "mixed.json")
     if mode == "ddp":
-        run_stage2(parts, tmp_path / "two", ["--batch-size", "2"], nproc=2)
+        run_stage2(parts, tmp_path / "two", ["--batch-size", "2"] + plain, nproc=2, data=tmp_path / "mixed.json")
     else:
-        run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp", "--stop-after", "1"] + plain, nproc=2)
-        run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp", "--resume"] + plain, nproc=2)
+        for extra in (["--stop-after", "1"], ["--resume"]):
+            run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp"] + extra + plain, nproc=2,
+                       data=tmp_path / "mixed.json")
     one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert one.keys() == two.keys()
     for k in one:
