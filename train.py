@@ -11,6 +11,7 @@ needs `--stage tokenizer`, `--stage clip` and `--stage lm`, because LLaVA starts
 """
 import argparse
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -199,13 +200,24 @@ def settings(args, preset_stage: StageSettings) -> StageSettings:
     return dataclasses.replace(preset_stage, **overrides)
 
 
+def digest(path) -> str:
+    """The training file's SHA-256 (its first 16 hex digits): a resumed run must read the snapshot's data."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def run(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSettings, save, flops=0.0,
-        group_by_length=False):
+        group_by_length=False, chosen: Optional[dict] = None):
+    """Trains one stage; `chosen`: the stage's settings a resumed run must share with its snapshot."""
     cfg = TrainConfig(out_dir=str(args.out), lr=s.lr, epochs=s.epochs, max_steps=args.max_steps,
                       batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
                       save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
                       fsdp=args.fsdp, group_by_length=group_by_length, bf16=args.bf16, progress=not args.no_progress)
-    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops)
+    chosen = {"stage": args.stage, "data_sha256": digest(args.data), **(chosen or {})}
+    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
     losses = trainer.fit(save)
     if trainer.skipped:
         print(f"skipped {trainer.skipped} bad record(s) (--on-error skip)")
@@ -278,7 +290,8 @@ def train_llava(args, preset: Preset, stage: str, model, tok, save):
     template = "plain" if stage == "1" else (args.template or preset.template)
     max_length = args.max_length or preset.max_length
     data = llava_dataset(args, model, tok, template, max_length, args.data_fraction if stage == "2" else 1.0)
-    if either(args.whiten_features, preset.whiten_features):  # a projector is fresh in stage 1, or without one
+    whiten = bool(either(args.whiten_features, preset.whiten_features))
+    if whiten:  # a projector is fresh in stage 1, or without one
         save = whitened(args, model, data, save, fresh=stage == "1" or args.init is None)
     if torch.device(args.device).type == "cuda":
         master_weights(model, stage, lora)
@@ -287,8 +300,12 @@ def train_llava(args, preset: Preset, stage: str, model, tok, save):
         else args.grad_checkpointing
     flops = stages.llava_flops_per_token(model, max_length)
     pad = lambda items: collate(items, pad_id=tok.pad_id)  # noqa: E731
+    chosen = {"whitened": whiten, "lora": [lora.r, lora.alpha, lora.dropout] if lora else None,
+              "anyres": model.anyres is not None, "data_fraction": args.data_fraction if stage == "2" else 1.0,
+              "projector": model.cfg.projector_type, "select_layer": model.cfg.select_layer, "template": template,
+              "max_length": max_length}
     return run(args, model, groups, data, pad, stages.llava_loss, stages.num_targets, s, save, flops,
-               either(args.group_by_length, preset.group_by_length))
+               either(args.group_by_length, preset.group_by_length), chosen)
 
 
 def whitened(args, model, data, save, fresh: bool):

@@ -93,7 +93,8 @@ def run_pipeline(args, preset, stages) -> dict:
     def train(name: str, key: str, **fields):
         def run():
             torch.manual_seed(args.seed)  # fresh weights depend on the seed, not on which stages ran before
-            return stages[key](stage_args(args, name, **{**common, **fields}), preset)
+            interrupted = (Path(fields["out"]) / "resume" / "state.pt").is_file()  # (--save-every N wrote it)
+            return stages[key](stage_args(args, name, **{**common, "resume": interrupted, **fields}), preset)
         return run
 
     step("tokenizer", tokenizer.is_file(), train("tokenizer", "tokenizer", data=data / "corpus.txt", out=tokenizer),

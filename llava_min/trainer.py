@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +131,10 @@ def length_grouped(order: torch.Tensor, lengths: list, batch: int, generator: to
 
 class Trainer:
     def __init__(self, model, param_groups: list, dataset, collate: Callable, loss_fn: Callable, count_fn: Callable,
-                 cfg: TrainConfig, device="cpu", flops_per_token: float = 0.0):
+                 cfg: TrainConfig, device="cpu", flops_per_token: float = 0.0, settings: Optional[dict] = None):
+        """`settings`: the caller's choices a resumed run must share with its snapshot (data, what trains)."""
         self.model, self.dataset, self.collate, self.cfg = model, dataset, collate, cfg
+        self.settings = settings or {}
         self.loss_fn, self.count_fn = loss_fn, count_fn
         self.device = torch.device(device)
         self.bf16 = use_bf16(self.device, cfg.bf16)
@@ -242,9 +245,8 @@ class Trainer:
         """Runs to `total_steps` (or `stop_after`), calls `save()` at the end; returns the step losses."""
         torch.manual_seed(self.cfg.seed + self.rank)
         random.seed(self.cfg.seed + self.rank)
+        self.find_snapshot()
         if self.cfg.resume:
-            recover_dir(self.state_dir)
-        if self.cfg.resume and (self.state_dir / "state.pt").is_file():
             self.load_state()
         self.trim_log()
         self.model.train()
@@ -274,6 +276,7 @@ class Trainer:
                 self.model.state_dict = lambda *args, **kwargs: state  # what the stage's save() reads
             if self.rank == 0:
                 save()
+                shutil.rmtree(self.state_dir, ignore_errors=True)  # the checkpoint supersedes the snapshot
         else:
             self.save_state()  # interrupted on purpose: leave a resumable snapshot
         return losses
@@ -302,6 +305,36 @@ class Trainer:
             atomic_write(self.log_file, lambda tmp: tmp.write_text("".join(l + "\n" for l in lines)))
 
     # ------------------------------------------------------------ resume
+    def find_snapshot(self) -> None:
+        """--resume needs a snapshot; a fresh start must not silently drop an interrupted run's."""
+        if self.rank == 0:
+            recover_dir(self.state_dir)
+        if self.world_size > 1:
+            dist.barrier()
+        found = (self.state_dir / "state.pt").is_file()
+        if self.cfg.resume and not found:
+            raise FileNotFoundError(f"--resume: no snapshot in {self.state_dir} (one is written every --save-every "
+                                    "steps and when --stop-after ends a run; a finished run removes it)")
+        if not self.cfg.resume and found:
+            step = torch.load(self.state_dir / "state.pt", weights_only=True)["step"]
+            raise FileExistsError(f"{self.state_dir} holds the snapshot of an unfinished run (step {step}): pass "
+                                  "--resume to continue it, or remove it to start over")
+
+    def signature(self) -> dict:
+        """What a resumed run must share with its snapshot: the data and its order, the schedule, what trains."""
+        c = self.cfg
+        return {"batch_size": c.batch_size, "grad_accum": c.grad_accum, "seed": c.seed,
+                "group_by_length": c.group_by_length, "total_steps": self.total_steps, "samples": len(self.dataset),
+                "lr": [g["peak_lr"] for g in self.optimizer.param_groups], "weight_decay": c.weight_decay,
+                "warmup_ratio": c.warmup_ratio, "clip_grad": c.clip_grad, **self.settings}
+
+    def check_signature(self, saved: dict) -> None:
+        ours = self.signature()
+        diff = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v]
+        if diff:
+            raise ValueError(f"{self.state_dir}: this run's settings differ from the interrupted run's ("
+                             + "; ".join(diff) + "): resume with the same settings, or start over in another --out")
+
     def save_state(self) -> None:
         """Trained weights, optimizer, schedule position, RNG: everything a resumed run needs."""
         model_state = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
@@ -315,19 +348,21 @@ class Trainer:
         if self.rank == 0:
             with atomic_dir(self.state_dir) as tmp:
                 save_safetensors({n: model_state[n] for n in self.trainable_names}, tmp / "trainable.safetensors")
-                torch.save({"step": self.step, "optimizer": optim_state, "skipped": self.skipped, "rng": rng},
-                           tmp / "state.pt")
+                torch.save({"step": self.step, "optimizer": optim_state, "skipped": self.skipped, "rng": rng,
+                            "settings": self.signature()}, tmp / "state.pt")
         if self.world_size > 1:
             dist.barrier()
 
     def load_state(self) -> None:
         from safetensors.torch import load_file
+        state = torch.load(self.state_dir / "state.pt", weights_only=True)
+        if "settings" in state:  # (snapshots before this check did not keep them)
+            self.check_signature(state["settings"])
         saved = load_file(self.state_dir / "trainable.safetensors")
         if set(saved) != set(self.trainable_names):
             raise ValueError(f"{self.state_dir}: snapshot holds {sorted(set(saved) ^ set(self.trainable_names))[:4]}"
                              "... which this run does not train (different stage or flags?)")
         set_model_state_dict(self.model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
-        state = torch.load(self.state_dir / "state.pt", weights_only=True)
         if state["optimizer"] is not None:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))

@@ -143,11 +143,14 @@ def atomic_dir(path):
 
 def recover_dir(path) -> None:
     """After a crash between `atomic_dir`'s two renames only the previous copy is left, under its `.old` name:
-    put it back."""
+    put it back. A crash while writing leaves a half-written temporary copy: remove it (one writer only)."""
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
     if not path.exists() and old.is_dir():
         os.replace(old, path)
+    for tmp in path.parent.glob(f".{path.name}.*"):
+        if tmp != old and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write(path, write: Callable[[Path], None]) -> None:

@@ -80,3 +80,30 @@ def test_world_epochs_unless_given():
     assert stage_args(detail, "clip").epochs == 6 and stage_args(detail, "stage 2").epochs == 2
     assert stage_args(detail, "lm").epochs is None and stage_args(shapes, "clip").epochs is None  # the preset's
     assert stage_args(train.parse_args(["--world", "detail", "--epochs", "3"]), "clip").epochs == 3
+
+
+def test_a_rerun_resumes_an_interrupted_stage(tmp_path, monkeypatch):
+    """With --save-every, a stage cut short leaves a snapshot; the rerun continues it (same losses as a run
+    never cut), rather than starting over or refusing."""
+    from llava_min.trainer import Trainer
+    common = ["--preset", "smoke", "--data-dir", str(tmp_path / "data"), "--max-steps", "3", "--save-every", "1",
+              "--no-progress"]
+    train.main(common + ["--out", str(tmp_path / "whole")])
+    fit = Trainer.fit
+
+    def cut_stage2(self, save):
+        if self.cfg.out_dir.endswith("stage2"):
+            self.cfg.stop_after = 1
+        return fit(self, save)
+    monkeypatch.setattr(Trainer, "fit", cut_stage2)
+    args = common + ["--out", str(tmp_path / "cut")]
+    try:
+        train.main(args)  # stage 2 leaves after one step; its evaluation then finds no model
+    except Exception:
+        pass
+    assert (tmp_path / "cut" / "full" / "stage2" / "resume" / "state.pt").is_file()
+    monkeypatch.setattr(Trainer, "fit", fit)
+    train.main(args)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "full" / "stage2" / "metrics.jsonl").read_text()
+               .splitlines()] for d in ("whole", "cut")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3

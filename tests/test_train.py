@@ -84,6 +84,56 @@ def test_resume_reproduces_the_uninterrupted_losses(parts, tmp_path, group_by_le
     assert len(logged) == 6
 
 
+def stage2_in_process(parts, out, *extra, data=None):
+    train.main(["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
+                "--tokenizer", str(parts / "tokenizer.model"), "--data", str(data or parts / "data" / "instruct.json"),
+                "--image-folder", str(parts / "data" / "images"), "--max-steps", "4", "--batch-size", "4",
+                "--no-progress", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("change,named", [(["--batch-size", "2"], "batch_size 4 there, 2 here"),
+                                          (["--no-whiten-features"], "whitened True there, False here"),
+                                          (["--max-steps", "6"], "total_steps 4 there, 6 here"),
+                                          (["--lr", "5e-4"], "lr"), ("data", "data_sha256")])
+def test_resume_refuses_other_settings_naming_them(parts, tmp_path, change, named):
+    """Another batch size, schedule, data file or projector parametrization would continue a different run."""
+    import json
+    stage2_in_process(parts, tmp_path / "out", "--stop-after", "2")
+    data = None
+    if change == "data":  # the same file name, edited
+        data = tmp_path / "instruct.json"
+        data.write_text(json.dumps(json.loads((parts / "data" / "instruct.json").read_text())[::-1]))
+        change = []
+    with pytest.raises(ValueError, match=f"settings differ from the interrupted run's .*{named}"):
+        stage2_in_process(parts, tmp_path / "out", "--resume", *change, data=data)
+
+
+def test_a_snapshot_is_neither_made_up_nor_dropped(parts, tmp_path):
+    """--resume without a snapshot, or a fresh start over an unfinished run's snapshot, is an error; a
+    finished run removes its snapshot (the checkpoint supersedes it), and a crash's temporary copy goes."""
+    with pytest.raises(FileNotFoundError, match="--resume: no snapshot in"):
+        stage2_in_process(parts, tmp_path / "typo", "--resume")
+    stage2_in_process(parts, tmp_path / "out", "--stop-after", "2")
+    with pytest.raises(FileExistsError, match="snapshot of an unfinished run \\(step 2\\): pass --resume"):
+        stage2_in_process(parts, tmp_path / "out")
+    (tmp_path / "out" / ".resume.k3j2x1").mkdir()  # what a kill in the middle of writing a snapshot leaves
+    stage2_in_process(parts, tmp_path / "out", "--resume", "--save-every", "1")
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith((".", "resume"))) == []
+
+
+def test_a_checkpoint_half_written_over_another_is_not_taken_for_either(parts, tmp_path, monkeypatch):
+    import llava_min.checkpoints as ck
+    stage2_in_process(parts, tmp_path / "out")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ck, "save_safetensors", killed)  # dies writing the new weights
+    with pytest.raises(KeyboardInterrupt):
+        stage2_in_process(parts, tmp_path / "out", "--select-layer", "-1")
+    assert not (tmp_path / "out" / "config.json").exists()  # no finished checkpoint: not the old config on new weights
+
+
 def test_accumulated_micro_batches_equal_one_big_batch(parts, tmp_path):
     """The 7B presets accumulate 16 micro-batches: 2 x 2 must take the steps 1 x 4 takes."""
     run = dict(data="instruct.json", steps=3)  # losses, not weights: Adam turns rounding-sized gradients into lr-sized steps
