@@ -219,8 +219,11 @@ def run(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSet
     chosen = {"stage": args.stage, "data_sha256": digest(args.data), **(chosen or {})}
     trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
     losses = trainer.fit(save)
-    if trainer.skipped:
-        print(f"skipped {trainer.skipped} bad record(s) (--on-error skip)")
+    skipped = trainer.skipped_in_all()
+    if skipped and trainer.rank == 0:
+        reasons = getattr(getattr(dataset, "dataset", dataset), "skip_log", [])  # (read-time ones: without workers)
+        print(f"skipped {skipped} bad record(s) (--on-error skip)" + "".join(f"\n  {m}" for m in reasons[:5])
+              + ("\n  ..." if len(reasons) > 5 else ""))
     return losses
 
 
@@ -260,6 +263,9 @@ def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
                         num_image_tokens=model.num_image_tokens, image_token_id=model.cfg.image_token_id,
                         image_size=model.cfg.vision.image_size, image_aspect=model.cfg.image_aspect_ratio,
                         max_length=max_length, on_error=args.on_error, anyres=model.anyres)
+    if len(data) == 0:
+        raise SystemExit(f"{args.data}: no record left to train on, all {len(data.skip_log)} were skipped: "
+                         + "; ".join(data.skip_log[:3]))
     if data_fraction < 1.0:  # a fixed, seeded subset (the half-data ablation)
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
         data = torch.utils.data.Subset(data, keep[: int(len(data) * data_fraction)].tolist())

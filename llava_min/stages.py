@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, read_records
-from .image import load_image, preprocess
+from .data import DataError, check_record, read_records, record_id
+from .image import ImageError, load_image, preprocess
 from .llama import IGNORE_INDEX
 
 FROZEN, TRAINED = False, True
@@ -119,11 +119,16 @@ class CaptionPairs(torch.utils.data.Dataset):
     """(image, caption) pairs from an LLaVA-format caption file (the stage-1 `pretrain.json`)."""
 
     def __init__(self, data_path, image_folder, tok, image_size: int, max_len: int = 64):
-        self.records = read_records(data_path)
+        """Every record is checked here; a bad one stops the run naming the file and the record (this toy
+        stage has no --on-error skip: its data is generated)."""
+        self.data_path, self.records = data_path, read_records(data_path)
         for n, r in enumerate(self.records):
-            if not isinstance(r, dict) or "image" not in r or not r.get("conversations"):
-                name = r.get("id", f"#{n}") if isinstance(r, dict) else f"#{n}"
-                raise DataError(f"{data_path}: record {name}: a caption pair needs 'image' and 'conversations'")
+            try:
+                if not isinstance(r, dict) or "image" not in r or not r.get("conversations"):
+                    raise ValueError("a caption pair needs 'image' and 'conversations'")
+                check_record(r, "plain")
+            except ValueError as e:
+                raise DataError(f"{data_path}: record {record_id(n, r)}: {e}") from e
         self.image_folder, self.tok, self.image_size, self.max_len = image_folder, tok, image_size, max_len
 
     def __len__(self):
@@ -133,7 +138,10 @@ class CaptionPairs(torch.utils.data.Dataset):
         record = self.records[i]
         caption = record["conversations"][-1]["value"]
         ids = self.tok.encode(caption, bos=True)[: self.max_len - 1] + [self.tok.eos_id]
-        image = load_image(record["image"], image_folder=self.image_folder)
+        try:
+            image = load_image(record["image"], image_folder=self.image_folder)
+        except ImageError as e:
+            raise DataError(f"{self.data_path}: record {record_id(i, record)}: bad image: {e}") from e
         return torch.tensor(ids), preprocess(image, size=self.image_size, aspect="crop")
 
 

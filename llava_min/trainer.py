@@ -281,6 +281,13 @@ class Trainer:
             self.save_state()  # interrupted on purpose: leave a resumable snapshot
         return losses
 
+    def skipped_in_all(self) -> int:
+        """Records skipped so far by every process together (each counts its own)."""
+        n = torch.tensor(self.skipped, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(n)
+        return int(n)
+
     def log(self, loss, grad_norm, tokens, dt, bar) -> None:
         if self.rank != 0:
             return
@@ -341,15 +348,16 @@ class Trainer:
         optim_state = None  # before the first update there is none, and asking for it would make some (a step of 1)
         if self.optimizer.state:
             optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
-        rng = [self.rng_state()]
-        if self.world_size > 1:  # every process draws its own dropout masks: keep each one's generators
-            rng = [None] * self.world_size
-            dist.all_gather_object(rng, self.rng_state())
+        mine = {"rng": self.rng_state(), "skipped": self.skipped}
+        each = [mine]
+        if self.world_size > 1:  # every process draws its own dropout masks and skips its own records
+            each = [None] * self.world_size
+            dist.all_gather_object(each, mine)
         if self.rank == 0:
             with atomic_dir(self.state_dir) as tmp:
                 save_safetensors({n: model_state[n] for n in self.trainable_names}, tmp / "trainable.safetensors")
-                torch.save({"step": self.step, "optimizer": optim_state, "skipped": self.skipped, "rng": rng,
-                            "settings": self.signature()}, tmp / "state.pt")
+                torch.save({"step": self.step, "optimizer": optim_state, "skipped": [e["skipped"] for e in each],
+                            "rng": [e["rng"] for e in each], "settings": self.signature()}, tmp / "state.pt")
         if self.world_size > 1:
             dist.barrier()
 
@@ -366,10 +374,12 @@ class Trainer:
         if state["optimizer"] is not None:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
-        self.step, self.skipped = state["step"], state["skipped"]
+        self.step = state["step"]
         if len(state["rng"]) != self.world_size:
             raise ValueError(f"{self.state_dir}: snapshot of {len(state['rng'])} processes, this run has "
                              f"{self.world_size}")
+        skipped = state["skipped"]  # (one count per process; one for all in older snapshots)
+        self.skipped = skipped[self.rank] if isinstance(skipped, list) else skipped
         rng = state["rng"][self.rank]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])

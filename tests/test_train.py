@@ -35,12 +35,22 @@ def fit(model, stage, parts, data="pretrain.json", steps=3, out=None, lr=1e-3, *
     return trainer.fit(save=lambda: None)
 
 
-def test_caption_pairs_name_a_record_without_an_image(tmp_path):
+def test_caption_pairs_name_the_file_and_record_of_a_bad_one(tmp_path):
     import json
     from llava_min.data import DataError
     (tmp_path / "pretrain.json").write_text(json.dumps([{"id": "cap-7", "conversations": [{"value": "x"}]}]))
     with pytest.raises(DataError, match="pretrain.json: record cap-7: a caption pair needs 'image'"):
         stages.CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=None, image_size=32)
+    pair = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red circle."}]
+    for record, reason in [({"id": "cap-8", "image": "a.png", "conversations": [pair[0], {"from": "gpt"}]}, "value"),
+                           ({"id": "cap-9", "image": ["a.png"], "conversations": pair}, "bad image field")]:
+        (tmp_path / "pretrain.json").write_text(json.dumps([record]))
+        with pytest.raises(DataError, match=f"pretrain.json: record {record['id']}: .*{reason}"):
+            stages.CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=None, image_size=32)
+    (tmp_path / "pretrain.json").write_text(json.dumps([{"id": "cap-10", "image": "gone.png", "conversations": pair}]))
+    tok = type("Tok", (), {"eos_id": 2, "encode": lambda self, text, bos: [1, 5]})()
+    with pytest.raises(DataError, match="pretrain.json: record cap-10: bad image: .*gone.png"):
+        stages.CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=tok, image_size=32)[0]
 
 
 def test_stage1_changes_only_the_projector(parts):
@@ -106,6 +116,13 @@ def test_resume_refuses_other_settings_naming_them(parts, tmp_path, change, name
         change = []
     with pytest.raises(ValueError, match=f"settings differ from the interrupted run's .*{named}"):
         stage2_in_process(parts, tmp_path / "out", "--resume", *change, data=data)
+
+
+def test_nothing_left_after_skipping_is_said_so(parts, tmp_path):
+    import json
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "only", "image": "x.png", "conversations": []}]))
+    with pytest.raises(SystemExit, match="no record left to train on, all 1 were skipped: record only: empty"):
+        stage2_in_process(parts, tmp_path / "out", "--on-error", "skip", data=tmp_path / "bad.json")
 
 
 def test_a_snapshot_is_neither_made_up_nor_dropped(parts, tmp_path):
@@ -180,6 +197,7 @@ def run_stage2(parts, out, extra, nproc=None, data=None):
     done = subprocess.run(launcher + [str(ROOT / "train.py")] + args, env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)  # a collective mismatch hangs: fail instead
     assert done.returncode == 0, f"train.py {' '.join(extra)} failed:\n{done.stderr[-4000:]}"
+    return done.stdout
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -193,13 +211,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mod
     bad = [{**r, "id": f"bad-{i}", "image": f"missing-{i}.png"} for i, r in enumerate(records[4:16])]
     (tmp_path / "mixed.json").write_text(json.dumps(records[:4] + bad))
     plain = ["--on-error", "skip"] + ([] if mode == "ddp" else ["--no-whiten-features"])  # FSDP: unwhitened
-    run_stage2(parts, tmp_path / "one", ["--batch-size", "4"] + plain, data=tmp_path / "mixed.json")
+    said = run_stage2(parts, tmp_path / "one", ["--batch-size", "4"] + plain, data=tmp_path / "mixed.json")
     if mode == "ddp":
-        run_stage2(parts, tmp_path / "two", ["--batch-size", "2"] + plain, nproc=2, data=tmp_path / "mixed.json")
+        said_two = run_stage2(parts, tmp_path / "two", ["--batch-size", "2"] + plain, nproc=2,
+                              data=tmp_path / "mixed.json")
     else:
-        for extra in (["--stop-after", "1"], ["--resume"]):
-            run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp"] + extra + plain, nproc=2,
-                       data=tmp_path / "mixed.json")
+        for extra in (["--stop-after", "1"], ["--resume"]):  # the count goes on across the resume, per process
+            said_two = run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp"] + extra + plain, nproc=2,
+                                  data=tmp_path / "mixed.json")
+    count = [line for line in said.splitlines() if line.startswith("skipped")]
+    assert count and [line for line in said_two.splitlines() if line.startswith("skipped")] == count  # the total, once
     one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert one.keys() == two.keys()
     for k in one:
