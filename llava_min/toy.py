@@ -42,6 +42,38 @@ def variant_name(args) -> str:
     return "-".join(parts) or "full"
 
 
+# What the toy pipeline's outputs depend on, at each level: the world (data dir), the shared models (out),
+# and each variant's stages 1 and 2 (out/variant). Everything else on the command line says where files go,
+# how fast, or what to do with them.
+WORLD_KEYS = ("preset", "seed", "world", "num_images", "num_eval")
+VARIANT_KEYS = ("no_stage1", "no_stage2", "projector", "select_layer", "data_fraction", "anyres", "whiten_features",
+                "lora", "lora_r", "lora_alpha", "lora_dropout", "template", "max_length", "projector_lr",
+                "group_by_length", "grad_checkpointing")
+NOT_SHAPING = ("stage", "out", "data_dir", "data", "image_folder", "tokenizer", "init", "vision", "llm", "resume",
+               "save_every", "stop_after", "num_workers", "device", "bf16", "no_progress", "ablations")
+
+
+def same_settings(file: Path, ours: dict, what: str) -> None:
+    """Outputs made by other settings are not reused under this command's name: the first run records its
+    settings beside them, and a later one with other values stops, naming them."""
+    if file.is_file():
+        theirs = json.loads(file.read_text())
+        diff = [f"{k} {theirs.get(k)!r} (this command: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
+        if diff:
+            raise SystemExit(f"{what} made with " + ", ".join(diff) + f" ({file}): pass another --out / "
+                             "--data-dir, or remove it to make it again")
+    else:
+        atomic_write(file, lambda tmp: tmp.write_text(json.dumps(ours, indent=2)))
+
+
+def check_settings(args, data: Path, root: Path, run_dir: Path) -> None:
+    given = {k: v for k, v in vars(args).items() if k not in NOT_SHAPING}
+    same_settings(data / "world.json", {k: given[k] for k in WORLD_KEYS}, f"the world in {data} was")
+    same_settings(root / "settings.json", {k: v for k, v in given.items() if k not in VARIANT_KEYS},
+                  f"the models in {root} were")
+    same_settings(run_dir / "settings.json", {k: given[k] for k in VARIANT_KEYS}, f"the variant in {run_dir} was")
+
+
 def step(name: str, done: bool, fn, timings: dict) -> None:
     """Runs `fn` unless its output exists; `timings` holds each step's seconds (a skipped one keeps the
     time it took when it ran, from an earlier results.json)."""
@@ -83,6 +115,7 @@ def run_pipeline(args, preset, stages) -> dict:
     images, tokenizer = data / "images", root / "tokenizer.model"
     run_dir = root / variant_name(args)
     t_start, timings = time.perf_counter(), earlier_timings(run_dir / "results.json")
+    check_settings(args, data, root, run_dir)
     num_images, num_eval = args.num_images or preset.num_images, args.num_eval or preset.num_eval
     step("data", (data / "eval.json").is_file(),
          lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,

@@ -2,6 +2,7 @@
 results file is filled, a rerun skips what exists, and the ablation table is produced."""
 import json
 
+import pytest
 import torch
 
 import llava_min
@@ -36,6 +37,11 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
     assert json.loads((tmp_path / "runs" / "full" / "results.json").read_text())["stage_seconds"] == \
         results["stage_seconds"]
     assert "[stage 2] output exists, skipped (it took" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="the world in .* was made with seed 0 \\(this command: 1\\)"):
+        train.main(args + ["--seed", "1"])  # not labelled seed 1 while every model is seed 0's
+    with pytest.raises(SystemExit, match="the models in .* were made with lr None \\(this command: 0.01\\)"):
+        train.main(args + ["--lr", "1e-2"])
 
     train.main(args + ["--ablations"])
     table = (tmp_path / "runs" / "ablations.md").read_text()
