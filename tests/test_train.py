@@ -53,6 +53,25 @@ def test_caption_pairs_name_the_file_and_record_of_a_bad_one(tmp_path):
         stages.CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=tok, image_size=32)[0]
 
 
+def test_a_micro_batch_without_images_runs_a_blank_one_that_changes_nothing(hf_llava_dir):
+    """So that under DDP / FSDP it meets the other processes in the same collectives (see with_blank_image)."""
+    model = llava_min.load(hf_llava_dir)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "labels": labels, "pixel_values": None}
+    seen = []
+    model.vision_tower.register_forward_hook(lambda *args: seen.append(True))
+    _, loss = model(ids, labels=labels)
+    torch.testing.assert_close(stages.llava_loss(model, batch), loss * stages.num_targets(batch), rtol=1e-6, atol=0)
+    assert seen == [True]  # (the plain forward above ran no vision tower)
+    empty = {"input_ids": torch.zeros(0, 0, dtype=torch.long), "labels": torch.zeros(0, 0, dtype=torch.long),
+             "pixel_values": None}  # every record skipped
+    zero = stages.llava_loss(model, empty)
+    zero.backward()
+    assert zero.item() == 0 and all(p.grad is not None for p in model.projector.parameters())
+
+
 def test_stage1_changes_only_the_projector(parts):
     model = stage1_model(parts)
     before = {k: v.clone() for k, v in model.state_dict().items()}
