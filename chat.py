@@ -89,7 +89,8 @@ class Chat:
             nonlocal text
             reply_ids.append(int(token))
             text = cut_at(self.tok.decode([t for t in reply_ids if t != self.tok.eos_id]), end)
-            show(text[: len(text) - partial_marker(text, end)])
+            # held back: a marker's start, and a character whose bytes have not all come (shown as U+FFFD)
+            show(text[: len(text) - partial_marker(text, end)].rstrip("\ufffd"))
 
         def show(visible: str):
             nonlocal shown

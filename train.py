@@ -94,7 +94,7 @@ PRESETS = {
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                             image_size=32, patch_size=8),
         text=LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256),
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
         clip_text=LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128),
         clip=StageSettings(lr=1e-3, batch_size=8), lm=StageSettings(lr=1e-3, batch_size=8), lm_seq_len=64),

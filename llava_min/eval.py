@@ -105,6 +105,11 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
             if image is not None:
                 images.append(model_pixels(model, image))
                 sizes.append((image.height, image.width))
+        context = cfg.text.max_position_embeddings
+        for record, row in zip(chunk, rows):
+            if len(row) + max_new_tokens > context:
+                raise ValueError(f"record {record.get('id')}: its prompt is {len(row)} tokens, and {max_new_tokens} "
+                                 f"new ones would pass the model's context of {context}")
         ids, mask = left_pad(rows, tok.pad_id)
         dtype = next(model.vision_tower.parameters()).dtype
         pixels = (torch.cat if model.anyres else torch.stack)(images).to(device, dtype) if images else None
@@ -127,18 +132,60 @@ def decode_until_eos(tok, ids: list) -> str:
     return tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids).strip()
 
 
-def check_eval_records(records: list, path) -> None:
-    """Before any answer is generated: every record holds what scoring reads."""
-    for n, r in enumerate(records):
-        need = ("id", "format", "answer", "conversations") + (("choices",) if r.get("format") == "choice" else ())
-        missing = [k for k in need if k not in r]
-        if missing:
-            raise ValueError(f"{path}: record {r.get('id', f'#{n}')}: missing {', '.join(missing)}")
+def check_items(items, path, image_folder, check) -> None:
+    """Before any answer is generated (or any judge paid): `check(item)` on each, and its image exists.
+    The error names the file and the item."""
+    from .image import ImageError, resolve_in_folder
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: not a JSON list")
+    for n, item in enumerate(items):
+        rid = item.get("id", f"#{n}") if isinstance(item, dict) else f"#{n}"
+        try:
+            if not isinstance(item, dict):
+                raise ValueError(f"a {type(item).__name__}, expected a JSON object")
+            check(item)
+            if "image" in item:
+                image = item["image"]
+                if not isinstance(image, str) or not image:
+                    raise ValueError(f"bad image field {image!r}")
+                file = resolve_in_folder(image, image_folder) if image_folder is not None else Path(image)
+                if not file.is_file():
+                    raise ValueError(f"image {file} does not exist")
+        except (ValueError, ImageError) as e:
+            raise ValueError(f"{path}: record {rid}: {e}") from e
+
+
+def check_fields(item: dict, types: dict) -> None:
+    missing = [k for k in types if k not in item]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    wrong = [f"{k} is a {type(item[k]).__name__}" for k, t in types.items() if not isinstance(item[k], t)]
+    if wrong:
+        raise ValueError(", ".join(wrong))
+
+
+def check_eval_record(r: dict) -> None:
+    """What scoring and answering read: a short or multiple-choice record whose first turn is the question."""
+    from .conversation import check_turns
+    check_fields(r, {"id": (str, int), "format": str, "answer": str, "conversations": list})
+    if r["format"] not in ("short", "choice"):
+        raise ValueError(f"format {r['format']!r}, expected 'short' or 'choice'")
+    if r["format"] == "choice":
+        check_fields(r, {"choices": list})
+        if len(r["choices"]) < 2 or not all(isinstance(c, str) for c in r["choices"]):  # (letters A, B, ...)
+            raise ValueError("choices must be a list of at least two strings")
+    if not r["conversations"] or check_turns(r["conversations"][:1])[0][0] != 0:
+        raise ValueError("conversations must start with the human's question")
+
+
+def check_eval_records(records: list, path, image_folder=None) -> None:
+    check_items(records, path, image_folder, check_eval_record)
 
 
 def evaluate(model, tok, data_path, image_folder, blind=False, batch_size=32, limit=None, progress=False) -> dict:
-    records = json.loads(Path(data_path).read_text())[:limit]
-    check_eval_records(records, data_path)
+    records = json.loads(Path(data_path).read_text())
+    check_eval_records(records, data_path, image_folder)
+    records = records[:limit]
     predictions = answer(model, tok, records, image_folder, blind=blind, batch_size=batch_size, progress=progress)
     return {"scores": score(records, predictions),
             "predictions": [{"id": r["id"], "prediction": p, "answer": r["answer"]} for r, p in zip(records, predictions)]}
@@ -168,7 +215,7 @@ def parse_scores(text: str):
         scores = [float(first[0]), float(first[1])]
     except (IndexError, ValueError):
         return None
-    return scores if len(first) == 2 else None
+    return scores if len(first) == 2 and all(1 <= s <= 10 for s in scores) else None  # (the rule's scale; no NaN)
 
 
 def relative_scores(judged: list) -> dict:
@@ -182,15 +229,26 @@ def relative_scores(judged: list) -> dict:
                 "n": len(v)} for c, v in sorted(by_cat.items())}
 
 
+BENCH_FIELDS = ("image", "category", "context", "question", "reference")
+
+
 def llava_bench(model, tok, bench_path, image_folder, judge, batch_size=8, max_new_tokens=512) -> dict:
     """bench.json: [{"id", "image", "category", "context", "question", "reference"}]; `judge(messages)`
     returns the judge's text (a ChatClient). Unparseable verdicts are counted, not scored."""
+    from .gpt_data import FatalTeacherError, TeacherError
     items = json.loads(Path(bench_path).read_text())
+    check_items(items, bench_path, image_folder, lambda it: check_fields(it, dict.fromkeys(BENCH_FIELDS, str)))
     records = [{**it, "conversations": [{"from": "human", "value": "<image>\n" + it["question"]}]} for it in items]
     answers = answer(model, tok, records, image_folder, batch_size=batch_size, max_new_tokens=max_new_tokens)
     judged, failed = [], 0
     for it, ans in zip(items, answers):
-        scores = parse_scores(judge(judge_messages(it["context"], it["question"], it["reference"], ans)))
+        try:
+            scores = parse_scores(judge(judge_messages(it["context"], it["question"], it["reference"], ans)))
+        except FatalTeacherError:
+            raise  # a refused key or a wrong model: every other item would fail the same way
+        except TeacherError as e:  # this item's judgement failed: counted, the others go on
+            print(f"LLaVA-Bench item {it['id']}: the judge failed ({e})")
+            scores = None
         if scores is None:
             failed += 1
         else:
@@ -238,7 +296,8 @@ def main(argv=None):
                                                batch_size=args.batch_size, limit=args.limit)["scores"]
         print_table(results["scores"], results.get("blind_scores"))
     if args.bench:
-        results.update(llava_bench(model, tok, args.bench, args.image_folder, ChatClient(args.api_base, args.judge_model)))
+        judge = ChatClient(args.api_base, args.judge_model, temperature=0.2)  # as the official eval_gpt_review
+        results.update(llava_bench(model, tok, args.bench, args.image_folder, judge))
         for category, s in results["llava_bench"].items():
             print(f"LLaVA-Bench {category:<14} relative {s['relative']:>6.1f}  (model {s['model']}, reference "
                   f"{s['reference']}, n {s['n']})")

@@ -262,9 +262,17 @@ class ChatClient:
     def __repr__(self):
         return f"ChatClient({self.url!r}, model={self.model!r}, key from ${self.key_env})"
 
-    def redact(self, text: str) -> str:
+    def redact(self, text: str, cut: bool = False) -> str:
+        """The text without the key; `cut`: the text was cut short, so a key's beginning at its end goes too."""
         key = self.api_key(check=False)
-        return text.replace(key, "[redacted]") if key else text
+        if not key:
+            return text
+        text = text.replace(key, "[redacted]")
+        if cut:
+            for n in range(len(key) - 1, 3, -1):  # (three characters tell nothing)
+                if text.endswith(key[:n]):
+                    return text[:-n] + "[redacted]"
+        return text
 
     def api_key(self, check: bool = True) -> str:
         """The key without the whitespace around it (a .env file's line end); one with whitespace or control
@@ -303,7 +311,7 @@ class ChatClient:
             try:
                 return self.post(messages)
             except urllib.error.HTTPError as e:
-                detail = self.redact(e.read(300).decode("utf-8", "replace")) if e.fp else ""
+                detail = self.redact(e.read(4096).decode("utf-8", "replace"), cut=True) if e.fp else ""
                 reason = f"HTTP {e.code} {' '.join(detail.split())[:200]}".strip()
                 if e.code in (401, 403, 404):
                     raise FatalTeacherError(f"{self.url}: {reason} (check --api-base, --model and ${self.key_env})")

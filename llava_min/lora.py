@@ -111,6 +111,7 @@ def load_adapter(model, adapter_dir) -> None:
     if cfg.get("image_grid_pinpoints") and model.anyres is None:  # trained on AnyRes tiles from a one-view base
         model.use_anyres(cfg["image_grid_pinpoints"])
     add_lora(model.language_model, LoRAConfig(cfg["r"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"])))
+    model.train(model.training)  # the new layers in the model's mode: no dropout in an eval-mode model
     saved, expected = load_file(adapter_dir / "adapter.safetensors"), adapter_state(model)
     if set(saved) != set(expected):
         diff = sorted(set(saved) ^ set(expected))
@@ -121,6 +122,15 @@ def load_adapter(model, adapter_dir) -> None:
                 raise CheckpointError(f"{name!r} in {adapter_dir}/adapter.safetensors has shape {tuple(tensor.shape)},"
                                       f" the model expects {tuple(expected[name].shape)}")
             expected[name].copy_(tensor)
+
+
+def stored_dtype(path) -> torch.dtype:
+    """The floating dtype a checkpoint's weights are stored in (fp32 if it cannot be told)."""
+    from .weights import CheckpointError, read_tensors, weight_files
+    try:
+        return next(t.dtype for _, t, _ in read_tensors(weight_files(path)) if t.is_floating_point())
+    except (CheckpointError, StopIteration):
+        return torch.float32
 
 
 def main(argv=None):
@@ -135,11 +145,12 @@ def main(argv=None):
     merge.add_argument("--vision", type=Path, help="an official stage-1 BASE: the CLIP directory it goes with")
     merge.add_argument("--llm", type=Path, help="an official stage-1 BASE: the LLaMA / Vicuna directory it goes with")
     args = p.parse_args(argv)
-    model = load(args.base, dtype=torch.float32, vision_path=args.vision, llm_path=args.llm)
+    model = load(args.base, dtype=torch.float32, vision_path=args.vision, llm_path=args.llm)  # merged in fp32
     if model.cfg.image_token_id < 0:  # as train.py did before training the adapter
         append_image_token(model)
     load_adapter(model, args.adapter)
     merge_lora(model.language_model)
+    model.to(stored_dtype(args.llm or args.base))  # and saved in the base's dtype (bf16 stays half the size)
     saved = args.adapter / "tokenizer.model"
     save_llava(model, args.out, args.tokenizer or (saved if saved.is_file() else args.base / "tokenizer.model"))
     print(f"merged {args.adapter} into {args.base} -> {args.out}")

@@ -99,6 +99,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=1)
     args = p.parse_args(argv)
+    if args.seq_len < 1 or args.micro_batch < 1:
+        p.error(f"--seq-len and --micro-batch must be at least 1, got {args.seq_len} and {args.micro_batch}")
     print(f"computed peak memory, LLaVA-1.5-7B shapes, sequence {args.seq_len}, micro-batch {args.micro_batch}:")
     print(table(args.seq_len, args.micro_batch))
 

@@ -86,6 +86,20 @@ def test_reply_stops_at_the_templates_end_marker(chat_model, monkeypatch, templa
     assert answer(session.model, tok, [record], chat_model, template=template) == ["It is a cat."]
 
 
+def test_streamed_text_is_the_reply_when_characters_come_in_bytes(chat_model, monkeypatch):
+    """Byte-fallback pieces: a character is whole only after its last byte; what streams must not keep the
+    replacement characters of the bytes before it."""
+    import llava_min.generate as g
+    session = open_chat(chat_model)
+    scripted = session.tok.encode("café 你好 😀 ok", prefix=False)
+    assert len(scripted) > len("café 你好 😀 ok".split())  # the tiny tokenizer spells some of it in bytes
+    feed = iter(scripted + [session.tok.eos_id] * 8)
+    monkeypatch.setattr(g, "sample", lambda logits, *args, **kwargs: torch.full(logits.shape[:1], next(feed)))
+    streamed = []
+    assert session.ask("Say it.", stream=streamed.append) == "café 你好 😀 ok"
+    assert "".join(streamed).strip() == "café 你好 😀 ok"
+
+
 def test_interactive_chat_through_stdin(chat_model, monkeypatch, capsys):
     script = "Hi there\nMore please\n/image " + str(chat_model / "dog.png") + "\nWhat now?\n/image missing.png\n" \
              "/clear\nAgain?\n/quit\nnever reached\n"

@@ -28,12 +28,22 @@ def test_scienceqa_choice_parsing(text, letter):
     assert ev.parse_choice(text, 3) == letter
 
 
-def test_a_record_missing_what_scoring_reads_is_named_before_any_answer(tmp_path):
+GOOD = {"id": "eval-1", "format": "short", "answer": "red", "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat color?"}]}
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"format": "choice"}, "missing choices"), ({"answer": 3}, "answer is a int"), ({"format": "shortt"}, "format"),
+    ({"format": "choice", "choices": 3}, "choices is a int"),
+    ({"format": "choice", "choices": ["x"]}, "choices must be a list of at least two"), ({"conversations": []}, "must start with"),
+    ({"conversations": "What?"}, "conversations is a str"), ({"image": None}, "bad image field None"),
+    ({"image": "gone.png"}, "gone.png does not exist"), ({"image": "../a.png"}, "outside")])
+def test_a_bad_record_is_named_before_any_answer(tmp_path, change, named):
     import json
-    records = [{"id": "eval-1", "format": "short", "answer": "red", "conversations": []},
-               {"id": "eval-2", "format": "choice", "answer": "A", "conversations": []}]
-    (tmp_path / "eval.json").write_text(json.dumps(records))
-    with pytest.raises(ValueError, match="eval.json: record eval-2: missing choices"):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "eval.json").write_text(json.dumps([GOOD, {**GOOD, "id": "eval-2", **change}]))
+    with pytest.raises(ValueError, match=f"eval.json: record eval-2: .*{named}"):
         ev.evaluate(None, None, tmp_path / "eval.json", tmp_path)  # no model needed: it stops first
 
 
@@ -74,8 +84,10 @@ class FakeJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.seen.append(body["messages"][-1]["content"])
-                data = json.dumps({"choices": [{"message": {"content": judge.replies.pop(0)}}]}).encode()
-                self.send_response(200)
+                reply = judge.replies.pop(0)  # a text, or an HTTP error code
+                data = json.dumps({"choices": [{"message": {"content": reply}}]} if isinstance(reply, str)
+                                  else {"error": "bad request"}).encode()
+                self.send_response(200 if isinstance(reply, str) else reply)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -89,15 +101,30 @@ def test_llava_bench_with_a_fake_judge(chat_model, tmp_path):
     from PIL import Image
     Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     bench = [{"id": f"q{i}", "image": "x.png", "category": cat, "context": "A black square.", "question": "What is it?",
-              "reference": "A black square."} for i, cat in enumerate(["conv", "conv", "detail"])]
+              "reference": "A black square."} for i, cat in enumerate(["conv", "conv", "detail", "detail", "detail"])]
     (tmp_path / "bench.json").write_text(json.dumps(bench))
-    judge = FakeJudge(["8 4\nok", "10 6\nok", "no scores here"])
+    # unparseable, out of the 1-10 scale, and a failed request: counted, not scored, and the run goes on
+    judge = FakeJudge(["8 4\nok", "10 6\nok", "no scores here", "nan 5", 400])
     model, tok = ev_model(chat_model)
     out = ev.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0),
                          max_new_tokens=5)
-    judge.server.shutdown()
-    assert out["llava_bench"]["conv"]["relative"] == 55.6 and out["unparsed_verdicts"] == 1
+    assert out["llava_bench"]["conv"]["relative"] == 55.6 and out["unparsed_verdicts"] == 3
+    assert "detail" not in out["llava_bench"]
     assert all("[Assistant 2]\n" + a["answer"] in seen for a, seen in zip(out["answers"], judge.seen))
+    del bench[1]["reference"]  # a bad item: named before any answer is generated or any judge paid
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    asked = len(judge.seen)
+    with pytest.raises(ValueError, match="bench.json: record q1: missing reference"):
+        ev.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0))
+    assert len(judge.seen) == asked
+    judge.server.shutdown()
+
+
+def test_a_prompt_past_the_context_is_named(chat_model, tmp_path):
+    model, tok = ev_model(chat_model)
+    long = {"id": "long", "conversations": [{"from": "human", "value": "red " * model.cfg.text.max_position_embeddings}]}
+    with pytest.raises(ValueError, match="record long: its prompt is .* tokens, and 5 new ones would pass the model's"):
+        ev.answer(model, tok, [long], tmp_path, max_new_tokens=5)
 
 
 def ev_model(chat_model):

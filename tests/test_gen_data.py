@@ -180,6 +180,13 @@ def test_refused_key_stops_the_run_and_is_not_echoed(monkeypatch, tmp_path, requ
     assert KEY not in "".join(capsys.readouterr())
 
 
+def test_an_error_body_cut_in_the_middle_of_the_key_shows_none_of_it(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    client = ChatClient("http://127.0.0.1:9/v1", "m")
+    assert client.redact(f"bad key {KEY}, retry", cut=True) == "bad key [redacted], retry"
+    assert client.redact("bad key " + KEY[:9], cut=True) == "bad key [redacted]"  # the read stopped inside it
+
+
 def test_key_with_a_line_end_is_trimmed_and_one_with_a_control_character_refused_unshown(monkeypatch, tmp_path,
                                                                                         requests, fake, capsys):
     server = fake(fail_first=False)

@@ -85,10 +85,26 @@ def test_adapter_saves_alone_and_loads_on_the_base(hf_llava_dir, tmp_path):
     assert saved and all(".lora_" in k or k.startswith("projector.") for k in saved)
     again = llava_min.load(hf_llava_dir)
     load_adapter(again, tmp_path / "adapter")
-    model.eval(), again.eval()
+    assert not any(m.training for m in again.modules())  # loaded for inference: no LoRA dropout
+    model.eval()
     ids, x, _ = batch()
     with torch.no_grad():
         torch.testing.assert_close(again(ids, pixel_values=x)[0], model(ids, pixel_values=x)[0], atol=0, rtol=0)
+
+
+def test_merging_keeps_the_bases_dtype(hf_llava_dir, tmp_path):
+    from safetensors import safe_open
+    from llava_min.lora import main as lora_main
+    base = llava_min.load(hf_llava_dir, dtype=torch.bfloat16)
+    llava_min.save_llava(base, tmp_path / "base")
+    model = llava_min.load(tmp_path / "base", dtype=torch.float32)
+    train_a_few_steps(model)
+    save_adapter(model, tmp_path / "adapter", base=tmp_path / "base")
+    (tmp_path / "tokenizer.model").write_bytes(b"copied, not read")
+    lora_main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
+               str(tmp_path / "merged"), "--tokenizer", str(tmp_path / "tokenizer.model")])
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
 def test_memory_estimate_counts_what_the_modules_hold():
