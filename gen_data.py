@@ -16,6 +16,7 @@ with patterns only full resolution shows, and its stage-1 images (train/NNNNNN-l
 COCO outputs: responses.jsonl (the teacher's answers; a rerun resumes it), instruct.json, pretrain.json.
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -189,7 +190,7 @@ def make_image(job: tuple) -> dict:
 
 def write_text(path: Path, text: str) -> None:
     """Atomic: a killed run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -215,6 +216,12 @@ def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_si
     cfg = WorldConfig(num_images, num_eval, seed, image_size, **options)
     cfg.check()
     out = Path(out_dir)
+    with only_run(out):
+        return write_world(cfg, out, workers, progress)
+
+
+def write_world(cfg: WorldConfig, out: Path, workers, progress: bool) -> dict:
+    seed, num_images, num_eval = cfg.seed, cfg.num_images, cfg.num_eval
     (out / "eval.json").unlink(missing_ok=True)  # the completion marker goes first and comes back last
     for split in ("train", "eval"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -237,6 +244,42 @@ def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_si
 
 
 # ---------------------------------------------------------------- COCO-style data and a real teacher
+
+@contextlib.contextmanager
+def only_run(out: Path):
+    """One gen_data run per output directory: a second would ask (and pay) the teacher twice and write the
+    same files. A lock file holds the owner's pid; one left by a killed run is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".gen_data.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = lock.read_text().strip()
+            if not pid.isdigit() or alive(int(pid)):
+                raise SystemExit(f"gen_data: another run (pid {pid or '?'}) is writing {out}; wait for it to end, "
+                                 f"or remove {lock} if it is gone")
+            lock.unlink(missing_ok=True)  # left by a run that was killed
+    else:
+        raise SystemExit(f"gen_data: cannot take {lock}")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
 
 def coco_records(contexts: list, responses_path: Path, types: list, seed: int) -> tuple:
     """The teacher's answers in responses.jsonl -> LLaVA records; malformed answers are counted and skipped."""
@@ -274,9 +317,8 @@ def run_coco(args) -> dict:
     client = ChatClient(args.api_base, args.model)
     args.types = list(dict.fromkeys(args.types))  # "--types detail detail" asks once
     requests = [(f"{c.image}|{t}", build_messages(t, c.captions, c.boxes), None) for c in contexts for t in args.types]
-    args.out.mkdir(parents=True, exist_ok=True)
     responses = args.out / "responses.jsonl"
-    with tqdm(total=len(requests), desc="teacher", unit="req") as bar:
+    with only_run(args.out), tqdm(total=len(requests), desc="teacher", unit="req") as bar:
         counts = run_requests(requests, client, responses, workers=args.workers or 4, progress=bar)
     records, malformed = coco_records(contexts, responses, args.types, args.seed)
     write_json(args.out / "instruct.json", records)
@@ -298,11 +340,18 @@ def positive_int(text: str) -> int:
     return n
 
 
+def positive_float(text: str) -> float:
+    x = float(text)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return x
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int,
+    p.add_argument("--workers", type=positive_int,
                    help="processes (world; default: the CPU count, at most 8) or requests in flight "
                         "(teacher; default 4)")
     w = p.add_argument_group("synthetic world")
@@ -312,7 +361,7 @@ def parse_args(argv=None):
                    help="pixels per side (the detail world's stage-2 and held-out images are twice this)")
     w.add_argument("--world", choices=WORLDS, default="shapes", help="detail: patterns only full resolution shows")
     w.add_argument("--vqa-questions", type=int, default=WorldConfig.vqa_questions, help="short-answer turns per record")
-    w.add_argument("--corpus-mb", type=float, default=WorldConfig.corpus_mb, help="size cap of corpus.txt")
+    w.add_argument("--corpus-mb", type=positive_float, default=WorldConfig.corpus_mb, help="size cap of corpus.txt")
     c = p.add_argument_group("the paper's pipeline on COCO-style annotations")
     c.add_argument("--coco-captions", type=Path, help="captions_*.json")
     c.add_argument("--coco-instances", type=Path, help="instances_*.json")
@@ -334,11 +383,17 @@ def main(argv=None):
     args = parse_args(argv)
     if args.coco_captions:
         try:
-            return run_coco(args)
+            counts = run_coco(args)
         except (ValueError, TeacherError) as e:  # a malformed annotation file, a refused key: say so, no traceback
             raise SystemExit(f"gen_data: {e}") from e
-    counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers,
-                         vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb, world=args.world)
+        if counts["failed"] or not counts["records"]:  # (a script must not go on to train on nothing)
+            raise SystemExit(1)
+        return counts
+    try:
+        counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers,
+                             vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb, world=args.world)
+    except ValueError as e:  # a world that cannot be drawn: say why, no traceback
+        raise SystemExit(f"gen_data: {e}") from e
     print(f"wrote {counts['images']} images and {counts['instruct']} instruction records to {args.out}"
           + (f" ({counts['malformed']} malformed teacher responses skipped)" if counts["malformed"] else ""))
     return counts

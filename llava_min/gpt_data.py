@@ -8,8 +8,10 @@ detailed description or a complex-reasoning answer; the response is parsed into 
 `run_requests` keeps a few requests in flight and appends each answer to a JSONL file as it arrives, so
 an interrupted run resumes without losing or redoing work. Standard library only.
 """
+import hashlib
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -157,6 +159,8 @@ def parse_description(text: str) -> str:
 def parse_response(rtype: str, text: str, rng: random.Random) -> list:
     """A teacher's response -> conversation turns; `<image>\\n` opens the first human turn."""
     text = (text or "").strip()
+    if "<image>" in text:  # the placeholder belongs to the image alone: train.py would refuse the record
+        raise MalformedResponse("the response holds the <image> placeholder")
     if rtype == "detail":
         pairs = [(rng.choice(DETAIL_INSTRUCTIONS), parse_description(text))]
     else:
@@ -196,6 +200,10 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_id(v) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
 def read_coco(captions_file, instances_file, limit=None) -> list:
     """`captions_*.json` + `instances_*.json` -> [Context], by image id; errors name the file and entry."""
     caps, inst = load_json(captions_file), load_json(instances_file)
@@ -203,36 +211,50 @@ def read_coco(captions_file, instances_file, limit=None) -> list:
                              (instances_file, inst, ("images", "annotations", "categories"))):
         need(isinstance(data, dict) and all(isinstance(data.get(k), list) for k in keys), path, "top level",
              f"is not a COCO annotation file (needs the lists {', '.join(keys)})")
-    images, files = {}, {}
+    images, files, stems = {}, {}, {}
     for i, im in enumerate(caps["images"]):
-        need(isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str)
+        need(isinstance(im, dict) and is_id(im.get("id")) and isinstance(im.get("file_name"), str)
              and all(is_number(im.get(k)) and im[k] > 0 for k in ("width", "height")),
-             captions_file, f"images[{i}]", "needs id, file_name and positive width and height")
+             captions_file, f"images[{i}]", "needs an id (number or text), file_name and positive width and height")
         name = Path(im["file_name"])
         need(not name.is_absolute() and ".." not in name.parts, captions_file, f"images[{i}]",
              f"file_name {im['file_name']!r} leaves the image folder")
+        need(name.name not in ("", ".") and not im["file_name"].endswith("/"), captions_file, f"images[{i}]",
+             f"file_name {im['file_name']!r} names no file")
         need(im["file_name"] not in files, captions_file, f"images[{i}]",
              f"repeats the file_name {im['file_name']!r} of images[{files.get(im['file_name'])}]")
-        files[im["file_name"]] = i
-        images[im["id"]] = (im, [], [])
+        stem = name.with_suffix("").as_posix()  # the records' ids
+        need(stem not in stems, captions_file, f"images[{i}]",
+             f"file_name {im['file_name']!r} gives the record id {stem!r} of images[{stems.get(stem)}] too")
+        need(im["id"] not in images, captions_file, f"images[{i}]", f"repeats the id {im['id']!r}")
+        files[im["file_name"]], stems[stem], images[im["id"]] = i, i, (im, [], [])
     names = {}
     for i, c in enumerate(inst["categories"]):
-        need(isinstance(c, dict) and "id" in c and isinstance(c.get("name"), str), instances_file,
+        need(isinstance(c, dict) and is_id(c.get("id")) and isinstance(c.get("name"), str), instances_file,
              f"categories[{i}]", "needs id and name")
+        need(c["id"] not in names, instances_file, f"categories[{i}]", f"repeats the id {c['id']!r}")
         names[c["id"]] = c["name"]
     for i, a in enumerate(caps["annotations"]):
-        need(isinstance(a, dict) and a.get("image_id") in images and isinstance(a.get("caption"), str),
-             captions_file, f"annotations[{i}]", "has an image_id not in images, or no caption text")
-        images[a["image_id"]][1].append(" ".join(a["caption"].split()))
+        need(isinstance(a, dict) and is_id(a.get("image_id")) and a["image_id"] in images
+             and isinstance(a.get("caption"), str), captions_file, f"annotations[{i}]",
+             "has an image_id not in images, or no caption text")
+        need("<image>" not in a["caption"], captions_file, f"annotations[{i}]",
+             "holds the <image> placeholder, which belongs to the image alone")
+        if a["caption"].strip():  # (an empty caption is no context)
+            images[a["image_id"]][1].append(" ".join(a["caption"].split()))
     for i, a in enumerate(inst["annotations"]):
-        ok = isinstance(a, dict) and a.get("image_id") in images and a.get("category_id") in names
+        ok = isinstance(a, dict) and is_id(a.get("image_id")) and a["image_id"] in images \
+            and is_id(a.get("category_id")) and a["category_id"] in names
         box = a.get("bbox") if ok else None
-        need(ok and isinstance(box, list) and len(box) == 4 and all(map(is_number, box)) and min(box[2:]) >= 0,
-             instances_file, f"annotations[{i}]", "needs a known image_id and category_id and a bbox [x, y, w, h]")
+        need(ok and isinstance(box, list) and len(box) == 4 and all(is_number(v) and math.isfinite(v) for v in box)
+             and min(box[2:]) >= 0, instances_file, f"annotations[{i}]",
+             "needs a known image_id and category_id and a finite bbox [x, y, w, h]")
         im = images[a["image_id"]][0]
         x, y, w, h = box
-        corners = [x / im["width"], y / im["height"], (x + w) / im["width"], (y + h) / im["height"]]
-        images[a["image_id"]][2].append((names[a["category_id"]], [min(1.0, max(0.0, v)) for v in corners]))
+        corners = [min(1.0, max(0.0, v)) for v in
+                   (x / im["width"], y / im["height"], (x + w) / im["width"], (y + h) / im["height"])]
+        if corners[2] > corners[0] and corners[3] > corners[1]:  # (none of it in the image: not an object of it)
+            images[a["image_id"]][2].append((names[a["category_id"]], corners))
     by_id = sorted(images.items(), key=lambda kv: (type(kv[0]).__name__, kv[0]))
     contexts = [Context(im["file_name"], c, b) for _, (im, c, b) in by_id if c]  # images without captions: none
     return contexts[:limit]
@@ -248,6 +270,17 @@ class FatalTeacherError(TeacherError):
     """The endpoint refuses every request (bad key, no such model or URL): the run stops."""
 
 
+class RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the Authorization header (the key) to wherever it points: not followed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirected to {newurl}, not followed: pass the final URL "
+                                     "as --api-base", headers, fp)
+
+
+NO_REDIRECTS = urllib.request.build_opener(RefuseRedirects)
+
+
 class ChatClient:
     """POST {api_base}/chat/completions. Retries 429, 5xx, timeouts and connection errors with exponential
     backoff and jitter (Retry-After respected). The key is read from the environment at each request and
@@ -261,6 +294,11 @@ class ChatClient:
 
     def __repr__(self):
         return f"ChatClient({self.url!r}, model={self.model!r}, key from ${self.key_env})"
+
+    @property
+    def identity(self) -> str:
+        """Who answers (recorded with each answer: a rerun with another --model or --api-base is refused)."""
+        return f"{self.model} at {self.url}"
 
     def redact(self, text: str, cut: bool = False) -> str:
         """The text without the key; `cut`: the text was cut short, so a key's beginning at its end goes too."""
@@ -278,8 +316,8 @@ class ChatClient:
         """The key without the whitespace around it (a .env file's line end); one with whitespace or control
         characters inside is refused before it reaches a header, whose error would quote it."""
         key = os.environ.get(self.key_env, "").strip()
-        if check and any(c.isspace() or not c.isprintable() for c in key):
-            raise FatalTeacherError(f"${self.key_env} holds whitespace or control characters (not shown)")
+        if check and any(c.isspace() or not c.isprintable() or not c.isascii() for c in key):
+            raise FatalTeacherError(f"${self.key_env} holds whitespace, control or non-ASCII characters (not shown)")
         return key
 
     def post(self, messages: list) -> str:
@@ -289,15 +327,22 @@ class ChatClient:
         if key:
             headers["Authorization"] = "Bearer " + key
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        with NO_REDIRECTS.open(request, timeout=self.timeout) as response:
             raw = response.read()
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
+            choice = json.loads(raw)["choices"][0]
+            content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise TeacherError(f"{self.url}: malformed reply, no choices[0].message.content ({type(e).__name__})")
         if not isinstance(content, str):
             raise TeacherError(f"{self.url}: malformed reply, content is {type(content).__name__}")
-        return content
+        if choice.get("finish_reason") == "length":
+            raise TeacherError(f"{self.url}: the reply was cut off at the token limit (finish_reason length)")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escaped in the JSON: no file could hold it
+            raise TeacherError(f"{self.url}: malformed reply, not valid Unicode ({e.reason})") from e
+        return self.redact(content)  # (a proxy that echoes the request's headers must not put the key in a file)
 
     def delay(self, attempt: int, retry_after) -> float:
         try:
@@ -312,9 +357,12 @@ class ChatClient:
                 return self.post(messages)
             except urllib.error.HTTPError as e:
                 detail = self.redact(e.read(4096).decode("utf-8", "replace"), cut=True) if e.fp else ""
+                if 300 <= e.code < 400:
+                    detail = str(e.reason)  # where it pointed
                 reason = f"HTTP {e.code} {' '.join(detail.split())[:200]}".strip()
-                if e.code in (401, 403, 404):
-                    raise FatalTeacherError(f"{self.url}: {reason} (check --api-base, --model and ${self.key_env})")
+                if e.code in (401, 403, 404) or 300 <= e.code < 400 or "insufficient_quota" in detail:
+                    raise FatalTeacherError(f"{self.url}: {reason} (check --api-base, --model, ${self.key_env} and "
+                                            "the account's quota)")
                 if e.code not in (408, 429) and e.code < 500:
                     raise TeacherError(f"{self.url}: {reason}")
                 retry_after = e.headers.get("Retry-After")
@@ -326,16 +374,38 @@ class ChatClient:
         raise AssertionError("unreachable")
 
 
-def done_keys(path) -> set:
-    """Keys already answered in a results JSONL."""
-    keys = set()
+def request_digest(messages: list) -> str:
+    """What was asked, in 16 hex digits: an answer is reused only for the same question."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def done_keys(path) -> dict:
+    """Keys already answered in a results JSONL -> (request digest, teacher) they were answered for
+    (None, None in files written before these were kept)."""
+    keys = {}
     if Path(path).is_file():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
+        for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
             try:
-                keys.add(json.loads(line)["key"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not UTF-8 text ({e.reason}); remove the line to ask again") from e
+            except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict) and "key" in row:
+                keys.setdefault(row["key"], (row.get("request"), row.get("teacher")))
     return keys
+
+
+def check_answers_fit(done: dict, asked: dict, teacher: str, path) -> None:
+    """Answers recorded for another question (the annotations changed) or another teacher (--model,
+    --api-base) are not mixed in with this run's."""
+    stale = [k for k, (digest, who) in done.items()
+             if k in asked and ((digest and digest != asked[k]) or (who and teacher and who != teacher))]
+    if stale:
+        digest, who = done[stale[0]]
+        raise ValueError(f"{path}: {len(stale)} answer(s) were asked another question or of another teacher than this "
+                         f"run's (e.g. {stale[0]!r}, answered by {who!r}; this run asks {teacher!r}): pass another "
+                         "--out, or remove those lines to ask again")
 
 
 def drop_torn_line(path) -> None:
@@ -357,8 +427,10 @@ def run_requests(requests: list, teacher, results_path, workers: int = 4, progre
         raise ValueError(f"requests repeat a key: {repeated[0]!r}")
     drop_torn_line(results_path)
     done, stop = done_keys(results_path), stop or threading.Event()
+    asked, who = {key: request_digest(messages) for key, messages, _ in requests}, getattr(teacher, "identity", "")
+    check_answers_fit(done, asked, who, results_path)
     todo = iter([r for r in requests if r[0] not in done])
-    counts = {"skipped": len(done & {r[0] for r in requests}), "answered": 0, "failed": 0}
+    counts = {"skipped": len(done.keys() & asked.keys()), "answered": 0, "failed": 0}
     fatal, interrupted = None, False
     if progress is not None:
         progress.update(counts["skipped"])
@@ -383,7 +455,8 @@ def run_requests(requests: list, teacher, results_path, workers: int = 4, progre
             for future in finished:
                 key = running.pop(future)
                 try:
-                    line = json.dumps({"key": key, "response": future.result()}, ensure_ascii=False)
+                    line = json.dumps({"key": key, "response": future.result(), "request": asked[key],
+                                       "teacher": who}, ensure_ascii=False)
                 except FatalTeacherError as e:
                     fatal = fatal or e
                     stop.set()

@@ -158,7 +158,7 @@ def atomic_write(path, write: Callable[[Path], None]) -> None:
     never leaves a half-written file under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # (a name of its own per process)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -269,6 +269,14 @@ def test_read_coco(tmp_path):
     ("caps", lambda c: c["images"][2].update(file_name="../../etc/passwd"), r"images\[2\] file_name .* leaves"),
     ("caps", lambda c: c["images"][0].update(file_name="/abs/x.jpg"), r"images\[0\] file_name .* leaves"),
     ("caps", lambda c: c["images"][2].update(file_name="000000000001.jpg"), r"images\[2\] repeats .* images\[0\]"),
+    ("caps", lambda c: c["images"][2].update(file_name="000000000001.png"), r"images\[2\] .* gives the record id"),
+    ("caps", lambda c: c["images"][2].update(id=1), r"images\[2\] repeats the id 1"),
+    ("caps", lambda c: c["images"][2].update(file_name="."), r"images\[2\] file_name '.' names no file"),
+    ("caps", lambda c: c["images"][2].update(file_name="train2017/"), r"images\[2\] file_name .* names no file"),
+    ("caps", lambda c: c["annotations"][0].update(image_id=[1]), r"captions.json: annotations\[0\]"),
+    ("caps", lambda c: c["annotations"][0].update(caption="<image> a cat"), r"annotations\[0\] holds the <image>"),
+    ("inst", lambda i: i["categories"].append({"id": 7, "name": "dog"}), r"categories\[1\] repeats the id 7"),
+    ("inst", lambda i: i["annotations"][1].update(bbox=[float("nan"), 2, 3, 4]), r"annotations\[1\] .* finite bbox"),
 ])
 def test_malformed_coco_names_file_and_entry(tmp_path, which, break_it, message):
     caps_file, inst_file = coco_files(tmp_path)
@@ -277,6 +285,17 @@ def test_malformed_coco_names_file_and_entry(tmp_path, which, break_it, message)
     (caps_file if which == "caps" else inst_file).write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):
         read_coco(caps_file, inst_file)
+
+
+def test_coco_boxes_wholly_outside_and_empty_captions_are_left_out(tmp_path):
+    caps_file, inst_file = coco_files(tmp_path)
+    caps, inst = json.loads(caps_file.read_text()), json.loads(inst_file.read_text())
+    caps["annotations"][0]["caption"] = "   "
+    inst["annotations"].append({"image_id": 1, "category_id": 7, "bbox": [150, 60, 10, 10]})  # past the corner
+    caps_file.write_text(json.dumps(caps))
+    inst_file.write_text(json.dumps(inst))
+    first = read_coco(caps_file, inst_file)[0]
+    assert first.captions == ["Picture 1 with a cat."] and first.boxes == [("cat", [0.1, 0.1, 0.4, 0.5])]
 
 
 def test_unreadable_coco_names_file(tmp_path):
@@ -336,3 +355,107 @@ def test_cli_refuses_mismatched_teacher(tmp_path):
     caps_file, inst_file = coco_files(tmp_path)
     with pytest.raises(SystemExit, match="rule teacher knows only the synthetic world"):
         gen_data.main(["--out", str(tmp_path), "--coco-captions", str(caps_file), "--coco-instances", str(inst_file)])
+
+
+def raw_reply(content, finish_reason="stop") -> bytes:
+    return json.dumps({"choices": [{"message": {"content": content}, "finish_reason": finish_reason}]}).encode()
+
+
+def test_replies_cut_short_or_not_unicode_are_failures_the_run_survives(tmp_path, requests, fake, capsys):
+    cut, lone = requests[1][1][-1]["content"], requests[2][1][-1]["content"]
+
+    def respond(body):
+        context = body["messages"][-1]["content"]
+        if context == cut:
+            return raw_reply("The cat is sitting on the", finish_reason="length")
+        if context == lone:
+            return b'{"choices": [{"message": {"content": "bad \\ud800 text"}}]}'  # valid JSON, no valid UTF-8
+        return raw_reply(qa_text(context))
+    server = fake(respond=respond, fail_first=False)
+    counts = run_requests(requests, ChatClient(server.url, "m"), tmp_path / "r.jsonl", workers=2)
+    assert counts["answered"] == len(requests) - 2 and counts["failed"] == 2
+    said = capsys.readouterr().out
+    assert "cut off at the token limit" in said and "not valid Unicode" in said
+
+
+def test_a_redirect_is_not_followed_with_the_key(monkeypatch, tmp_path, requests):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    seen = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+        do_POST = do_GET
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_port}/steal")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with pytest.raises(FatalTeacherError, match="HTTP 302 redirected to .*/steal, not followed"):
+        ChatClient(f"http://127.0.0.1:{server.server_port}/v1", "m")(requests[0][1])
+    server.shutdown(), other.shutdown()
+    assert seen == []
+
+
+def test_no_quota_stops_at_once_and_a_key_echoed_in_a_reply_is_not_written(monkeypatch, tmp_path, requests, fake):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = fake(status=429)
+    server.answer = lambda body, auth: (429, {"error": {"code": "insufficient_quota"}}, {"Retry-After": "0"})
+    with pytest.raises(FatalTeacherError, match="insufficient_quota"):
+        ChatClient(server.url, "m", backoff=0)(requests[0][1])
+    echo = fake(respond=lambda body: f"Question:\nWho?\n===\nAnswer:\nBearer {KEY}", fail_first=False)
+    run_requests(requests[:1], ChatClient(echo.url, "m"), tmp_path / "r.jsonl")
+    assert KEY not in (tmp_path / "r.jsonl").read_text() and "[redacted]" in (tmp_path / "r.jsonl").read_text()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-pasted\u2026")
+    with pytest.raises(FatalTeacherError, match="non-ASCII characters \\(not shown\\)"):
+        ChatClient(echo.url, "m")(requests[0][1])
+
+
+def test_answers_to_another_question_or_of_another_teacher_are_not_mixed_in(tmp_path, requests, fake):
+    server = fake(fail_first=False)
+    out = tmp_path / "r.jsonl"
+    run_requests(requests[:3], ChatClient(server.url, "model-a"), out)
+    with pytest.raises(ValueError, match="3 answer\\(s\\) were asked .* of another teacher .*model-a at"):
+        run_requests(requests, ChatClient(server.url, "model-b"), out)
+    changed = [(k, build_messages("conversation", ["other captions"]), m) for k, _, m in requests]
+    with pytest.raises(ValueError, match="another question"):
+        run_requests(changed, ChatClient(server.url, "model-a"), out)
+    assert run_requests(requests, ChatClient(server.url, "model-a"), out)["skipped"] == 3
+    out.write_bytes(out.read_bytes() + b'{"key": "x", "response": "\xff"}\n')
+    with pytest.raises(ValueError, match="r.jsonl, line 7: not UTF-8"):
+        run_requests(requests, ChatClient(server.url, "model-a"), out)
+
+
+def test_one_run_per_output_directory(tmp_path, monkeypatch):
+    import os
+    (tmp_path / ".gen_data.lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(SystemExit, match="another run \\(pid \\d+\\) is writing"):
+        gen_data.build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
+    (tmp_path / ".gen_data.lock").write_text("999999999")  # left by a killed run: taken over
+    gen_data.build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
+    assert (tmp_path / "eval.json").is_file() and not (tmp_path / ".gen_data.lock").exists()
+
+
+def test_bad_world_flags_and_a_run_with_nothing_to_train_on_exit_nonzero(tmp_path, monkeypatch, fake):
+    with pytest.raises(SystemExit, match="gen_data: need at least one training image"):
+        gen_data.main(["--out", str(tmp_path / "w"), "--num-images", "0"])
+    server = fake(status=400)  # every request fails: no record to train on
+    caps_file, inst_file = coco_files(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        gen_data.main(["--coco-captions", str(caps_file), "--coco-instances", str(inst_file), "--teacher", "openai",
+                       "--api-base", server.url, "--model", "m", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 1
