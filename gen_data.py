@@ -386,6 +386,8 @@ def main(argv=None):
             counts = run_coco(args)
         except (ValueError, TeacherError) as e:  # a malformed annotation file, a refused key: say so, no traceback
             raise SystemExit(f"gen_data: {e}") from e
+        except KeyboardInterrupt:
+            raise SystemExit("gen_data: interrupted; what was answered is kept, rerun to continue") from None
         if counts["failed"] or not counts["records"]:  # (a script must not go on to train on nothing)
             raise SystemExit(1)
         return counts

@@ -450,6 +450,8 @@ def run_requests(requests: list, teacher, results_path, workers: int = 4, progre
             except KeyboardInterrupt:
                 stop.set()
                 interrupted = True
+                for future in [f for f in running if f.cancel()]:  # queued, not started: never sent
+                    running.pop(future)
                 print("interrupted: finishing the requests in flight; rerun to continue", flush=True)
                 continue
             for future in finished:

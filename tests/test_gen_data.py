@@ -459,3 +459,24 @@ def test_bad_world_flags_and_a_run_with_nothing_to_train_on_exit_nonzero(tmp_pat
         gen_data.main(["--coco-captions", str(caps_file), "--coco-instances", str(inst_file), "--teacher", "openai",
                        "--api-base", server.url, "--model", "m", "--out", str(tmp_path / "out")])
     assert stop.value.code == 1
+
+
+def test_ctrl_c_sends_nothing_more_than_what_is_in_flight(tmp_path, requests, monkeypatch):
+    import time
+    import llava_min.gpt_data as gd
+    sent, real_wait, calls = [], gd.wait, []
+
+    def teacher(messages, meta):
+        sent.append(messages[-1]["content"])
+        time.sleep(0.2)
+        return "Question:\nQ?\n===\nAnswer:\nA."
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_wait(*args, **kwargs)
+    monkeypatch.setattr(gd, "wait", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        run_requests(requests, teacher, tmp_path / "r.jsonl", workers=1)  # 2 submitted: 1 running, 1 queued
+    assert len(sent) == 1 and len((tmp_path / "r.jsonl").read_text().splitlines()) == 1  # the one in flight is kept
