@@ -26,10 +26,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llava_min.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, ChatClient, MalformedResponse, TeacherError,
-                                build_messages, parse_response, read_coco, run_requests)
+from llava_min.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, parse_response,
+                                read_coco)
 from llava_min.questions import SHORT_PROMPT, WORLD_TYPES, ask, choice_types, multiple_choice
 from llava_min.rule_teacher import RuleTeacher
+from llava_min.teacher_api import ChatClient, TeacherError, run_requests
 from llava_min.world import WORLDS, Scene, captions, render, sample_scene, scene_rng
 
 # The vicuna_v1 template (SPEC 2, llava_min/conversation.py), repeated so gen_data needs no torch;

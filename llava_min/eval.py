@@ -235,7 +235,7 @@ BENCH_FIELDS = ("image", "category", "context", "question", "reference")
 def llava_bench(model, tok, bench_path, image_folder, judge, batch_size=8, max_new_tokens=512) -> dict:
     """bench.json: [{"id", "image", "category", "context", "question", "reference"}]; `judge(messages)`
     returns the judge's text (a ChatClient). Unparseable verdicts are counted, not scored."""
-    from .gpt_data import FatalTeacherError, TeacherError
+    from .teacher_api import FatalTeacherError, TeacherError
     items = json.loads(Path(bench_path).read_text())
     check_items(items, bench_path, image_folder, lambda it: check_fields(it, dict.fromkeys(BENCH_FIELDS, str)))
     records = [{**it, "conversations": [{"from": "human", "value": "<image>\n" + it["question"]}]} for it in items]
@@ -267,7 +267,7 @@ def print_table(scores: dict, blind=None) -> None:
 
 def main(argv=None):
     from .checkpoints import load
-    from .gpt_data import ChatClient
+    from .teacher_api import ChatClient
     from .tokenizer import Tokenizer
     from .weights import atomic_write
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from llava_min import eval as ev
-from llava_min.gpt_data import ChatClient
+from llava_min.teacher_api import ChatClient
 
 
 @pytest.mark.parametrize("pred,answer,ok", [
