@@ -258,7 +258,7 @@ def only_run(out: Path):
             break
         except FileExistsError:
             pid = lock.read_text().strip()
-            if not pid.isdigit() or alive(int(pid)):
+            if not pid.isdigit() or (int(pid) != os.getpid() and alive(int(pid))):  # (ours: a container restart)
                 raise SystemExit(f"gen_data: another run (pid {pid or '?'}) is writing {out}; wait for it to end, "
                                  f"or remove {lock} if it is gone")
             lock.unlink(missing_ok=True)  # left by a run that was killed

@@ -219,11 +219,13 @@ def run(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSet
     chosen = {"stage": args.stage, "data_sha256": digest(args.data), **(chosen or {})}
     trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
     losses = trainer.fit(save)
-    skipped = trainer.skipped_in_all()
-    if skipped and trainer.rank == 0:
-        reasons = getattr(getattr(dataset, "dataset", dataset), "skip_log", [])  # (read-time ones: without workers)
-        print(f"skipped {skipped} bad record(s) (--on-error skip)" + "".join(f"\n  {m}" for m in reasons[:5])
-              + ("\n  ..." if len(reasons) > 5 else ""))
+    base = getattr(dataset, "dataset", dataset)  # (under a Subset)
+    dropped = getattr(base, "dropped", 0)
+    if (trainer.skipped_total or dropped) and trainer.rank == 0:
+        reasons = getattr(base, "skip_log", [])  # (those found as batches came: without loader workers only)
+        print(f"skipped bad records (--on-error skip): {dropped} when the data was read in, "
+              f"{trainer.skipped_total} as the batches came (each time one came up)"
+              + "".join(f"\n  {m}" for m in reasons[:5]) + ("\n  ..." if len(reasons) > 5 else ""))
     return losses
 
 

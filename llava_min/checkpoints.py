@@ -101,9 +101,11 @@ def llama_config(d: dict) -> LlamaConfig:
     """A LLaMA config from transformers' config.json (Mistral's too, without a sliding window), or an
     official LLaVA config, which is one with the mm_* keys added."""
     unsupported(d, "LLaMA config:", model_type=("llama", "mistral", "llava_llama", "llava", "llava_mistral"),
-                hidden_act=("silu",), attention_bias=(False,), mlp_bias=(False,), sliding_window=())
+                hidden_act=("silu",), attention_bias=(False,), mlp_bias=(False,))
     if d.get("num_key_value_heads") is None:
         d = {**d, "num_key_value_heads": d.get("num_attention_heads", 32)}  # no grouping, as transformers reads it
+    if d.get("sliding_window"):  # Mistral's window: plain causal attention as long as sequences stay inside it
+        d = {**d, "max_position_embeddings": min(d.get("max_position_embeddings", 4096), d["sliding_window"])}
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"RoPE scaling {rope} is not supported (plain LLaMA RoPE only)")
@@ -274,7 +276,9 @@ def save_stage1(model: Llava, out_dir, vision_path, llm_path, tokenizer_path=Non
 
 
 def official_aspect(value: str) -> str:
-    """The official trainer pads for "pad" and center-crops otherwise (its stage 1 writes "square")."""
+    """The official trainer pads for "pad" and center-crops for the rest (its stage 1 writes "square")."""
+    if value not in ("pad", "square", "crop"):
+        raise CheckpointError(f"image_aspect_ratio {value!r} is not supported (pad, square)")
     return "pad" if value == "pad" else "crop"
 
 
@@ -319,6 +323,9 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
             keep = lambda key: IDENTITY_LAYER not in key  # noqa: E731
             check_identity_layer(files)
         model.ignored_keys = load_into(model, files, LLAVA_PREFIXES, dtype, device, keep=keep)
+        if model.cfg.projector_type == "linear":
+            model.ignored_keys += [(k, "the identity layer that stands for a linear projector in llava-hf's form")
+                                   for k in tensor_names(files) if IDENTITY_LAYER in k]
         model.language_model.tie_weights()
     elif "mm_vision_tower" in cfg or (cfg.get("model_type") == "llama" and projector_path is not None):
         model = load_official(path, cfg, dtype, device, vision_path, projector_path, llm_path)

@@ -116,6 +116,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 self.fail(rid, str(e))
                 continue
             self.records.append((rid, record))
+        self.dropped = len(self.skip_log)  # records that failed the text checks, never read again
 
     def fail(self, rid: str, reason: str) -> None:
         """Raise, or count the skip under the reason's first words ("<what is wrong>: <detail>")."""

@@ -107,14 +107,15 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
                 sizes.append((image.height, image.width))
         context = cfg.text.max_position_embeddings
         for record, row in zip(chunk, rows):
-            if len(row) + max_new_tokens > context:
-                raise ValueError(f"record {record.get('id')}: its prompt is {len(row)} tokens, and {max_new_tokens} "
-                                 f"new ones would pass the model's context of {context}")
+            if len(row) >= context:
+                raise ValueError(f"record {record.get('id')}: its prompt is {len(row)} tokens, the model's context "
+                                 f"is {context}")
+        budget = min(max_new_tokens, context - max(len(r) for r in rows))  # the answers stay inside the context
         ids, mask = left_pad(rows, tok.pad_id)
         dtype = next(model.vision_tower.parameters()).dtype
         pixels = (torch.cat if model.anyres else torch.stack)(images).to(device, dtype) if images else None
         out = model.generate(ids.to(device), pixel_values=pixels, attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, image_sizes=sizes if model.anyres else None,
+                             max_new_tokens=budget, image_sizes=sizes if model.anyres else None,
                              stop=stop_at(tok, end))
         answers += [cut_at(decode_until_eos(tok, row), end).strip() for row in out.tolist()]
     return answers
@@ -132,9 +133,9 @@ def decode_until_eos(tok, ids: list) -> str:
     return tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids).strip()
 
 
-def check_items(items, path, image_folder, check) -> None:
-    """Before any answer is generated (or any judge paid): `check(item)` on each, and its image exists.
-    The error names the file and the item."""
+def check_items(items, path, image_folder, check, images: bool = True) -> None:
+    """Before any answer is generated (or any judge paid): `check(item)` on each, and (`images`) its
+    image exists. The error names the file and the item."""
     from .image import ImageError, resolve_in_folder
     if not isinstance(items, list):
         raise ValueError(f"{path}: not a JSON list")
@@ -144,7 +145,7 @@ def check_items(items, path, image_folder, check) -> None:
             if not isinstance(item, dict):
                 raise ValueError(f"a {type(item).__name__}, expected a JSON object")
             check(item)
-            if "image" in item:
+            if "image" in item and images:
                 image = item["image"]
                 if not isinstance(image, str) or not image:
                     raise ValueError(f"bad image field {image!r}")
@@ -178,14 +179,14 @@ def check_eval_record(r: dict) -> None:
         raise ValueError("conversations must start with the human's question")
 
 
-def check_eval_records(records: list, path, image_folder=None) -> None:
-    check_items(records, path, image_folder, check_eval_record)
+def check_eval_records(records: list, path, image_folder=None, blind: bool = False) -> None:
+    check_items(records, path, image_folder, check_eval_record, images=not blind)  # (blind: no image is read)
 
 
 def evaluate(model, tok, data_path, image_folder, blind=False, batch_size=32, limit=None, progress=False) -> dict:
     records = json.loads(Path(data_path).read_text())
-    check_eval_records(records, data_path, image_folder)
-    records = records[:limit]
+    records = records[:limit] if isinstance(records, list) else records
+    check_eval_records(records, data_path, image_folder, blind)
     predictions = answer(model, tok, records, image_folder, blind=blind, batch_size=batch_size, progress=progress)
     return {"scores": score(records, predictions),
             "predictions": [{"id": r["id"], "prediction": p, "answer": r["answer"]} for r, p in zip(records, predictions)]}
@@ -237,7 +238,8 @@ def llava_bench(model, tok, bench_path, image_folder, judge, batch_size=8, max_n
     returns the judge's text (a ChatClient). Unparseable verdicts are counted, not scored."""
     from .teacher_api import FatalTeacherError, TeacherError
     items = json.loads(Path(bench_path).read_text())
-    check_items(items, bench_path, image_folder, lambda it: check_fields(it, dict.fromkeys(BENCH_FIELDS, str)))
+    check_items(items, bench_path, image_folder,
+                lambda it: check_fields(it, {"id": (str, int), **dict.fromkeys(BENCH_FIELDS, str)}))
     records = [{**it, "conversations": [{"from": "human", "value": "<image>\n" + it["question"]}]} for it in items]
     answers = answer(model, tok, records, image_folder, batch_size=batch_size, max_new_tokens=max_new_tokens)
     judged, failed = [], 0

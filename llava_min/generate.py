@@ -62,7 +62,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     given, sees each row's new tokens after every step; True ends the row (a template's text end marker).
     """
     B, T = input_ids.shape
-    eos = torch.tensor(eos_id, device=input_ids.device).reshape(-1)
+    eos = torch.tensor(eos_id, device=input_ids.device).reshape(-1)  # for isin, on the device
+    fill = eos_id if isinstance(eos_id, int) else eos_id[0]  # on the host: no wait for the GPU per token
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if attention_mask is not None and bool(attention_mask.all()):
@@ -87,7 +88,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     out, rows = [], [[] for _ in range(B)]  # rows: each row's tokens so far, for `stop`
     for step in range(max_new_tokens):
         token = sample(last, temperature, top_p, generator)
-        token = token.masked_fill(finished, int(eos[0]))
+        token = token.masked_fill(finished, fill)
         out.append(token)
         if on_token is not None:
             on_token(token)

@@ -87,8 +87,11 @@ class Llava(nn.Module):
                              f"({self.cfg.text.vocab_size} tokens) nor this model's image token "
                              f"{self.cfg.image_token_id}: tokenize with image_token_id=model.cfg.image_token_id")
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor], image_sizes=None) -> torch.Tensor:
-        """Word embeddings with every image-token position replaced by the next visual token."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor], image_sizes=None,
+              image_unused: bool = False) -> torch.Tensor:
+        """Word embeddings with every image-token position replaced by the next visual token.
+        `image_unused`: the image runs through the vision tower and projector, and none of its tokens is
+        placed (a training micro-batch without images, see stages.with_blank_image)."""
         is_image = input_ids == self.cfg.image_token_id
         if input_ids.shape[1] > 1:  # (not per decoded token: the check waits for the GPU)
             self.check_ids(input_ids, is_image)
@@ -99,6 +102,8 @@ class Llava(nn.Module):
                 raise ValueError(f"input_ids hold image tokens (id {self.cfg.image_token_id}) but no pixel_values")
             return embeds
         features = self.image_features(pixel_values, image_sizes)
+        if image_unused:  # a zero that depends on every trained visual parameter
+            return embeds + 0.0 * torch.cat(features).sum().to(embeds.dtype)
         n_slots, n_features = int(is_image.sum()), sum(len(f) for f in features)
         if n_slots != n_features:
             per_image = f"{len(features)} image(s) x {len(features[0])} visual tokens" if self.anyres is None else \
@@ -111,11 +116,12 @@ class Llava(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, image_sizes=None, return_logits: bool = True):
+                cache: Optional[KVCache] = None, image_sizes=None, return_logits: bool = True,
+                image_unused: bool = False):
         """Returns (logits, loss). `labels` align with `input_ids` (shifted inside), -100 ignored;
         image positions must carry -100 (the data pipeline does this, Table 2). `return_logits=False`
         (training): (None, loss), computed at the supervised positions only."""
-        embeds = self.embed(input_ids, pixel_values, image_sizes)
+        embeds = self.embed(input_ids, pixel_values, image_sizes, image_unused)
         return self.language_model(labels=labels, attention_mask=attention_mask, cache=cache, inputs_embeds=embeds,
                                    return_logits=return_logits)
 

@@ -96,7 +96,9 @@ def adapter_state(model) -> dict:
 def save_adapter(model, out_dir, base=None, tokenizer_path=None) -> None:
     cfg = model.language_model.lora_config
     config = json.dumps({**asdict(cfg), "base": str(base) if base else None,
-                         "image_grid_pinpoints": model.cfg.image_grid_pinpoints or None}, indent=2)
+                         "image_grid_pinpoints": model.cfg.image_grid_pinpoints or None,
+                         # what stage 2 trained with, which its stage-1 base does not say (stage 1 crops)
+                         "image_aspect_ratio": model.cfg.image_aspect_ratio, "template": model.cfg.template}, indent=2)
     save_safetensors(adapter_state(model), Path(out_dir) / "adapter.safetensors")
     if tokenizer_path is not None:
         atomic_write(Path(out_dir) / "tokenizer.model", lambda tmp: tmp.write_bytes(Path(tokenizer_path).read_bytes()))
@@ -110,6 +112,8 @@ def load_adapter(model, adapter_dir) -> None:
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     if cfg.get("image_grid_pinpoints") and model.anyres is None:  # trained on AnyRes tiles from a one-view base
         model.use_anyres(cfg["image_grid_pinpoints"])
+    model.cfg.image_aspect_ratio = cfg.get("image_aspect_ratio", model.cfg.image_aspect_ratio)
+    model.cfg.template = cfg.get("template", model.cfg.template)
     add_lora(model.language_model, LoRAConfig(cfg["r"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"])))
     model.train(model.training)  # the new layers in the model's mode: no dropout in an eval-mode model
     saved, expected = load_file(adapter_dir / "adapter.safetensors"), adapter_state(model)
@@ -125,12 +129,13 @@ def load_adapter(model, adapter_dir) -> None:
 
 
 def stored_dtype(path) -> torch.dtype:
-    """The floating dtype a checkpoint's weights are stored in (fp32 if it cannot be told)."""
-    from .weights import CheckpointError, read_tensors, weight_files
-    try:
-        return next(t.dtype for _, t, _ in read_tensors(weight_files(path)) if t.is_floating_point())
-    except (CheckpointError, StopIteration):
-        return torch.float32
+    """The floating dtype a checkpoint's LLM is stored in; a stage-1 directory (the projector alone) is
+    asked for the LLM its config names."""
+    from .checkpoints import local_dir, read_config, stage1_projector_file
+    from .weights import read_tensors, weight_files
+    if stage1_projector_file(path) is not None:
+        path = local_dir(read_config(path).get("_name_or_path"), path) or path
+    return next((t.dtype for _, t, _ in read_tensors(weight_files(path)) if t.is_floating_point()), torch.float32)
 
 
 def main(argv=None):

@@ -51,25 +51,20 @@ def num_targets(batch) -> int:
 
 
 def with_blank_image(model, batch: dict) -> dict:
-    """The batch plus a row holding a blank image and nothing to learn. For a micro-batch without images
-    (text only, or every record skipped): its forward then runs the vision tower and the projector as
-    every other micro-batch does, so under DDP / FSDP this process joins the same collectives as the
-    others, and every trained parameter gets a gradient (the official trainer feeds text-only samples
-    a blank image for the same reason)."""
+    """A micro-batch without images (text only, or every record skipped) gets a blank image that runs
+    through the vision tower and the projector and is placed nowhere, as the official trainer does for
+    text-only samples: under DDP / FSDP every process then runs the same modules in the same order and
+    every trained parameter gets a gradient. A batch left with no rows gets one padding row."""
     llava = getattr(model, "module", model)  # DDP wraps the model; FSDP does not
     ids, size = batch["input_ids"], llava.cfg.vision.image_size
-    n = llava.image_token_count((size, size))
+    if ids.shape[0] == 0:
+        ids = torch.full((1, 1), llava.cfg.text.pad_token_id, dtype=ids.dtype, device=ids.device)
+        batch = {**batch, "input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
     tiles = 1 + math.prod(llava.anyres.grid((size, size))) if llava.anyres is not None else 1
-    width = max(ids.shape[1], n)
-    row = torch.full((1, width), llava.cfg.text.pad_token_id, dtype=ids.dtype, device=ids.device)
-    row[0, :n] = llava.cfg.image_token_id
-    pad_to = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
-    blank = {"input_ids": torch.cat([pad_to(ids, llava.cfg.text.pad_token_id), row]),
-             "labels": torch.cat([pad_to(batch["labels"], IGNORE_INDEX), torch.full_like(row, IGNORE_INDEX)]),
-             "pixel_values": torch.zeros(tiles, 3, size, size, device=ids.device)}
+    blank = {"pixel_values": torch.zeros(tiles, 3, size, size, device=ids.device), "image_unused": True}
     if llava.anyres is not None:
         blank["image_sizes"] = torch.tensor([[size, size]])
-    return blank
+    return {**batch, **blank}
 
 
 def llava_loss(model, batch) -> torch.Tensor:
@@ -78,7 +73,8 @@ def llava_loss(model, batch) -> torch.Tensor:
     if batch.get("pixel_values") is None:
         batch = with_blank_image(model, batch)
     logits, loss = model(batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"],
-                         image_sizes=batch.get("image_sizes"), return_logits=n == 0)
+                         image_sizes=batch.get("image_sizes"), return_logits=n == 0,
+                         image_unused=batch.get("image_unused", False))
     return loss * n if n else logits.sum() * 0.0  # nothing to learn: a zero that reaches every trained parameter
 
 

@@ -149,7 +149,7 @@ def done_keys(path) -> dict:
                 raise ValueError(f"{path}, line {n}: not UTF-8 text ({e.reason}); remove the line to ask again") from e
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and "key" in row:
+            if isinstance(row, dict) and isinstance(row.get("key"), str):  # (else not a line this code wrote)
                 keys.setdefault(row["key"], (row.get("request"), row.get("teacher")))
     return keys
 

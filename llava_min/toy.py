@@ -50,7 +50,21 @@ VARIANT_KEYS = ("no_stage1", "no_stage2", "projector", "select_layer", "data_fra
                 "lora", "lora_r", "lora_alpha", "lora_dropout", "template", "max_length", "projector_lr",
                 "group_by_length", "grad_checkpointing")
 NOT_SHAPING = ("stage", "out", "data_dir", "data", "image_folder", "tokenizer", "init", "vision", "llm", "resume",
-               "save_every", "stop_after", "num_workers", "device", "bf16", "no_progress", "ablations")
+               "save_every", "stop_after", "num_workers", "device", "bf16", "no_progress", "ablations", "fsdp",
+               "on_error")
+
+
+def resolved(args, preset) -> dict:
+    """The command line's shaping settings, with the preset's value where a flag was not given (so that
+    passing a default explicitly is the same run)."""
+    given = {k: v for k, v in vars(args).items() if k not in NOT_SHAPING}
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    given.update(num_images=args.num_images or preset.num_images, num_eval=args.num_eval or preset.num_eval,
+                 whiten_features=pick(args.whiten_features, preset.whiten_features),
+                 group_by_length=pick(args.group_by_length, preset.group_by_length),
+                 projector=args.projector or preset.projector, select_layer=pick(args.select_layer, preset.select_layer),
+                 template=args.template or preset.template, max_length=args.max_length or preset.max_length)
+    return given
 
 
 def same_settings(file: Path, ours: dict, what: str) -> None:
@@ -66,8 +80,8 @@ def same_settings(file: Path, ours: dict, what: str) -> None:
         atomic_write(file, lambda tmp: tmp.write_text(json.dumps(ours, indent=2)))
 
 
-def check_settings(args, data: Path, root: Path, run_dir: Path) -> None:
-    given = {k: v for k, v in vars(args).items() if k not in NOT_SHAPING}
+def check_settings(args, preset, data: Path, root: Path, run_dir: Path) -> None:
+    given = resolved(args, preset)
     same_settings(data / "world.json", {k: given[k] for k in WORLD_KEYS}, f"the world in {data} was")
     same_settings(root / "settings.json", {k: v for k, v in given.items() if k not in VARIANT_KEYS},
                   f"the models in {root} were")
@@ -115,7 +129,7 @@ def run_pipeline(args, preset, stages) -> dict:
     images, tokenizer = data / "images", root / "tokenizer.model"
     run_dir = root / variant_name(args)
     t_start, timings = time.perf_counter(), earlier_timings(run_dir / "results.json")
-    check_settings(args, data, root, run_dir)
+    check_settings(args, preset, data, root, run_dir)
     num_images, num_eval = args.num_images or preset.num_images, args.num_eval or preset.num_eval
     step("data", (data / "eval.json").is_file(),
          lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,

@@ -270,6 +270,7 @@ class Trainer:
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
                 self.save_state()
         bar.close()
+        self.skipped_total = self.skipped_in_all()  # (a collective: before rank 0 alone saves)
         if self.step >= self.total_steps:
             if self.fsdp:  # gather the whole model (every process takes part); rank 0 writes it
                 state = get_model_state_dict(self.model, options=FULL)

@@ -253,7 +253,7 @@ def with_config(src, dst, edit, tensors=None):
 
 @pytest.mark.parametrize("where,key,value", [
     ("text_config", "hidden_act", "gelu"), ("text_config", "model_type", "gemma"),
-    ("text_config", "sliding_window", 8), ("text_config", "attention_bias", True), ("text_config", "mlp_bias", True),
+    ("text_config", "attention_bias", True), ("text_config", "mlp_bias", True),
     ("vision_config", "hidden_act", "gelu_new"), (None, "projector_hidden_act", "quick_gelu"),
     (None, "multimodal_projector_bias", False)])
 def test_a_setting_the_model_lacks_is_named(hf_llava_dir, tmp_path, where, key, value):
@@ -262,6 +262,16 @@ def test_a_setting_the_model_lacks_is_named(hf_llava_dir, tmp_path, where, key, 
         (cfg[where] if where else cfg)[key] = value
     with pytest.raises(CheckpointError, match=f"{key} {value!r} is not supported"):
         llava_min.load(with_config(hf_llava_dir, tmp_path / "edited", edit))
+
+
+@pytest.mark.parametrize("model_type,window", [("llama", None), ("mistral", None), ("mistral", 64)])
+def test_settings_real_checkpoints_carry_are_read(hf_llava_dir, expected, tmp_path, model_type, window):
+    """Mistral-7B-v0.1 carries a 4096-token window: plain causal attention inside it, so the context is cut there."""
+    def edit(cfg):
+        cfg["text_config"].update(model_type=model_type, sliding_window=window, hidden_act="silu")
+    model = llava_min.load(with_config(hf_llava_dir, tmp_path / "edited", edit))
+    assert model.cfg.text.max_position_embeddings == (window or 256)
+    assert_same_logits(model, expected)
 
 
 def test_a_tied_head_must_equal_the_embedding(hf_llava_dir, hf_tensors, expected, tmp_path):

@@ -120,11 +120,18 @@ def test_llava_bench_with_a_fake_judge(chat_model, tmp_path):
     judge.server.shutdown()
 
 
-def test_a_prompt_past_the_context_is_named(chat_model, tmp_path):
+def test_answers_stay_inside_the_context_and_a_prompt_past_it_is_named(chat_model, tmp_path, monkeypatch):
     model, tok = ev_model(chat_model)
-    long = {"id": "long", "conversations": [{"from": "human", "value": "red " * model.cfg.text.max_position_embeddings}]}
-    with pytest.raises(ValueError, match="record long: its prompt is .* tokens, and 5 new ones would pass the model's"):
+    context = model.cfg.text.max_position_embeddings
+    long = {"id": "long", "conversations": [{"from": "human", "value": "red " * context}]}
+    with pytest.raises(ValueError, match=f"record long: its prompt is .* tokens, the model's context is {context}"):
         ev.answer(model, tok, [long], tmp_path, max_new_tokens=5)
+    budgets = []
+    monkeypatch.setattr(model, "generate", lambda ids, **kw: budgets.append((ids.shape[1], kw["max_new_tokens"]))
+                        or ids[:, :1])
+    near = {"id": "near", "conversations": [{"from": "human", "value": "red " * 10}]}
+    ev.answer(model, tok, [near], tmp_path, max_new_tokens=512)  # LLaVA-Bench's budget on a small model
+    assert budgets and sum(budgets[0]) == context
 
 
 def ev_model(chat_model):

@@ -446,7 +446,7 @@ def test_one_run_per_output_directory(tmp_path, monkeypatch):
     (tmp_path / ".gen_data.lock").write_text(str(os.getppid()))  # a live process holds it
     with pytest.raises(SystemExit, match="another run \\(pid \\d+\\) is writing"):
         gen_data.build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
-    (tmp_path / ".gen_data.lock").write_text("999999999")  # left by a killed run: taken over
+    (tmp_path / ".gen_data.lock").write_text(str(os.getpid()))  # our own pid: a restarted container's killed run
     gen_data.build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
     assert (tmp_path / "eval.json").is_file() and not (tmp_path / ".gen_data.lock").exists()
 

@@ -168,3 +168,12 @@ def test_flops_per_token_equal_what_a_step_computes(hf_llava_dir, stage, lora):
         model(ids, pixel_values=x, labels=labels)[1].backward()
     expected = llava_flops_per_token(model, ids.shape[1]) * ids.numel()
     assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
+
+
+def test_a_stage1_base_is_asked_for_its_llms_dtype(hf_clip_dir, hf_llama_dir, tmp_path):
+    from llava_min.checkpoints import save_llama, save_stage1
+    from llava_min.lora import stored_dtype
+    save_llama(llava_min.load_llama(hf_llama_dir, dtype=torch.bfloat16), tmp_path / "llm")
+    model = llava_min.build_llava(hf_clip_dir, tmp_path / "llm", dtype=torch.float32)
+    save_stage1(model, tmp_path / "stage1", hf_clip_dir, tmp_path / "llm")  # the projector alone, in fp32
+    assert stored_dtype(tmp_path / "stage1") == torch.bfloat16

@@ -228,7 +228,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mod
     import json
     records = [r for r in json.loads((parts / "data" / "instruct.json").read_text()) if r.get("image")]
     bad = [{**r, "id": f"bad-{i}", "image": f"missing-{i}.png"} for i, r in enumerate(records[4:16])]
-    (tmp_path / "mixed.json").write_text(json.dumps(records[:4] + bad))
+    broken = {"id": "broken", "image": "x.png", "conversations": []}  # dropped when the file is read
+    (tmp_path / "mixed.json").write_text(json.dumps(records[:4] + bad + [broken]))
     plain = ["--on-error", "skip"] + ([] if mode == "ddp" else ["--no-whiten-features"])  # FSDP: unwhitened
     said = run_stage2(parts, tmp_path / "one", ["--batch-size", "4"] + plain, data=tmp_path / "mixed.json")
     if mode == "ddp":
@@ -239,7 +240,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mod
             said_two = run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp"] + extra + plain, nproc=2,
                                   data=tmp_path / "mixed.json")
     count = [line for line in said.splitlines() if line.startswith("skipped")]
-    assert count and [line for line in said_two.splitlines() if line.startswith("skipped")] == count  # the total, once
+    assert count and count[0].startswith("skipped bad records (--on-error skip): 1 when the data was read in, ")
+    assert [line for line in said_two.splitlines() if line.startswith("skipped")] == count  # the total, once
     one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert one.keys() == two.keys()
     for k in one:
@@ -311,6 +313,12 @@ def test_stage1_crops_and_stage2_pads_as_the_official_scripts(parts, tmp_path, m
     assert seen == ["crop", "pad"]
     assert json.loads((tmp_path / "s1" / "config.json").read_text())["image_aspect_ratio"] == "crop"
     assert llava_min.load(tmp_path / "s2").cfg.image_aspect_ratio == "pad"
+    from llava_min.lora import main as lora_main  # LoRA: the adapter says what stage 2 trained with
+    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), "--data", str(parts / "data" / "instruct.json"),
+                "--out", str(tmp_path / "lora"), "--lora", "--lora-r", "2"] + common)
+    lora_main(["merge", "--base", str(tmp_path / "s1"), "--adapter", str(tmp_path / "lora"), "--out",
+               str(tmp_path / "merged")])
+    assert llava_min.load(tmp_path / "merged").cfg.image_aspect_ratio == "pad"
 
 
 def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
