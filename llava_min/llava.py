@@ -79,13 +79,16 @@ class Llava(nn.Module):
             raise ValueError(f"{len(h_v)} tiles in pixel_values, but the image sizes call for {sum(counts)}")
         return [self.anyres.merge(f, size, self.image_newline) for f, size in zip(h_v.split(counts), sizes)]
 
-    def check_ids(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> None:
-        """Every id a word of the vocabulary or this model's image token (the official -200 is not llava-hf's)."""
+    def count_slots(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> int:
+        """Image slots in `input_ids`, checking that every other id is a word of the vocabulary (the official
+        -200 is not llava-hf's image token). One wait for the GPU for both."""
         bad = ((input_ids < 0) | (input_ids >= self.cfg.text.vocab_size)) & ~is_image
-        if bool(bad.any()):
+        n_slots, n_bad = torch.stack([is_image.sum(), bad.sum()]).tolist()
+        if n_bad:
             raise ValueError(f"input_ids hold id {int(input_ids[bad][0])}, which is neither in the vocabulary "
                              f"({self.cfg.text.vocab_size} tokens) nor this model's image token "
                              f"{self.cfg.image_token_id}: tokenize with image_token_id=model.cfg.image_token_id")
+        return n_slots
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor], image_sizes=None,
               image_unused: bool = False) -> torch.Tensor:
@@ -93,18 +96,17 @@ class Llava(nn.Module):
         `image_unused`: the image runs through the vision tower and projector, and none of its tokens is
         placed (a training micro-batch without images, see stages.with_blank_image)."""
         is_image = input_ids == self.cfg.image_token_id
-        if input_ids.shape[1] > 1:  # (not per decoded token: the check waits for the GPU)
-            self.check_ids(input_ids, is_image)
+        # (a single decoded token is never an image slot and is not checked: the count waits for the GPU)
+        n_slots = self.count_slots(input_ids, is_image) if input_ids.shape[1] > 1 or pixel_values is not None else 0
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if pixel_values is None:
-            # (a single decoded token is never an image slot: skip the check, it costs a GPU sync)
-            if input_ids.shape[1] > 1 and bool(is_image.any()):
+            if n_slots:
                 raise ValueError(f"input_ids hold image tokens (id {self.cfg.image_token_id}) but no pixel_values")
             return embeds
         features = self.image_features(pixel_values, image_sizes)
         if image_unused:  # a zero that depends on every trained visual parameter
             return embeds + 0.0 * torch.cat(features).sum().to(embeds.dtype)
-        n_slots, n_features = int(is_image.sum()), sum(len(f) for f in features)
+        n_features = sum(len(f) for f in features)
         if n_slots != n_features:
             per_image = f"{len(features)} image(s) x {len(features[0])} visual tokens" if self.anyres is None else \
                 f"{len(features)} image(s) with {[len(f) for f in features]} visual tokens"
