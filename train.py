@@ -11,94 +11,24 @@ needs `--stage tokenizer`, `--stage clip` and `--stage lm`, because LLaVA starts
 """
 import argparse
 import dataclasses
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 import llava_min
 from llava_min import stages
-from llava_min.checkpoints import append_image_token, save_llama, save_stage1, save_vision
-from llava_min.clip import VisionConfig, VisionTower
-from llava_min.clip_pretrain import ContrastiveCLIP
 from llava_min.data import LlavaDataset, collate
-from llava_min.llama import Llama, LlamaConfig
+from llava_min.recipes import RECIPES, Preset
+from llava_min.checkpoints import append_image_token
+from llava_min.save import save_stage1
+from llava_min.stages import either, run_stage, settings
 from llava_min.tokenizer import Tokenizer
-from llava_min.trainer import TrainConfig, Trainer, leave_world
-from llava_min.world import WORLDS
+from llava_min.toy.presets import TOY_PRESETS
+from llava_min.toy.stages import stage_clip, stage_lm, stage_tokenizer
+from llava_min.toy.world import WORLDS
+from llava_min.trainer import leave_world
 
-
-@dataclass
-class StageSettings:
-    lr: float
-    epochs: float = 1.0
-    batch_size: int = 16
-    grad_accum: int = 1
-
-
-@dataclass
-class Preset:
-    stage1: StageSettings
-    stage2: StageSettings
-    projector: str = "mlp2x_gelu"
-    select_layer: int = -2
-    template: str = "vicuna_v1"
-    image_aspect: str = "pad"  # stage 2's (and so the finished model's); stage 1 center-crops (SPEC section 4)
-    max_length: int = 2048
-    grad_checkpointing: bool = False
-    anyres: bool = False  # stage 2 on AnyRes tiles (LLaVA-NeXT)
-    whiten_features: bool = False  # toy: train the projector in whitened coordinates (llava_min/whiten.py)
-    group_by_length: bool = False  # stages 1 and 2: batches of records of similar length (less padding)
-    # toy only: the world, the tiny models and their pretraining
-    num_images: int = 0
-    num_eval: int = 0
-    vocab_size: int = 0
-    vision: Optional[VisionConfig] = None
-    text: Optional[LlamaConfig] = None
-    clip_text: Optional[LlamaConfig] = None
-    clip: Optional[StageSettings] = None
-    lm: Optional[StageSettings] = None
-    lm_seq_len: int = 128
-    clip_decorrelation: float = 0.0  # weight of the toy CLIP's decorrelation term (clip_pretrain.decorrelation_loss)
-
-
-PRESETS = {
-    # SPEC section 7: LLaVA-1.5's official recipe. Global batch 256 / 128 = batch x accumulation x GPUs.
-    "llava-v1.5-7b": Preset(stage1=StageSettings(lr=1e-3, batch_size=16, grad_accum=16),
-                            stage2=StageSettings(lr=2e-5, batch_size=8, grad_accum=16), grad_checkpointing=True),
-    # LLaVA-NeXT's recipe on the same parts: stage 2 on AnyRes tiles with row-end tokens.
-    "llava-next-7b": Preset(stage1=StageSettings(lr=1e-3, batch_size=16, grad_accum=16),
-                            stage2=StageSettings(lr=2e-5, batch_size=8, grad_accum=16), grad_checkpointing=True,
-                            anyres=True),
-    # The synthetic world on a laptop CPU: a 96 px CLIP with 32 px patches (9 visual tokens), a ~1M-parameter LLaMA.
-    "toy": Preset(
-        stage1=StageSettings(lr=1e-3, epochs=1, batch_size=32),
-        stage2=StageSettings(lr=1e-3, epochs=6, batch_size=32),  # 6 epochs: 11.2 min in all on 2 CPU cores (README)
-        image_aspect="crop", max_length=256, num_images=8000, num_eval=500, vocab_size=1024, whiten_features=True,
-        group_by_length=True,
-        vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=96, patch_size=32),
-        text=LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-        clip_text=LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128),
-        clip=StageSettings(lr=1e-3, epochs=2, batch_size=128),
-        lm=StageSettings(lr=2e-3, epochs=0.5, batch_size=32)),
-    # The same pipeline at a size that runs in seconds: tests and CI's smoke run.
-    "smoke": Preset(
-        stage1=StageSettings(lr=1e-3, batch_size=4), stage2=StageSettings(lr=1e-3, batch_size=4),
-        image_aspect="crop", max_length=512, num_images=48, num_eval=12, vocab_size=400, whiten_features=True,
-        group_by_length=True,
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=32, patch_size=8),
-        text=LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
-        clip_text=LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128),
-        clip=StageSettings(lr=1e-3, batch_size=8), lm=StageSettings(lr=1e-3, batch_size=8), lm_seq_len=64),
-}
+PRESETS = {**RECIPES, **TOY_PRESETS}
 
 
 def positive(kind, zero_ok: bool = False):
@@ -165,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, fp32 weights (default: on CUDA and on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--no-progress", action="store_true")
-    # toy pipeline switches (issue: each ablation is one flag)
+    # toy pipeline switches: each ablation is one flag
     p.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 from a random projector")
     p.add_argument("--no-stage2", action="store_true", help="ablation: alignment only, no instruction tuning")
     p.add_argument("--data-fraction", type=fraction, default=1.0, help="ablation: use this share of instruct.json")
@@ -184,80 +114,12 @@ def parse_args(argv=None):
     return args
 
 
-def either(value, default):
-    return default if value is None else value
-
-
 def load_dtype(args, preset: Preset):
     """Real (7B) models load in bf16 on CUDA and are cast per part in train_llava; toy models in fp32."""
     return torch.bfloat16 if torch.device(args.device).type == "cuda" and preset.vision is None else torch.float32
 
 
-def settings(args, preset_stage: StageSettings) -> StageSettings:
-    """The preset's settings for a stage, with any command-line overrides."""
-    overrides = {k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "grad_accum")
-                 if getattr(args, k) is not None}
-    return dataclasses.replace(preset_stage, **overrides)
-
-
-def digest(path) -> str:
-    """The training file's SHA-256 (its first 16 hex digits): a resumed run must read the snapshot's data."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def run(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSettings, save, flops=0.0,
-        group_by_length=False, chosen: Optional[dict] = None):
-    """Trains one stage; `chosen`: the stage's settings a resumed run must share with its snapshot."""
-    cfg = TrainConfig(out_dir=str(args.out), lr=s.lr, epochs=s.epochs, max_steps=args.max_steps,
-                      batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
-                      save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
-                      fsdp=args.fsdp, group_by_length=group_by_length, bf16=args.bf16, progress=not args.no_progress)
-    chosen = {"stage": args.stage, "data_sha256": digest(args.data), **(chosen or {})}
-    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
-    losses = trainer.fit(save)
-    base = getattr(dataset, "dataset", dataset)  # (under a Subset)
-    dropped = getattr(base, "dropped", 0)
-    if (trainer.skipped_total or dropped) and trainer.rank == 0:
-        reasons = getattr(base, "skip_log", [])  # (those found as batches came: without loader workers only)
-        print(f"skipped bad records (--on-error skip): {dropped} when the data was read in, "
-              f"{trainer.skipped_total} as the batches came (each time one came up)"
-              + "".join(f"\n  {m}" for m in reasons[:5]) + ("\n  ..." if len(reasons) > 5 else ""))
-    return losses
-
-
 # ---------------------------------------------------------------- stages
-
-def stage_tokenizer(args, preset: Preset):
-    """The toy's sentencepiece model, trained on --data (corpus.txt) and written to --out (a file)."""
-    from llava_min.tokenizer import train_tokenizer
-    train_tokenizer(args.data, args.out, preset.vocab_size)
-
-
-def stage_clip(args, preset: Preset):
-    tok = Tokenizer(args.tokenizer)
-    text_cfg = dataclasses.replace(preset.clip_text, vocab_size=tok.vocab_size)
-    torch.manual_seed(args.seed)
-    decorrelation = either(args.clip_decorrelation, preset.clip_decorrelation)
-    model = ContrastiveCLIP(VisionTower(preset.vision, select_layer=-1), text_cfg, feature_layer=preset.select_layer,
-                            decorrelation=decorrelation).to(args.device)
-    data = stages.CaptionPairs(args.data, args.image_folder, tok, preset.vision.image_size)
-    groups = [{"params": list(model.parameters())}]
-    return run(args, model, groups, data, stages.collate_pairs, stages.clip_loss, lambda batch: 1, settings(args, preset.clip),
-               lambda: save_vision(model.vision_tower, args.out))
-
-
-def stage_lm(args, preset: Preset):
-    tok = Tokenizer(args.tokenizer)
-    torch.manual_seed(args.seed)
-    model = Llama(dataclasses.replace(preset.text, vocab_size=tok.vocab_size)).to(args.device)
-    data = stages.PackedText(args.data, tok, preset.lm_seq_len)
-    groups = [{"params": list(model.parameters())}]
-    return run(args, model, groups, data, stages.collate_text, stages.lm_loss, stages.num_targets,
-               settings(args, preset.lm), lambda: save_llama(model, args.out, args.tokenizer))
 
 
 def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
@@ -275,7 +137,7 @@ def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
 
 
 def lora_config(args):
-    from llava_min.lora import LoRAConfig
+    from llava_min.model.lora import LoRAConfig
     return LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
 
 
@@ -312,13 +174,13 @@ def train_llava(args, preset: Preset, stage: str, model, tok, save):
               "anyres": model.anyres is not None, "data_fraction": args.data_fraction if stage == "2" else 1.0,
               "projector": model.cfg.projector_type, "select_layer": model.cfg.select_layer, "template": template,
               "max_length": max_length}
-    return run(args, model, groups, data, pad, stages.llava_loss, stages.num_targets, s, save, flops,
+    return run_stage(args, model, groups, data, pad, stages.llava_loss, stages.num_targets, s, save, flops,
                either(args.group_by_length, preset.group_by_length), chosen)
 
 
 def whitened(args, model, data, save, fresh: bool):
     """The projector's first layer in whitened coordinates for training; `save` then writes the plain layer."""
-    from llava_min.whiten import folded, whiten_projector
+    from llava_min.toy.whiten import folded, whiten_projector
     if args.fsdp:
         raise SystemExit("--whiten-features is not supported with --fsdp (pass --no-whiten-features)")
     whiten_projector(model, data, fresh)
@@ -377,8 +239,11 @@ def main(argv=None):
         STAGES[args.stage](args, preset)
         leave_world()  # not on an error: the other processes may be waiting in a collective
         return
-    from llava_min.toy import run_ablations, run_pipeline  # the toy pipeline (and its ablation table)
-    (run_ablations if args.ablations else run_pipeline)(args, preset, STAGES)
+    from llava_min.toy.pipeline import run_ablations, run_pipeline  # the toy pipeline (and its ablation table)
+    if args.ablations:
+        run_ablations(args, preset, STAGES, parse_args)
+    else:
+        run_pipeline(args, preset, STAGES)
 
 
 if __name__ == "__main__":

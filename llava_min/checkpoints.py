@@ -1,6 +1,6 @@
-"""Official checkpoint layouts -> llava-min models, and llava-min models -> llava-hf directories.
+"""Checkpoint layouts -> llava-min models.
 
-Layouts read (SPEC section 6):
+Layouts read:
 - CLIP: a full `CLIPModel` (`vision_model.*` + a text tower we skip) or a vision-only model.
 - LLaMA / Vicuna: `model.*` + `lm_head.weight`.
 - llava-hf: hub names (`vision_tower.vision_model.*`, `language_model.model.*`, `multi_modal_projector.*`),
@@ -8,30 +8,21 @@ Layouts read (SPEC section 6):
 - official LLaVA (`liuhaotian/llava-v1.5-*`): Vicuna keys + `model.mm_projector.*`; CLIP comes from the
   directory that `mm_vision_tower` names (or `vision_path`); a stage-1 `mm_projector.bin` goes on top
   of CLIP + Vicuna.
-Written: llava-hf directories in the hub's names, which transformers 4.x and 5.x both load.
+Written by save.py.
 """
 import json
 import os
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .anyres import PINPOINTS
-from .clip import ACTIVATIONS, VisionConfig, VisionTower
-from .llama import Llama, LlamaConfig
-from .llava import Llava, LlavaConfig
-from .weights import (CheckpointError, atomic_write, load_strict, materialize, read_tensors, save_safetensors,
-                      tensor_names, weight_files)
-
-# transformers' CLIPVisionConfig / LlamaConfig defaults, for config.json files that omit a key.
-HF_CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                        image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
-HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-SELECT_STRATEGY = {"default": "patch", "full": "cls_patch"}  # llava-hf name -> LLaVA name
+from .configs import clip_vision_config, llama_config, llava_hf_config, read_config
+from .model.clip import VisionTower
+from .model.llama import Llama
+from .model.llava import Llava, LlavaConfig
+from .save import IDENTITY_LAYER, identity_layer
+from .weights import CheckpointError, load_strict, materialize, read_tensors, tensor_names, weight_files
 
 # Checkpoint key prefix -> llava-min name prefix, first match wins.
 LLAVA_PREFIXES = [
@@ -72,49 +63,6 @@ def renamer(prefixes):
     return rename
 
 
-def read_config(path) -> dict:
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{path} has no config.json")
-    return json.loads(file.read_text())
-
-
-def pick(cls, d: dict, defaults: dict):
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in {**defaults, **d}.items() if k in names})
-
-
-def unsupported(d: dict, where: str, **allowed) -> None:
-    """Settings a config may hold that this model does not implement: an error naming the first one."""
-    for key, ok in allowed.items():
-        value = d.get(key)
-        if value is not None and value not in ok:
-            raise CheckpointError(f"{where} {key} {value!r} is not supported (supported: {', '.join(map(repr, ok))})")
-
-
-def vision_config(d: dict) -> VisionConfig:
-    unsupported(d, "CLIP vision config:", hidden_act=tuple(ACTIVATIONS))
-    return pick(VisionConfig, d, HF_CLIP_DEFAULTS)
-
-
-def llama_config(d: dict) -> LlamaConfig:
-    """A LLaMA config from transformers' config.json (Mistral's too, without a sliding window), or an
-    official LLaVA config, which is one with the mm_* keys added."""
-    unsupported(d, "LLaMA config:", model_type=("llama", "mistral", "llava_llama", "llava", "llava_mistral"),
-                hidden_act=("silu",), attention_bias=(False,), mlp_bias=(False,))
-    if d.get("num_key_value_heads") is None:
-        d = {**d, "num_key_value_heads": d.get("num_attention_heads", 32)}  # no grouping, as transformers reads it
-    if d.get("sliding_window"):  # Mistral's window: plain causal attention as long as sequences stay inside it
-        d = {**d, "max_position_embeddings": min(d.get("max_position_embeddings", 4096), d["sliding_window"])}
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"RoPE scaling {rope} is not supported (plain LLaMA RoPE only)")
-    d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    if d.get("pad_token_id") is None:
-        d["pad_token_id"] = 0
-    return pick(LlamaConfig, d, HF_LLAMA_DEFAULTS)
-
-
 def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
@@ -130,14 +78,6 @@ def load_into(module, files, prefixes, dtype, device, keep=lambda key: True, all
 
 
 # ---------------------------------------------------------------- CLIP and LLaMA on their own
-
-def clip_vision_config(path) -> VisionConfig:
-    cfg = read_config(path)
-    if cfg.get("model_type") == "clip":
-        return vision_config(cfg.get("vision_config") or {})
-    if cfg.get("model_type") != "clip_vision_model":
-        raise CheckpointError(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a CLIP model")
-    return vision_config(cfg)
 
 
 def load_vision(path, select_layer: int = -2, select_feature: str = "patch", dtype=None, device="cpu") -> VisionTower:
@@ -156,29 +96,6 @@ def load_llama(path, dtype=None, device="cpu") -> Llama:
 
 
 # ---------------------------------------------------------------- LLaVA
-
-def llava_hf_config(cfg: dict) -> LlavaConfig:
-    layer = cfg.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise CheckpointError(f"vision_feature_layer {layer} (several layers) is not supported")
-    extra = cfg.get("llava_min", {})  # what llava-hf configs cannot say (written by save_llava)
-    projector_type = extra.get("projector_type", "mlp2x_gelu")
-    unsupported(cfg, "LLaVA config:", multimodal_projector_bias=(True,),  # a linear W is saved as W -> identity -> I
-                projector_hidden_act=("linear", "gelu") if projector_type == "linear" else ("gelu",))
-    vision = cfg.get("vision_config")
-    text = llama_config(cfg.get("text_config") or {})
-    text.tie_word_embeddings = text.tie_word_embeddings or bool(cfg.get("tie_word_embeddings"))  # as transformers
-    return LlavaConfig(
-        vision=vision_config(vision) if vision else VisionConfig(),
-        text=text,
-        projector_type=projector_type,
-        select_layer=layer,
-        select_feature=SELECT_STRATEGY[cfg.get("vision_feature_select_strategy", "default")],
-        image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
-        image_aspect_ratio=extra.get("image_aspect_ratio", "pad"),
-        template=extra.get("template", "vicuna_v1"),
-        image_grid_pinpoints=(cfg.get("image_grid_pinpoints") or PINPOINTS) if cfg.get("model_type") == "llava_next" else None,
-    )
 
 
 def local_dir(name, base) -> Optional[Path]:
@@ -260,21 +177,6 @@ def append_image_token(model: Llava) -> None:
     model.language_model.resize_vocab(-(-(vocab + 1) // 64) * 64)
 
 
-def save_stage1(model: Llava, out_dir, vision_path, llm_path, tokenizer_path=None) -> None:
-    """Stage 1's output, as the official stage-1 releases: the projector alone (official key names) and
-    a config naming the CLIP and LLM directories it goes with (relative paths: the tree can move)."""
-    cfg, out_dir = model.cfg, Path(out_dir)
-    rel = lambda p: os.path.relpath(Path(p).resolve(), out_dir.resolve())  # noqa: E731
-    config = {**read_config(llm_path), "_name_or_path": rel(llm_path), "mm_vision_tower": rel(vision_path),
-              "mm_projector_type": cfg.projector_type, "mm_hidden_size": cfg.vision.hidden_size,
-              "mm_vision_select_layer": cfg.select_layer, "mm_vision_select_feature": cfg.select_feature,
-              "image_aspect_ratio": cfg.image_aspect_ratio, "mm_use_im_start_end": False,
-              "image_token_index": cfg.image_token_id}
-    rename = lambda k: "model.mm_" + k.replace("linear_1", "0").replace("linear_2", "2")  # noqa: E731
-    save_pretrained(model.projector, config, out_dir, lambda k: rename("projector." + k), tokenizer_path,
-                    weights_name="mm_projector.safetensors")
-
-
 def official_aspect(value: str) -> str:
     """The official trainer pads for "pad" and center-crops for the rest (its stage 1 writes "square")."""
     if value not in ("pad", "square", "crop"):
@@ -336,15 +238,9 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
     return model.eval()
 
 
-# ---------------------------------------------------------------- a linear W in llava-hf's two-layer projector
+# ---------------------------------------------------------------- a linear W in llava-hf's two-layer projector (save.IDENTITY_LAYER)
 
-IDENTITY_LAYER = "multi_modal_projector.linear_2."  # llava-hf has only Linear -> act -> Linear: a linear W
                                                     # is written as W -> identity ("linear" act) -> I, exactly W
-
-
-def identity_layer(dim: int, dtype=torch.float32) -> dict:
-    return {IDENTITY_LAYER + "weight": torch.eye(dim, dtype=dtype),
-            IDENTITY_LAYER + "bias": torch.zeros(dim, dtype=dtype)}
 
 
 def check_identity_layer(files) -> None:
@@ -357,84 +253,3 @@ def check_identity_layer(files) -> None:
                 not all(torch.equal(found[k], v) for k, v in identity_layer(dim).items()):
             raise CheckpointError(f"{files[0]}: the config says a linear projector, but {IDENTITY_LAYER}* is not "
                                   "the identity layer save_llava writes for one")
-
-
-# ---------------------------------------------------------------- writing llava-hf directories
-
-def hub_key(name: str) -> str:
-    """llava-min name -> the llava-hf hub name (which transformers 4.x and 5.x both load)."""
-    if name.startswith("vision_tower."):
-        return "vision_tower." + vision_key(name[len("vision_tower."):])
-    if name == "image_newline":
-        return name
-    if name.startswith("projector."):
-        return "multi_modal_projector." + name[len("projector."):]
-    if name.startswith("language_model.lm_head."):
-        return name
-    return "language_model.model." + name[len("language_model."):]
-
-
-def hf_text_config(cfg: LlamaConfig) -> dict:
-    return {**asdict(cfg), "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
-
-
-def hf_vision_config(cfg: VisionConfig) -> dict:
-    return {**asdict(cfg), "model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"]}
-
-
-def hf_config(cfg: LlavaConfig) -> dict:
-    text, vision = hf_text_config(cfg.text), hf_vision_config(cfg.vision)
-    strategy = {v: k for k, v in SELECT_STRATEGY.items()}[cfg.select_feature]
-    anyres = {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
-              "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]} if cfg.image_grid_pinpoints else {}
-    return {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", **anyres,
-        "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
-        "vision_feature_layer": cfg.select_layer, "vision_feature_select_strategy": strategy,
-        "projector_hidden_act": "linear" if cfg.projector_type == "linear" else "gelu",  # linear: see IDENTITY_LAYER
-        "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,
-        "image_seq_length": cfg.vision.num_patches + (cfg.select_feature == "cls_patch"),
-        "llava_min": {"projector_type": cfg.projector_type, "image_aspect_ratio": cfg.image_aspect_ratio,
-                      "template": cfg.template},
-    }
-
-
-def vision_key(name: str) -> str:
-    return "vision_model." + (("encoder." + name) if name.startswith("layers.") else name)
-
-
-def save_pretrained(module, config: dict, out_dir, rename, tokenizer_path=None, extra_files: Optional[dict] = None,
-                    weights_name="model.safetensors", extra_tensors: Optional[dict] = None):
-    """`config.json` + `model.safetensors` (+ `tokenizer.model`), written atomically."""
-    tied = module.tied_names() if hasattr(module, "tied_names") else {}
-    tensors = {rename(k): v for k, v in module.state_dict().items() if k not in tied} | (extra_tensors or {})
-    out_dir = Path(out_dir)  # each file atomically, config.json last: it marks a finished checkpoint
-    (out_dir / "config.json").unlink(missing_ok=True)  # (over an older one: never its config with new weights)
-    save_safetensors(tensors, out_dir / weights_name)
-    if tokenizer_path is not None:
-        atomic_write(out_dir / "tokenizer.model", lambda tmp: tmp.write_bytes(Path(tokenizer_path).read_bytes()))
-    for name, data in (extra_files or {}).items():
-        atomic_write(out_dir / name, lambda tmp: tmp.write_bytes(data))
-    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-
-
-def save_vision(tower: VisionTower, out_dir) -> None:
-    """A CLIP vision directory (`CLIPVisionModel` layout) that `load_vision` and transformers read."""
-    save_pretrained(tower, hf_vision_config(tower.cfg), out_dir, vision_key)
-
-
-def save_llama(llm: Llama, out_dir, tokenizer_path=None) -> None:
-    """A LLaMA directory (`LlamaForCausalLM` layout)."""
-    rename = lambda k: k if k.startswith("lm_head.") else "model." + k  # noqa: E731
-    save_pretrained(llm, hf_text_config(llm.cfg), out_dir, rename, tokenizer_path)
-
-
-def save_llava(model: Llava, out_dir, tokenizer_path=None, extra_files: Optional[dict] = None) -> None:
-    """A llava-hf directory in the hub's key names."""
-    if model.cfg.image_token_id < 0:
-        raise CheckpointError(f"{out_dir}: the image placeholder {model.cfg.image_token_id} has no row in the "
-                              "vocabulary, which llava-hf needs: call append_image_token(model) first")
-    linear = model.projector.linear_2 is None
-    extra = identity_layer(model.cfg.text.hidden_size, model.projector.linear_1.weight.dtype) if linear else None
-    save_pretrained(model, hf_config(model.cfg), out_dir, hub_key, tokenizer_path, extra_files, extra_tensors=extra)

@@ -21,9 +21,11 @@ What is supervised, per template (official `llava/train/train.py`):
 """
 import re
 from dataclasses import dataclass
+from typing import Callable, Optional
 
-from .llama import IGNORE_INDEX
 from .tokenizer import SPECIAL_RE
+
+IGNORE_INDEX = -100  # the label of a token the loss skips (PyTorch's cross_entropy default ignore_index)
 
 IMAGE = "<image>"
 ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
@@ -199,3 +201,13 @@ def tokenize_prompt(conversations: list, tok, template: str = "vicuna_v1", num_i
     if len(conversations) % 2 == 0:
         raise ValueError("a prompt ends with the user's turn")
     return tokenize_conversation(conversations, tok, template, num_image_tokens, image_token_id, has_image)[0]
+
+
+def stop_at(tok, text: Optional[str]) -> Optional[Callable[[list], bool]]:
+    """A `stop` for `generate`: the decoded row holds `text` (None: EOS alone ends a row)."""
+    return None if text is None else (lambda ids: text in tok.decode(ids))
+
+
+def cut_at(reply: str, text: Optional[str]) -> str:
+    """The reply before the end marker `text`, if any."""
+    return reply.split(text)[0] if text else reply

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .conversation import IMAGE, TEMPLATES, check_turns, tokenize_conversation
-from .image import MAX_PIXELS, ImageError, load_image, preprocess
-from .llama import IGNORE_INDEX
+from .conversation import IGNORE_INDEX, IMAGE, TEMPLATES, check_turns, tokenize_conversation
+from .image import MAX_PIXELS, ImageError, anyres_pixels, load_image, preprocess
 
 
 class DataError(ValueError):
@@ -164,7 +163,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     def pixels(self, record, image) -> torch.Tensor:
         try:
             if self.anyres is not None:
-                return self.anyres.pixels(image)
+                return anyres_pixels(image, self.anyres)
             return preprocess(image, size=self.image_size, aspect=self.image_aspect)
         except ImageError as e:
             raise ValueError(f"bad image: {record['image']}: {e}") from e

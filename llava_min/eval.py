@@ -87,7 +87,7 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
     from tqdm import tqdm
 
     from .conversation import stop_text, tokenize_prompt
-    from .generate import cut_at, stop_at
+    from .conversation import cut_at, stop_at
     from .image import load_image
     cfg, device = model.cfg, next(model.parameters()).device
     template = template or cfg.template
@@ -123,9 +123,9 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
 
 def model_pixels(model, image):
     """The pixel_values an image becomes for this model: AnyRes tiles, or one (padded or cropped) view."""
-    from .image import preprocess
+    from .image import anyres_pixels, preprocess
     if model.anyres is not None:
-        return model.anyres.pixels(image)
+        return anyres_pixels(image, model.anyres)
     return preprocess(image, size=model.cfg.vision.image_size, aspect=model.cfg.image_aspect_ratio)
 
 
@@ -271,7 +271,7 @@ def main(argv=None):
     from .checkpoints import load
     from .teacher_api import ChatClient
     from .tokenizer import Tokenizer
-    from .weights import atomic_write
+    from .files import atomic_write
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", type=Path, help="eval.json: short-answer and multiple-choice records")

@@ -247,3 +247,11 @@ def read_coco(captions_file, instances_file, limit=None) -> list:
     by_id = sorted(images.items(), key=lambda kv: (type(kv[0]).__name__, kv[0]))
     contexts = [Context(im["file_name"], c, b) for _, (im, c, b) in by_id if c]  # images without captions: none
     return contexts[:limit]
+
+
+def human(text: str, image: bool = False) -> dict:
+    return {"from": "human", "value": ("<image>\n" if image else "") + text}
+
+
+def gpt(text: str) -> dict:
+    return {"from": "gpt", "value": text}

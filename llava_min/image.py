@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .model.anyres import AnyRes, fit_size, select_best_resolution
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as the official expand2square
@@ -138,3 +140,22 @@ def preprocess(img: Image.Image, size: int = 336, aspect: str = "crop") -> torch
         img = expand_to_square(img)
     img = img.resize(shortest_side_size(*img.size, size), Image.BICUBIC)
     return normalize(center_crop(img, size))
+
+
+# ---------------------------------------------------------------- AnyRes tiles (LLaVA-NeXT)
+
+def anyres_tiles(img: Image.Image, anyres: AnyRes) -> list:
+    """[global view, tile, tile, ...] as PIL images, tiles in row-major order: the image resized to fit the
+    best grid (`select_best_resolution`), padded black, cut into tiles of the encoder's size."""
+    size, tile = (img.height, img.width), anyres.tile
+    bh, bw = select_best_resolution(size, anyres.pinpoints)
+    nh, nw = fit_size(size, (bh, bw))
+    canvas = Image.new("RGB", (bw, bh), (0, 0, 0))
+    canvas.paste(img.resize((nw, nh), Image.BICUBIC), ((bw - nw) // 2, (bh - nh) // 2))
+    crops = [canvas.crop((x, y, x + tile, y + tile)) for y in range(0, bh, tile) for x in range(0, bw, tile)]
+    return [img.resize((tile, tile), Image.BICUBIC)] + crops
+
+
+def anyres_pixels(img: Image.Image, anyres: AnyRes) -> torch.Tensor:
+    """pixel_values [1 + tiles, 3, tile, tile] for one image."""
+    return torch.stack([normalize(t) for t in anyres_tiles(img, anyres)])

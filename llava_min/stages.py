@@ -1,18 +1,18 @@
-"""What each training stage trains, on what data, with which loss.
+"""What each training stage trains, with which loss (LLaVA Sec. 4.2).
 
-LLaVA Sec. 4.2: stage 1 (feature alignment) trains only the projection W, with CLIP and the LLM
-frozen; stage 2 (end-to-end fine-tuning) trains W and the LLM, CLIP still frozen. The toy world adds
-two stages before them, because LLaVA starts from a pretrained CLIP and a pretrained LLM:
-`clip` (contrastive image-caption pretraining) and `lm` (next-token pretraining on text).
+Stage 1 (feature alignment) trains only the projection W, with CLIP and the LLM frozen; stage 2
+(end-to-end fine-tuning) trains W and the LLM, CLIP still frozen.
 """
+import dataclasses
+import hashlib
 import math
-from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .data import DataError, check_record, read_records, record_id
-from .image import ImageError, load_image, preprocess
-from .llama import IGNORE_INDEX
+from .conversation import IGNORE_INDEX
+from .recipes import StageSettings
+from .trainer import TrainConfig, Trainer
 
 FROZEN, TRAINED = False, True
 # Sec. 4.2, the one place that says what trains: part -> trained? (LoRA replaces "language_model")
@@ -32,7 +32,7 @@ def freeze_for_stage(model, stage: str, lr: float, projector_lr: float = None, l
         if not trained:
             continue
         if part == "language_model" and lora is not None:
-            from .lora import add_lora
+            from .model.lora import add_lora
             module.requires_grad_(False)
             groups.append({"params": add_lora(module, lora), "lr": lr, "name": "lora"})
             continue
@@ -78,77 +78,6 @@ def llava_loss(model, batch) -> torch.Tensor:
     return loss * n if n else logits.sum() * 0.0  # nothing to learn: a zero that reaches every trained parameter
 
 
-def lm_loss(model, batch) -> torch.Tensor:
-    _, loss = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
-    return loss * num_targets(batch)
-
-
-def clip_loss(model, batch) -> torch.Tensor:
-    return model(batch["pixel_values"], batch["input_ids"], batch["eot_index"])
-
-
-# ---------------------------------------------------------------- toy datasets
-
-class PackedText(torch.utils.data.Dataset):
-    """`corpus.txt` (one document per line) as BOS doc EOS BOS doc EOS ..., cut into equal windows."""
-
-    def __init__(self, corpus_path, tok, seq_len: int):
-        ids = []
-        for line in Path(corpus_path).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                ids += tok.encode(line.strip(), bos=True, eos=True)
-        self.windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
-
-    def __len__(self):
-        return len(self.windows)
-
-    def __getitem__(self, i):
-        return self.windows[i]
-
-
-def collate_text(windows) -> dict:
-    ids = torch.stack(windows)
-    return {"input_ids": ids, "labels": ids}
-
-
-class CaptionPairs(torch.utils.data.Dataset):
-    """(image, caption) pairs from an LLaVA-format caption file (the stage-1 `pretrain.json`)."""
-
-    def __init__(self, data_path, image_folder, tok, image_size: int, max_len: int = 64):
-        """Every record is checked here; a bad one stops the run naming the file and the record (this toy
-        stage has no --on-error skip: its data is generated)."""
-        self.data_path, self.records = data_path, read_records(data_path)
-        for n, r in enumerate(self.records):
-            try:
-                if not isinstance(r, dict) or "image" not in r or not r.get("conversations"):
-                    raise ValueError("a caption pair needs 'image' and 'conversations'")
-                check_record(r, "plain")
-            except ValueError as e:
-                raise DataError(f"{data_path}: record {record_id(n, r)}: {e}") from e
-        self.image_folder, self.tok, self.image_size, self.max_len = image_folder, tok, image_size, max_len
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        record = self.records[i]
-        caption = record["conversations"][-1]["value"]
-        ids = self.tok.encode(caption, bos=True)[: self.max_len - 1] + [self.tok.eos_id]
-        try:
-            image = load_image(record["image"], image_folder=self.image_folder)
-        except ImageError as e:
-            raise DataError(f"{self.data_path}: record {record_id(i, record)}: bad image: {e}") from e
-        return torch.tensor(ids), preprocess(image, size=self.image_size, aspect="crop")
-
-
-def collate_pairs(pairs, pad_id: int = 0) -> dict:
-    lengths = torch.tensor([len(ids) for ids, _ in pairs])
-    ids = torch.full((len(pairs), int(lengths.max())), pad_id)
-    for row, (caption, _) in enumerate(pairs):
-        ids[row, : len(caption)] = caption
-    return {"input_ids": ids, "eot_index": lengths - 1, "pixel_values": torch.stack([p for _, p in pairs])}
-
-
 # ---------------------------------------------------------------- MFU accounting
 
 def count_params(module, embeddings: bool = False) -> int:
@@ -166,3 +95,45 @@ def llava_flops_per_token(model, seq_len: int) -> float:
     attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
     vision = (2 * count_params(model.vision_tower) + 4 * count_params(model.projector)) * image_share
     return weights + attention + vision
+
+
+def either(value, default):
+    return default if value is None else value
+
+
+def settings(args, preset_stage: StageSettings) -> StageSettings:
+    """The preset's settings for a stage, with any command-line overrides."""
+    overrides = {k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "grad_accum")
+                 if getattr(args, k) is not None}
+    return dataclasses.replace(preset_stage, **overrides)
+
+
+def digest(path) -> str:
+    """The training file's SHA-256 (its first 16 hex digits): a resumed run must read the snapshot's data."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- one stage from the command line
+
+def run_stage(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSettings, save, flops=0.0,
+        group_by_length=False, chosen: Optional[dict] = None):
+    """Trains one stage; `chosen`: the stage's settings a resumed run must share with its snapshot."""
+    cfg = TrainConfig(out_dir=str(args.out), lr=s.lr, epochs=s.epochs, max_steps=args.max_steps,
+                      batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
+                      save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
+                      fsdp=args.fsdp, group_by_length=group_by_length, bf16=args.bf16, progress=not args.no_progress)
+    chosen = {"stage": args.stage, "data_sha256": digest(args.data), **(chosen or {})}
+    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
+    losses = trainer.fit(save)
+    base = getattr(dataset, "dataset", dataset)  # (under a Subset)
+    dropped = getattr(base, "dropped", 0)
+    if (trainer.skipped_total or dropped) and trainer.rank == 0:
+        reasons = getattr(base, "skip_log", [])  # (those found as batches came: without loader workers only)
+        print(f"skipped bad records (--on-error skip): {dropped} when the data was read in, "
+              f"{trainer.skipped_total} as the batches came (each time one came up)"
+              + "".join(f"\n  {m}" for m in reasons[:5]) + ("\n  ..." if len(reasons) > 5 else ""))
+    return losses

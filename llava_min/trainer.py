@@ -26,7 +26,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
-from .weights import atomic_dir, atomic_write, recover_dir, save_safetensors
+from .files import atomic_dir, atomic_write, recover_dir
+from .weights import save_safetensors
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
 # Dense bf16 peak FLOP/s for MFU, keyed by a substring of torch.cuda.get_device_name().

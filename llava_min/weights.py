@@ -4,11 +4,7 @@ Formats: `.safetensors` and `.bin` (read with `torch.load(weights_only=True)`, n
 single files or sharded sets described by a `*.index.json` `weight_map`. Models are built on the meta
 device and receive the file's tensors with `assign=True`, so a 7B model never exists twice in memory.
 """
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -16,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from .files import atomic_write
 
 WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -118,52 +116,6 @@ def materialize(module: nn.Module, device, dtype) -> None:
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
     module.to(dtype)
-
-
-@contextlib.contextmanager
-def atomic_dir(path):
-    """Write a directory under a temporary name and swap it in at the end, so a crash never leaves a
-    half-written checkpoint where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def recover_dir(path) -> None:
-    """After a crash between `atomic_dir`'s two renames only the previous copy is left, under its `.old` name:
-    put it back. A crash while writing leaves a half-written temporary copy: remove it (one writer only)."""
-    path = Path(path)
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.is_dir():
-        os.replace(old, path)
-    for tmp in path.parent.glob(f".{path.name}.*"):
-        if tmp != old and tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def atomic_write(path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` a file under a temporary name beside `path`, then rename it into place: a crash
-    never leaves a half-written file under the real name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # (a name of its own per process)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_safetensors(tensors: dict, file, metadata: Optional[dict] = None) -> None:

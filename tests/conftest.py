@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # The real LLaMA tokenizer lives beside the checkout for developers; users' checkouts lack it.
 LLAMA_TOKENIZER = Path(os.environ.get("LLAMA_TOKENIZER", ROOT.parent / "shared/fixtures/llama2-tokenizer.model"))
@@ -124,12 +122,12 @@ def chat_model(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def parts(tmp_path_factory):
     """A tiny world, its tokenizer, and a contrastive CLIP and an LM pretrained for a few steps."""
-    import gen_data
     import train
+    from llava_min.toy.build import build_world
     from llava_min.tokenizer import Tokenizer
     root = tmp_path_factory.mktemp("smoke")
     data = root / "data"
-    gen_data.build_world(data, num_images=48, num_eval=12, seed=0, image_size=32, workers=1)
+    build_world(data, num_images=48, num_eval=12, seed=0, image_size=32, workers=1)
     train.main(["--stage", "tokenizer", "--preset", "smoke", "--data", str(data / "corpus.txt"),
                 "--out", str(root / "tokenizer.model")])
     assert Tokenizer(root / "tokenizer.model").vocab_size == 400

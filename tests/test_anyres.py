@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import llava_min
-from llava_min.anyres import AnyRes, select_best_resolution
+from llava_min.image import anyres_pixels
+from llava_min.model.anyres import AnyRes, select_best_resolution
 from conftest import IMAGE_TOKEN, TINY_TEXT, TINY_VISION, hf_reference
 
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # LLaVA-NeXT's grid, at the tiny 28-px tile
@@ -31,7 +32,7 @@ def test_best_resolution_hand_made_cases(size, expected):
 def test_resize_into_the_grid_equals_transformers():
     from transformers.image_processing_utils import get_patch_output_size
     from transformers.image_utils import ChannelDimension
-    from llava_min.anyres import fit_size
+    from llava_min.model.anyres import fit_size
     sizes = [(76, 57)] + [(h, w) for h in range(1, 200, 7) for w in range(1, 200, 5)]
     for size in sizes:
         for target in [(336, 672), (672, 336), (672, 672), (1008, 336)]:
@@ -83,7 +84,7 @@ def reference_count(size):
 def test_tiles_and_token_counts_equal_transformers(name):
     size = SIZES[name]
     anyres = AnyRes(tile=28, patch=7, pinpoints=[tuple(p) for p in PINPOINTS])
-    ours = anyres.pixels(image(size))
+    ours = anyres_pixels(image(size), anyres)
     theirs = torch.as_tensor(np.asarray(reference_processor()(image(size), return_tensors="np")["pixel_values"][0]))
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
@@ -96,7 +97,7 @@ def test_logits_equal_transformers_on_several_aspect_ratios(next_dir):
     ours = llava_min.load(next_dir)
     assert ours.anyres is not None
     sizes = list(SIZES.values())
-    pixels = [ours.anyres.pixels(image(s, i)) for i, s in enumerate(sizes)]
+    pixels = [anyres_pixels(image(s, i), ours.anyres) for i, s in enumerate(sizes)]
     counts = [ours.image_token_count(s) for s in sizes]
     rows = [torch.tensor([1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8, 9]) for n in counts]
     width = max(len(r) for r in rows)
@@ -160,7 +161,7 @@ def test_chat_and_eval_use_anyres(next_chat_dir):
     img = Image.open(next_chat_dir / "wide.png").convert("RGB")
     ids = torch.tensor([tokenize_prompt(records[0]["conversations"], tok, "vicuna_v1", model.image_token_count(SIZES["wide"]),
                                         440)])
-    expected = ref.generate(input_ids=ids, pixel_values=model.anyres.pixels(img)[None], image_sizes=torch.tensor([SIZES["wide"]]),
+    expected = ref.generate(input_ids=ids, pixel_values=anyres_pixels(img, model.anyres)[None], image_sizes=torch.tensor([SIZES["wide"]]),
                             max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
     session = chat.open_chat(chat.parse_args(["--model", str(next_chat_dir), "--temperature", "0", "--device", "cpu"]))
     session.model.cfg.text.eos_token_id = -1

@@ -1,7 +1,7 @@
 """The tiny benchmark runs anywhere and reports every row (timings are printed, never asserted)."""
 import json
 
-from llava_min import bench
+from llava_min.tools import bench
 
 
 def test_tiny_benchmark_reports_every_row(tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_second_turn_prefills_only_new_tokens(chat_model):
 @pytest.mark.parametrize("template,marker", [("llava_v0", "###"), ("plain", "\n")])
 def test_reply_stops_at_the_templates_end_marker(chat_model, monkeypatch, template, marker):
     """Templates whose replies end in text, not EOS: the official CLI stops at that marker, and so do we."""
-    import llava_min.generate as g
+    import llava_min.model.generate as g
     from llava_min.eval import answer
     session = open_chat(chat_model, extra=["--template", template])
     tok = session.tok
@@ -89,7 +89,7 @@ def test_reply_stops_at_the_templates_end_marker(chat_model, monkeypatch, templa
 def test_streamed_text_is_the_reply_when_characters_come_in_bytes(chat_model, monkeypatch):
     """Byte-fallback pieces: a character is whole only after its last byte; what streams must not keep the
     replacement characters of the bytes before it."""
-    import llava_min.generate as g
+    import llava_min.model.generate as g
     session = open_chat(chat_model)
     scripted = session.tok.encode("café 你好 😀 ok", prefix=False)
     assert len(scripted) > len("café 你好 😀 ok".split())  # the tiny tokenizer spells some of it in bytes
@@ -128,7 +128,7 @@ def test_bad_inputs_are_clear(chat_model, tmp_path, capsys):
 def test_compiled_decoding_keeps_a_conversation_identical(chat_model, monkeypatch):
     """--compile decodes each turn's tokens at the cache slots after everything already seen; the step
     is the eager `decode_step` here (compiled on CUDA in test_cuda.py)."""
-    from llava_min import generate as gen
+    from llava_min.model import generate as gen
     monkeypatch.setattr(gen, "compiled_decode_step", lambda model: model.decode_step)
     replies = []
     for extra in ([], ["--compile"]):

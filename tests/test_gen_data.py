@@ -11,6 +11,7 @@ import gen_data
 from llava_min.gpt_data import (SYSTEM, MalformedResponse, build_messages, context_text, parse_response, read_coco,
                                 response_type)
 from llava_min.teacher_api import ChatClient, FatalTeacherError, run_requests
+from llava_min.toy.build import build_world
 
 KEY = "sk-test-SECRET-4711"
 
@@ -445,9 +446,9 @@ def test_one_run_per_output_directory(tmp_path, monkeypatch):
     import os
     (tmp_path / ".gen_data.lock").write_text(str(os.getppid()))  # a live process holds it
     with pytest.raises(SystemExit, match="another run \\(pid \\d+\\) is writing"):
-        gen_data.build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
+        build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
     (tmp_path / ".gen_data.lock").write_text(str(os.getpid()))  # our own pid: a restarted container's killed run
-    gen_data.build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
+    build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
     assert (tmp_path / "eval.json").is_file() and not (tmp_path / ".gen_data.lock").exists()
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import llava_min
-from llava_min.lora import LoRAConfig, add_lora, adapter_state, load_adapter, merge_lora, save_adapter
+from llava_min.model.lora import LoRAConfig, add_lora, merge_lora
+from llava_min.lora import adapter_state, load_adapter, save_adapter
 from llava_min.stages import freeze_for_stage
 from test_model import image_prompt, pixels
 
@@ -46,7 +47,7 @@ def test_only_lora_and_projector_change(hf_llava_dir):
 
 def test_an_adapted_layer_is_w_plus_alpha_over_r_b_a():
     """LoRA written out: h = W x + (alpha / r) B A x."""
-    from llava_min.lora import LoRALinear
+    from llava_min.model.lora import LoRALinear
     base = torch.nn.Linear(12, 8)
     layer = LoRALinear(base, CFG).eval()
     with torch.no_grad():
@@ -109,9 +110,9 @@ def test_merging_keeps_the_bases_dtype(hf_llava_dir, tmp_path):
 
 def test_memory_estimate_counts_what_the_modules_hold():
     """The computed memory table rests on these parameter counts."""
-    from llava_min.clip import VisionConfig
-    from llava_min.llama import Llama, LlamaConfig
-    from llava_min.memory import llm_params, lora_params, vision_params
+    from llava_min.model.clip import VisionConfig
+    from llava_min.model.llama import Llama, LlamaConfig
+    from llava_min.tools.memory import llm_params, lora_params, vision_params
     text = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2)
     vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -124,9 +125,9 @@ def test_memory_estimate_counts_what_the_modules_hold():
 
 def test_memory_estimate_counts_what_an_adapter_saves_for_backward():
     """The LoRA term of the activation estimate, against the tensors one adapted layer saves (bf16 base)."""
-    from llava_min.llama import LlamaConfig
-    from llava_min.lora import LoRALinear
-    from llava_min.memory import activation_bytes_per_token_layer
+    from llava_min.model.llama import LlamaConfig
+    from llava_min.model.lora import LoRALinear
+    from llava_min.tools.memory import activation_bytes_per_token_layer
     text = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=4)
     extra = activation_bytes_per_token_layer(text, lora_r=8) - activation_bytes_per_token_layer(text)
@@ -171,7 +172,7 @@ def test_flops_per_token_equal_what_a_step_computes(hf_llava_dir, stage, lora):
 
 
 def test_a_stage1_base_is_asked_for_its_llms_dtype(hf_clip_dir, hf_llama_dir, tmp_path):
-    from llava_min.checkpoints import save_llama, save_stage1
+    from llava_min.save import save_llama, save_stage1
     from llava_min.lora import stored_dtype
     save_llama(llava_min.load_llama(hf_llama_dir, dtype=torch.bfloat16), tmp_path / "llm")
     model = llava_min.build_llava(hf_clip_dir, tmp_path / "llm", dtype=torch.float32)

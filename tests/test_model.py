@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llava_min
-from llava_min.generate import generate, sample
+from llava_min.model.generate import generate, sample
 from conftest import IMAGE_TOKEN, hf_reference
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -263,7 +263,7 @@ def test_sampling_is_reproducible_with_a_generator(hf_llava_dir):
 
 def test_attention_under_cpu_autocast_runs_in_fp32():
     """bf16 autocast would make SDPA bf16; on a CPU attention stays fp32 (faster there, and exact)."""
-    from llava_min.llama import attend
+    from llava_min.model.llama import attend
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 9, 8, generator=g)
     k, v = torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
@@ -311,7 +311,7 @@ def test_static_shape_decode_step_matches_the_cached_forward(hf_llava_dir):
 def test_compiled_generation_path_gives_the_eager_tokens(hf_llava_dir, monkeypatch):
     """generate(compile=True) without the compiler (the step itself is checked above and, compiled, on
     CUDA in test_cuda.py): the reused static cache, slot positions and batch changes."""
-    from llava_min import generate as gen
+    from llava_min.model import generate as gen
     monkeypatch.setattr(gen, "compiled_decode_step", lambda model: model.decode_step)
     ours = llava_min.load(hf_llava_dir)
     ours.cfg.text.eos_token_id = -1  # decode every asked token
@@ -329,7 +329,7 @@ def test_compiled_generation_path_gives_the_eager_tokens(hf_llava_dir, monkeypat
 def test_compiled_generation_stops_at_eos_like_eager(hf_llava_dir, monkeypatch, batch):
     """The compiled path looks for the end only every 16 steps: the tokens it returns and the cache it
     leaves (what a chat continues from) must still be the eager path's."""
-    from llava_min import generate as gen
+    from llava_min.model import generate as gen
     monkeypatch.setattr(gen, "compiled_decode_step", lambda model: model.decode_step)
     ours = llava_min.load(hf_llava_dir)
     ours.cfg.text.eos_token_id = -1
@@ -348,7 +348,7 @@ def test_compiled_generation_stops_at_eos_like_eager(hf_llava_dir, monkeypatch, 
 
 
 def test_compiled_generation_refuses_to_overrun_the_cache(hf_llava_dir, monkeypatch):
-    from llava_min import generate as gen
+    from llava_min.model import generate as gen
     monkeypatch.setattr(gen, "compiled_decode_step", lambda model: model.decode_step)
     ours = llava_min.load(hf_llava_dir)
     ours.cfg.text.eos_token_id = -1

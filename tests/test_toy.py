@@ -7,7 +7,7 @@ import torch
 
 import llava_min
 import train
-from llava_min.toy import stage_args
+from llava_min.toy.pipeline import stage_args
 
 
 def filled(value) -> bool:

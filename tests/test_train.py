@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import llava_min
+from llava_min.image import anyres_pixels
 import train
 from llava_min import stages
+from llava_min.toy.stages import CaptionPairs
 from llava_min.data import LlavaDataset, collate
 from llava_min.tokenizer import Tokenizer
 from llava_min.trainer import TrainConfig, Trainer
@@ -40,17 +42,17 @@ def test_caption_pairs_name_the_file_and_record_of_a_bad_one(tmp_path):
     from llava_min.data import DataError
     (tmp_path / "pretrain.json").write_text(json.dumps([{"id": "cap-7", "conversations": [{"value": "x"}]}]))
     with pytest.raises(DataError, match="pretrain.json: record cap-7: a caption pair needs 'image'"):
-        stages.CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=None, image_size=32)
+        CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=None, image_size=32)
     pair = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red circle."}]
     for record, reason in [({"id": "cap-8", "image": "a.png", "conversations": [pair[0], {"from": "gpt"}]}, "value"),
                            ({"id": "cap-9", "image": ["a.png"], "conversations": pair}, "bad image field")]:
         (tmp_path / "pretrain.json").write_text(json.dumps([record]))
         with pytest.raises(DataError, match=f"pretrain.json: record {record['id']}: .*{reason}"):
-            stages.CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=None, image_size=32)
+            CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=None, image_size=32)
     (tmp_path / "pretrain.json").write_text(json.dumps([{"id": "cap-10", "image": "gone.png", "conversations": pair}]))
     tok = type("Tok", (), {"eos_id": 2, "encode": lambda self, text, bos: [1, 5]})()
     with pytest.raises(DataError, match="pretrain.json: record cap-10: bad image: .*gone.png"):
-        stages.CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=tok, image_size=32)[0]
+        CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=tok, image_size=32)[0]
 
 
 def test_a_micro_batch_without_images_runs_a_blank_one_that_changes_nothing(hf_llava_dir):
@@ -159,7 +161,7 @@ def test_a_snapshot_is_neither_made_up_nor_dropped(parts, tmp_path):
 
 
 def test_a_checkpoint_half_written_over_another_is_not_taken_for_either(parts, tmp_path, monkeypatch):
-    import llava_min.checkpoints as ck
+    import llava_min.save as ck
     stage2_in_process(parts, tmp_path / "out")
 
     def killed(*args, **kwargs):
@@ -404,7 +406,7 @@ def test_anyres_stage2_trains_and_loads_in_transformers(parts, tmp_path):
     theirs = hf_reference(LlavaNextForConditionalGeneration, tmp_path / "next")
     size = (40, 90)
     img = __import__("PIL.Image", fromlist=["Image"]).new("RGB", (size[1], size[0]), (200, 30, 30))
-    pixels = ours.anyres.pixels(img)
+    pixels = anyres_pixels(img, ours.anyres)
     ids = torch.tensor([[1] + [ours.cfg.image_token_id] * ours.image_token_count(size) + [5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, pixel_values=pixels, image_sizes=[size])[0],

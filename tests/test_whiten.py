@@ -3,8 +3,8 @@ low-variance direction (train.py's use of it: tests/test_train.py)."""
 import torch
 from torch import nn
 
-from llava_min.clip_pretrain import decorrelation_loss
-from llava_min.whiten import WhitenedLinear, feature_statistics, folded
+from llava_min.toy.contrastive import decorrelation_loss
+from llava_min.toy.whiten import WhitenedLinear, feature_statistics, folded
 
 
 def ill_conditioned(n=4096, d=16, seed=0):

@@ -11,8 +11,9 @@ from PIL import Image
 
 import gen_data
 from llava_min.gpt_data import build_messages
-from llava_min.rule_teacher import RuleTeacher
-from llava_min.world import COLORS, sample_scene
+from llava_min.toy.build import build_world, chat_text
+from llava_min.toy.rule_teacher import RuleTeacher
+from llava_min.toy.world import COLORS, sample_scene
 
 TYPES = {"color", "shape", "count", "position", "size", "exists", "reasoning"}
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -24,7 +25,7 @@ RELATIONS = {"to the left of": lambda a, b: a["col"] < b["col"], "to the right o
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    gen_data.build_world(out, num_images=300, num_eval=105, seed=3, workers=2, progress=False)
+    build_world(out, num_images=300, num_eval=105, seed=3, workers=2, progress=False)
     return out
 
 
@@ -215,7 +216,7 @@ def test_corpus_chats_use_the_training_template(world):
     from llava_min.conversation import render_prompt
     record = load(world, "instruct.json")[0]
     expected = render_prompt(record["conversations"], "vicuna_v1", has_image=False).replace("\n", " ")
-    assert gen_data.chat_text(record["conversations"]) == expected
+    assert chat_text(record["conversations"]) == expected
     assert expected in (world / "corpus.txt").read_text().splitlines()
 
 
@@ -228,17 +229,17 @@ def digest(folder: Path) -> str:
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     for name, seed, workers in (("a", 5, 1), ("b", 5, 2), ("c", 6, 2)):
-        gen_data.build_world(tmp_path / name, num_images=40, num_eval=10, seed=seed, workers=workers, progress=False)
+        build_world(tmp_path / name, num_images=40, num_eval=10, seed=seed, workers=workers, progress=False)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
     assert (tmp_path / "a/images/eval/000009.png").read_bytes() != (tmp_path / "c/images/eval/000009.png").read_bytes()
     assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temporaries
 
 
 def test_corpus_cap_and_bad_config(tmp_path):
-    gen_data.build_world(tmp_path, num_images=30, num_eval=0, workers=1, progress=False, corpus_mb=0.01)
+    build_world(tmp_path, num_images=30, num_eval=0, workers=1, progress=False, corpus_mb=0.01)
     assert 5000 < (tmp_path / "corpus.txt").stat().st_size <= 10_000
     with pytest.raises(ValueError, match="image_size"):
-        gen_data.build_world(tmp_path, num_images=3, num_eval=1, image_size=8, workers=1)
+        build_world(tmp_path, num_images=3, num_eval=1, image_size=8, workers=1)
 
 
 # ---------------------------------------------------------------- the detail world (AnyRes)

@@ -23,19 +23,17 @@ import json
 import math
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import llava_min  # noqa: E402
 from llava_min.conversation import tokenize_conversation  # noqa: E402
 from llava_min.image import load_image, preprocess  # noqa: E402
-from llava_min.projector import Projector  # noqa: E402
-from llava_min.whiten import feature_statistics  # noqa: E402
-from llava_min.world import COLORS, SHAPES, SIZES  # noqa: E402
+from llava_min.model.projector import Projector  # noqa: E402
+from llava_min.toy.whiten import feature_statistics  # noqa: E402
+from llava_min.toy.world import COLORS, SHAPES, SIZES  # noqa: E402
 
 
 # The training questions that name an object and ask for another of its attributes (instruct.json's VQA turns

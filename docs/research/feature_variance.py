@@ -8,15 +8,13 @@ facts (one-hot attributes, their combinations, the other objects, the jitter, th
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import llava_min  # noqa: E402
-from llava_min.whiten import feature_statistics  # noqa: E402
-from llava_min.world import COLORS, SHAPES, SIZES  # noqa: E402
+from llava_min.toy.whiten import feature_statistics  # noqa: E402
+from llava_min.toy.world import COLORS, SHAPES, SIZES  # noqa: E402
 from cached_features import clip_features  # noqa: E402
 
 GROUPS = [("attributes", ["attributes"]), ("colour x shape x size", ["joint"]),

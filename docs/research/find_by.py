@@ -13,11 +13,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import sys
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import llava_min  # noqa: E402
 from llava_min.eval import evaluate, is_correct  # noqa: E402
 from llava_min.image import load_image, preprocess  # noqa: E402

@@ -1,7 +1,7 @@
 """Peak GPU memory of training, computed from the shapes (no GPU needed): why stage 2 of a 7B model
 needs LoRA on one 80 GB card.
 
-    python -m llava_min.memory                    # LLaVA-1.5-7B shapes, sequence 2048, micro-batch 1
+    python -m llava_min.tools.memory                    # LLaVA-1.5-7B shapes, sequence 2048, micro-batch 1
 
 Counted in bytes: frozen weights in bf16 (2/param); trained weights as fp32 masters + fp32 gradients +
 two AdamW moments (16/param); activations kept for the backward pass in bf16, per token and layer,
@@ -12,8 +12,8 @@ The vision tower is frozen and nothing flows back into it, so it keeps no activa
 import argparse
 from dataclasses import dataclass
 
-from .clip import VisionConfig
-from .llama import LlamaConfig
+from ..model.clip import VisionConfig
+from ..model.llama import LlamaConfig
 
 GB = 1e9
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")

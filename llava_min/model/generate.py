@@ -110,16 +110,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     return tokens
 
 
-def stop_at(tok, text: Optional[str]) -> Optional[Callable[[list], bool]]:
-    """A `stop` for `generate`: the decoded row holds `text` (None: EOS alone ends a row)."""
-    return None if text is None else (lambda ids: text in tok.decode(ids))
-
-
-def cut_at(reply: str, text: Optional[str]) -> str:
-    """The reply before the end marker `text`, if any."""
-    return reply.split(text)[0] if text else reply
-
-
 def until_all_finished(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     """Cuts [B, n] tokens after the first column where every row has ended (finished rows repeat eos)."""
     done = torch.isin(tokens, eos).all(dim=0).nonzero()

@@ -14,14 +14,12 @@ all. Two commands:
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import llava_min  # noqa: E402
-from gen_data import chat_text  # noqa: E402
+from llava_min.toy.build import chat_text  # noqa: E402
 
 
 def in_words(scene: dict) -> str:

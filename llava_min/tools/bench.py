@@ -3,8 +3,8 @@
 Both models get the same config and the same weights, run in one process, alternating, after warm-up,
 with `synchronize()` around every GPU timing; each figure is the median of the repeats.
 
-    python -m llava_min.bench --config tiny            # anywhere (CI runs it)
-    python -m llava_min.bench --config 7b --out bench.json   # CUDA: ViT-L/14-336 + a 7B LLaMA (bf16); 1B for training
+    python -m llava_min.tools.bench --config tiny            # anywhere (CI runs it)
+    python -m llava_min.tools.bench --config 7b --out bench.json   # CUDA: ViT-L/14-336 + a 7B LLaMA (bf16); 1B for training
 
 On CUDA it adds the compiled rows (`--rows` picks rows; compiling takes a minute or two per shape):
 both language models under `torch.compile` for training, and ours decoding through the compiled,
@@ -20,13 +20,13 @@ from contextlib import contextmanager
 
 import torch
 
-from .checkpoints import LLAVA_PREFIXES, build_on_meta, ignore_reason, renamer
-from .clip import VisionConfig
-from .llama import LlamaConfig
-from .llava import Llava, LlavaConfig
+from ..checkpoints import LLAVA_PREFIXES, build_on_meta, ignore_reason, renamer
+from ..model.clip import VisionConfig
+from ..model.llama import LlamaConfig
+from ..model.llava import Llava, LlavaConfig
 
-from .trainer import peak_flops
-from .weights import load_strict
+from ..trainer import peak_flops
+from ..weights import load_strict
 
 ROWS = ("train", "train-compiled", "prefill", "decode", "decode-compiled")
 START = time.perf_counter()
@@ -168,7 +168,7 @@ def train_row(name, device, dtype, warmup, repeats, compile=False, batch=None) -
     row["flash_ours"] = runs_on_flash(steps["ours"])
     peak = peak_flops(device)
     if peak:
-        from .stages import llava_flops_per_token
+        from ..stages import llava_flops_per_token
         flops = llava_flops_per_token(ours, ids.shape[1])
         row["mfu_ours"], row["mfu_transformers"] = flops * row["ours"] / peak, flops * row["transformers"] / peak
     return row

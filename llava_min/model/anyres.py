@@ -1,9 +1,9 @@
 """AnyRes (LLaVA-1.5-HD, LLaVA-NeXT): see detail by encoding a large image as tiles of the encoder's size.
 
 1. choose the grid resolution that keeps the most of the image (`select_best_resolution`);
-2. resize the image to fit it, pad the rest black, cut it into tiles of the encoder's size;
-3. add a global view: the whole image squeezed to one tile;
-4. encode every tile; put the tiles' features back on one (channels, rows, cols) grid, drop the rows or
+2. resize the image to fit it, pad the rest black, cut it into tiles of the encoder's size, and add a
+   global view: the whole image squeezed to one tile (image.anyres_pixels: pixels are not the model's);
+3. encode every tile; put the tiles' features back on one (channels, rows, cols) grid, drop the rows or
    columns that only saw padding (`unpad`), append a learned `image_newline` vector to every row so the
    LLM knows where rows end, and flatten; the global view's features go first.
 The number of visual tokens therefore depends on the image's size (`num_tokens`).
@@ -12,9 +12,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
-
-from .image import normalize
 
 PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]  # (height, width), LLaVA-NeXT's
 
@@ -73,21 +70,6 @@ class AnyRes:
         rows, cols = self.grid(size)
         r, c = unpad_shape(size, (rows * self.side, cols * self.side))
         return self.side ** 2 + r * c + r
-
-    def tiles(self, img: Image.Image) -> list:
-        """[global view, tile, tile, ...] as PIL images, tiles in row-major order."""
-        size = (img.height, img.width)
-        bh, bw = select_best_resolution(size, self.pinpoints)
-        nh, nw = fit_size(size, (bh, bw))
-        canvas = Image.new("RGB", (bw, bh), (0, 0, 0))
-        canvas.paste(img.resize((nw, nh), Image.BICUBIC), ((bw - nw) // 2, (bh - nh) // 2))
-        crops = [canvas.crop((x, y, x + self.tile, y + self.tile))
-                 for y in range(0, bh, self.tile) for x in range(0, bw, self.tile)]
-        return [img.resize((self.tile, self.tile), Image.BICUBIC)] + crops
-
-    def pixels(self, img: Image.Image) -> torch.Tensor:
-        """pixel_values [1 + tiles, 3, tile, tile] for one image."""
-        return torch.stack([normalize(t) for t in self.tiles(img)])
 
     def merge(self, features: torch.Tensor, size: tuple, newline: torch.Tensor) -> torch.Tensor:
         """Projected features [1 + tiles, tokens, D] of one image -> its visual tokens [num_tokens, D]."""

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .trainer import use_bf16
-from .weights import atomic_write
+from ..trainer import use_bf16
+from ..files import atomic_write
+from .build import build_world
 
 ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the README's table)
     "full": [],
@@ -123,8 +124,6 @@ def earlier_timings(results_file: Path) -> dict:
 
 
 def run_pipeline(args, preset, stages) -> dict:
-    import gen_data
-
     data, root = args.data_dir, args.out
     images, tokenizer = data / "images", root / "tokenizer.model"
     run_dir = root / variant_name(args)
@@ -132,7 +131,7 @@ def run_pipeline(args, preset, stages) -> dict:
     check_settings(args, preset, data, root, run_dir)
     num_images, num_eval = args.num_images or preset.num_images, args.num_eval or preset.num_eval
     step("data", (data / "eval.json").is_file(),
-         lambda: gen_data.build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,
+         lambda: build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,
                                      progress=not args.no_progress, world=args.world),
          timings)
     common = dict(tokenizer=tokenizer, image_folder=images, init=None)
@@ -168,7 +167,7 @@ def run_pipeline(args, preset, stages) -> dict:
                    num_train_images=len(json.loads((data / "pretrain.json").read_text())))
     atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     report(results)
-    from .plot import plot_losses
+    from ..tools.plot import plot_losses
     curves = {name: d / "metrics.jsonl" for name, d in [("stage 1", stage1), ("stage 2", stage2)]}
     plot_losses({k: v for k, v in curves.items() if v.is_file()}, run_dir / "loss.png")
     return results
@@ -176,8 +175,8 @@ def run_pipeline(args, preset, stages) -> dict:
 
 def evaluate_run(model_dir: Path, data: Path, args) -> dict:
     import llava_min
-    from .eval import evaluate
-    from .tokenizer import Tokenizer
+    from ..eval import evaluate
+    from ..tokenizer import Tokenizer
     model = llava_min.load(model_dir, dtype=torch.float32, device=args.device)
     tok = Tokenizer(model_dir / "tokenizer.model")
     seen = evaluate(model, tok, data / "eval.json", data / "images", progress=not args.no_progress)
@@ -200,9 +199,8 @@ def report(results: dict) -> None:
         print(f"  {s['id']}: {s['prediction']!r} | {s['answer']!r}")
 
 
-def run_ablations(args, preset, stages) -> None:
-    """Every row of the README's ablation table, each a real run of the pipeline with one flag."""
-    from train import parse_args
+def run_ablations(args, preset, stages, parse_args) -> None:
+    """Every row of the ablation table, each a real run of the pipeline with one flag (`parse_args`: train.py's)."""
     defaults = vars(parse_args([]))
     rows = {}
     for name, flags in ABLATIONS.items():  # the command line's settings, and the row's flag on top

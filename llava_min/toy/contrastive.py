@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import VisionTower
-from .llama import DecoderBlock, LlamaConfig, RMSNorm, rope_cos_sin
+from ..model.clip import VisionTower
+from ..model.llama import DecoderBlock, LlamaConfig, RMSNorm, rope_cos_sin
 
 
 class TextTower(nn.Module):

@@ -1,0 +1,114 @@
+"""The toy's stages before LLaVA's two: LLaVA starts from a pretrained CLIP and a pretrained LLM, so the
+toy world first trains its tokenizer, a tiny CLIP (contrastive image-caption pretraining) and a tiny
+LLaMA (next-token pretraining on text)."""
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..data import DataError, check_record, read_records, record_id
+from ..image import ImageError, load_image, preprocess
+from ..model.clip import VisionTower
+from ..model.llama import Llama
+from ..save import save_llama, save_vision
+from ..recipes import Preset
+from ..stages import either, num_targets, run_stage, settings
+from ..tokenizer import Tokenizer, train_tokenizer
+from .contrastive import ContrastiveCLIP
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    _, loss = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
+    return loss * num_targets(batch)
+
+
+def clip_loss(model, batch) -> torch.Tensor:
+    return model(batch["pixel_values"], batch["input_ids"], batch["eot_index"])
+
+
+class PackedText(torch.utils.data.Dataset):
+    """`corpus.txt` (one document per line) as BOS doc EOS BOS doc EOS ..., cut into equal windows."""
+
+    def __init__(self, corpus_path, tok, seq_len: int):
+        ids = []
+        for line in Path(corpus_path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                ids += tok.encode(line.strip(), bos=True, eos=True)
+        self.windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        return self.windows[i]
+
+
+def collate_text(windows) -> dict:
+    ids = torch.stack(windows)
+    return {"input_ids": ids, "labels": ids}
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """(image, caption) pairs from an LLaVA-format caption file (the stage-1 `pretrain.json`)."""
+
+    def __init__(self, data_path, image_folder, tok, image_size: int, max_len: int = 64):
+        """Every record is checked here; a bad one stops the run naming the file and the record (this toy
+        stage has no --on-error skip: its data is generated)."""
+        self.data_path, self.records = data_path, read_records(data_path)
+        for n, r in enumerate(self.records):
+            try:
+                if not isinstance(r, dict) or "image" not in r or not r.get("conversations"):
+                    raise ValueError("a caption pair needs 'image' and 'conversations'")
+                check_record(r, "plain")
+            except ValueError as e:
+                raise DataError(f"{data_path}: record {record_id(n, r)}: {e}") from e
+        self.image_folder, self.tok, self.image_size, self.max_len = image_folder, tok, image_size, max_len
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        caption = record["conversations"][-1]["value"]
+        ids = self.tok.encode(caption, bos=True)[: self.max_len - 1] + [self.tok.eos_id]
+        try:
+            image = load_image(record["image"], image_folder=self.image_folder)
+        except ImageError as e:
+            raise DataError(f"{self.data_path}: record {record_id(i, record)}: bad image: {e}") from e
+        return torch.tensor(ids), preprocess(image, size=self.image_size, aspect="crop")
+
+
+def collate_pairs(pairs, pad_id: int = 0) -> dict:
+    lengths = torch.tensor([len(ids) for ids, _ in pairs])
+    ids = torch.full((len(pairs), int(lengths.max())), pad_id)
+    for row, (caption, _) in enumerate(pairs):
+        ids[row, : len(caption)] = caption
+    return {"input_ids": ids, "eot_index": lengths - 1, "pixel_values": torch.stack([p for _, p in pairs])}
+
+
+def stage_tokenizer(args, preset: Preset):
+    """The toy's sentencepiece model, trained on --data (corpus.txt) and written to --out (a file)."""
+    train_tokenizer(args.data, args.out, preset.vocab_size)
+
+
+def stage_clip(args, preset: Preset):
+    tok = Tokenizer(args.tokenizer)
+    text_cfg = dataclasses.replace(preset.clip_text, vocab_size=tok.vocab_size)
+    torch.manual_seed(args.seed)
+    decorrelation = either(args.clip_decorrelation, preset.clip_decorrelation)
+    model = ContrastiveCLIP(VisionTower(preset.vision, select_layer=-1), text_cfg, feature_layer=preset.select_layer,
+                            decorrelation=decorrelation).to(args.device)
+    data = CaptionPairs(args.data, args.image_folder, tok, preset.vision.image_size)
+    groups = [{"params": list(model.parameters())}]
+    return run_stage(args, model, groups, data, collate_pairs, clip_loss, lambda batch: 1,
+                     settings(args, preset.clip), lambda: save_vision(model.vision_tower, args.out))
+
+
+def stage_lm(args, preset: Preset):
+    tok = Tokenizer(args.tokenizer)
+    torch.manual_seed(args.seed)
+    model = Llama(dataclasses.replace(preset.text, vocab_size=tok.vocab_size)).to(args.device)
+    data = PackedText(args.data, tok, preset.lm_seq_len)
+    groups = [{"params": list(model.parameters())}]
+    return run_stage(args, model, groups, data, collate_text, lm_loss, num_targets,
+                     settings(args, preset.lm), lambda: save_llama(model, args.out, args.tokenizer))
