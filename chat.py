@@ -17,7 +17,7 @@ import llava_min
 from llava_min.conversation import stop_text, tokenize_prompt
 from llava_min.conversation import cut_at, stop_at
 from llava_min.model.generate import generate
-from llava_min.eval import model_pixels
+from llava_min.answer import model_pixels
 from llava_min.image import load_image
 from llava_min.tokenizer import Tokenizer
 

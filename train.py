@@ -26,7 +26,7 @@ from llava_min.tokenizer import Tokenizer
 from llava_min.toy.presets import TOY_PRESETS
 from llava_min.toy.stages import stage_clip, stage_lm, stage_tokenizer
 from llava_min.toy.world import WORLDS
-from llava_min.trainer import leave_world
+from llava_min.devices import leave_world
 
 PRESETS = {**RECIPES, **TOY_PRESETS}
 

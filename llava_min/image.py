@@ -1,4 +1,4 @@
-"""Images in: safe loading, and CLIP's preprocessing X_v -> pixel_values (SPEC section 4).
+"""Images in: safe loading, and CLIP's preprocessing X_v -> pixel_values (CLIPImageProcessor; the official llava/mm_utils.py).
 
 CLIP's processor: RGB, resize the shortest side to `size` (bicubic, Pillow), center crop, /255,
 normalize with CLIP's mean and std. LLaVA-1.5's `pad` mode first pastes the image centred on a square

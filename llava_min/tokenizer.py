@@ -1,6 +1,6 @@
 """The LLaMA / Vicuna tokenizer: sentencepiece BPE with LLaMA's conventions (unk 0, bos 1, eos 2, no pad).
 
-Two details decide whether our ids are the ids LLaVA-1.5 was trained on (SPEC section 3):
+Two details decide whether our ids are the ids LLaVA-1.5 was trained on:
 - sentencepiece never maps the text `</s>` to id 2 (it gives `▁</`, `s`, `>`), so the special-token
   strings are split out first and their ids inserted;
 - Vicuna v1.5 uses transformers' slow LlamaTokenizer with `legacy=False`: one "▁" before the whole
@@ -8,7 +8,8 @@ Two details decide whether our ids are the ids LLaVA-1.5 was trained on (SPEC se
   prefix off in the model we load and add the "▁" by hand where it belongs.
 Note: the released LLaVA-1.5 weights were trained with transformers 4.31, whose first `legacy=False`
 gave `</s>`, `US`, `ER` there instead (it stripped the "▁" off `▁US`); we follow the later, settled
-behaviour that SPEC names. Only the token after each `</s>` differs.
+behaviour of transformers 4.37, the version the official trainer pins. Only the token after each
+`</s>` differs.
 """
 import io
 import os

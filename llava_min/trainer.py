@@ -9,10 +9,8 @@ processes with batch B give the same update as one process with batch 2B (a per-
 would weight the tokens of short samples more).
 """
 import contextlib
-import gc
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -22,17 +20,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from tqdm import tqdm
 
-from .files import atomic_dir, atomic_write, recover_dir
-from .weights import save_safetensors
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
-# Dense bf16 peak FLOP/s for MFU, keyed by a substring of torch.cuda.get_device_name().
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12,
-              "L4": 121e12, "4090": 165e12}  # the more specific names first
+from .devices import peak_flops, shard, to_device, use_bf16, world
+from .files import atomic_write
+from .snapshots import FULL, Snapshots
 
 
 @dataclass
@@ -66,47 +59,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def world() -> tuple:
-    """(rank, world_size); starts the process group under torchrun (gloo on CPU, nccl on CUDA)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def leave_world() -> None:
-    """Ends the process group after a finished run: first the objects that still hold its pending work
-    (DDP's buckets, FSDP's groups) are freed, then every process meets and the group is destroyed, all
-    while the interpreter is alive. Left to interpreter exit, gloo's threads aborted 1 run in ~10."""
-    if dist.is_initialized():
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def bf16_native(device) -> bool:
-    """Whether bf16 matrix products are native here: CUDA, or a CPU with AVX512-BF16 or AMX instructions.
-    Elsewhere (most laptops, older servers) oneDNN emulates them, slower than fp32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (x86)
-    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def use_bf16(device, choice: Optional[bool]) -> bool:
-    """bf16 autocast or not: the choice made (--bf16 / --no-bf16), else where it is native."""
-    return bf16_native(device) if choice is None else choice
-
-
-def peak_flops(device) -> Optional[float]:
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def sample_lengths(dataset) -> list:
     """`dataset.lengths` (through a Subset too): what group_by_length sorts by."""
     if isinstance(dataset, torch.utils.data.Subset):
@@ -130,7 +82,7 @@ def length_grouped(order: torch.Tensor, lengths: list, batch: int, generator: to
     return torch.cat([batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()] + [order[n:]])
 
 
-class Trainer:
+class Trainer(Snapshots):
     def __init__(self, model, param_groups: list, dataset, collate: Callable, loss_fn: Callable, count_fn: Callable,
                  cfg: TrainConfig, device="cpu", flops_per_token: float = 0.0, settings: Optional[dict] = None):
         """`settings`: the caller's choices a resumed run must share with its snapshot (data, what trains)."""
@@ -313,88 +265,6 @@ class Trainer:
             lines = [l for l in self.log_file.read_text().splitlines() if logged_step(l) <= self.step]
             atomic_write(self.log_file, lambda tmp: tmp.write_text("".join(l + "\n" for l in lines)))
 
-    # ------------------------------------------------------------ resume
-    def find_snapshot(self) -> None:
-        """--resume needs a snapshot; a fresh start must not silently drop an interrupted run's."""
-        if self.rank == 0:
-            recover_dir(self.state_dir)
-        if self.world_size > 1:
-            dist.barrier()
-        found = (self.state_dir / "state.pt").is_file()
-        if self.cfg.resume and not found:
-            raise FileNotFoundError(f"--resume: no snapshot in {self.state_dir} (one is written every --save-every "
-                                    "steps and when --stop-after ends a run; a finished run removes it)")
-        if not self.cfg.resume and found:
-            step = torch.load(self.state_dir / "state.pt", weights_only=True)["step"]
-            raise FileExistsError(f"{self.state_dir} holds the snapshot of an unfinished run (step {step}): pass "
-                                  "--resume to continue it, or remove it to start over")
-
-    def signature(self) -> dict:
-        """What a resumed run must share with its snapshot: the data and its order, the schedule, what trains."""
-        c = self.cfg
-        return {"batch_size": c.batch_size, "grad_accum": c.grad_accum, "seed": c.seed,
-                "group_by_length": c.group_by_length, "total_steps": self.total_steps, "samples": len(self.dataset),
-                "lr": [g["peak_lr"] for g in self.optimizer.param_groups], "weight_decay": c.weight_decay,
-                "warmup_ratio": c.warmup_ratio, "clip_grad": c.clip_grad, **self.settings}
-
-    def check_signature(self, saved: dict) -> None:
-        ours = self.signature()
-        diff = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v]
-        if diff:
-            raise ValueError(f"{self.state_dir}: this run's settings differ from the interrupted run's ("
-                             + "; ".join(diff) + "): resume with the same settings, or start over in another --out")
-
-    def save_state(self) -> None:
-        """Trained weights, optimizer, schedule position, RNG: everything a resumed run needs."""
-        model_state = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
-        optim_state = None  # before the first update there is none, and asking for it would make some (a step of 1)
-        if self.optimizer.state:
-            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
-        mine = {"rng": self.rng_state(), "skipped": self.skipped}
-        each = [mine]
-        if self.world_size > 1:  # every process draws its own dropout masks and skips its own records
-            each = [None] * self.world_size
-            dist.all_gather_object(each, mine)
-        if self.rank == 0:
-            with atomic_dir(self.state_dir) as tmp:
-                save_safetensors({n: model_state[n] for n in self.trainable_names}, tmp / "trainable.safetensors")
-                torch.save({"step": self.step, "optimizer": optim_state, "skipped": [e["skipped"] for e in each],
-                            "rng": [e["rng"] for e in each], "settings": self.signature()}, tmp / "state.pt")
-        if self.world_size > 1:
-            dist.barrier()
-
-    def load_state(self) -> None:
-        from safetensors.torch import load_file
-        state = torch.load(self.state_dir / "state.pt", weights_only=True)
-        if "settings" in state:  # (snapshots before this check did not keep them)
-            self.check_signature(state["settings"])
-        saved = load_file(self.state_dir / "trainable.safetensors")
-        if set(saved) != set(self.trainable_names):
-            raise ValueError(f"{self.state_dir}: snapshot holds {sorted(set(saved) ^ set(self.trainable_names))[:4]}"
-                             "... which this run does not train (different stage or flags?)")
-        set_model_state_dict(self.model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
-        if state["optimizer"] is not None:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        self.step = state["step"]
-        if len(state["rng"]) != self.world_size:
-            raise ValueError(f"{self.state_dir}: snapshot of {len(state['rng'])} processes, this run has "
-                             f"{self.world_size}")
-        skipped = state["skipped"]  # (one count per process; one for all in older snapshots)
-        self.skipped = skipped[self.rank] if isinstance(skipped, list) else skipped
-        rng = state["rng"][self.rank]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-
-    def rng_state(self) -> dict:
-        """This process's generators: CPU torch, Python, and the GPU's when it has one."""
-        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
 
 def logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; a torn last line (a crash mid-write) counts as never written."""
@@ -404,15 +274,3 @@ def logged_step(line: str) -> float:
         return float("inf")
 
 
-def shard(model) -> None:
-    """FSDP2: every transformer block is sharded on its own, then the rest of the model."""
-    from torch.distributed.fsdp import fully_shard
-    for module in list(model.modules()):
-        if isinstance(module, torch.nn.ModuleList):
-            for block in module:
-                fully_shard(block)
-    fully_shard(model)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -148,14 +148,14 @@ def next_chat_dir(tmp_path_factory, tiny_tokenizer):
 def test_chat_and_eval_use_anyres(next_chat_dir):
     import chat
     from transformers import LlavaNextForConditionalGeneration
-    from llava_min import eval as ev
+    from llava_min.answer import answer
     from llava_min.conversation import tokenize_prompt
     model, tok = llava_min.load(next_chat_dir), llava_min.Tokenizer(next_chat_dir / "tokenizer.model")
     model.cfg.text.eos_token_id = -1
     records = [{"image": name, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
                for name in ("wide.png", "tall.png")]
-    batched = ev.answer(model, tok, records, next_chat_dir, batch_size=2, max_new_tokens=6)
-    assert batched == [ev.answer(model, tok, [r], next_chat_dir, batch_size=1, max_new_tokens=6)[0] for r in records]
+    batched = answer(model, tok, records, next_chat_dir, batch_size=2, max_new_tokens=6)
+    assert batched == [answer(model, tok, [r], next_chat_dir, batch_size=1, max_new_tokens=6)[0] for r in records]
 
     ref = hf_reference(LlavaNextForConditionalGeneration, next_chat_dir)
     img = Image.open(next_chat_dir / "wide.png").convert("RGB")

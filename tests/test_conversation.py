@@ -1,6 +1,6 @@
 """Templates and labels (Table 2: only the assistant's replies and their end markers are predicted).
 
-The expected prompts are written out by hand from SPEC section 2. The expected ids are the official
+The expected prompts are written out by hand from the official llava/conversation.py. The expected ids are the official
 recipe, written here independently of our code: render the prompt, split it on `<image>`, tokenize each
 piece with the reference tokenizer (BOS on the first piece only), put the image tokens between.
 """
@@ -24,7 +24,7 @@ CAPTION = [{"from": "human", "value": "Describe the image concisely.\n<image>"},
 
 
 def expected_prompt(template, record=RECORD):
-    """The rendered record, by hand from SPEC section 2 (`<image>` moved to the front of the first turn)."""
+    """The rendered record, by hand from the official conversation.py (`<image>` moved to the front of the first turn)."""
     q = [t["value"] for t in record[0::2]]
     a = [t["value"] for t in record[1::2]]
     q[0] = "<image>\n" + q[0].replace("<image>", "").strip()

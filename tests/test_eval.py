@@ -7,6 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from llava_min import eval as ev
+from llava_min import llava_bench as lb
+from llava_min.answer import answer
 from llava_min.teacher_api import ChatClient
 
 
@@ -59,15 +61,15 @@ def test_score_per_type():
 
 
 def test_judge_request_and_relative_scores():
-    messages = ev.judge_messages("A cat on a mat.", "Where is the cat?", "On the mat.", "On a mat.")
+    messages = lb.judge_messages("A cat on a mat.", "Where is the cat?", "On the mat.", "On a mat.")
     user = messages[-1]["content"]
     for part in ("[Context]\nA cat on a mat.", "[Question]\nWhere is the cat?", "[Assistant 1]\nOn the mat.",
                  "[Assistant 2]\nOn a mat.", "[System]"):
         assert part in user
     assert user.index("[Assistant 1]") < user.index("[Assistant 2]")
-    assert ev.parse_scores("8 6\nbecause") == [8.0, 6.0] and ev.parse_scores("8, 7.5") == [8.0, 7.5]
-    assert ev.parse_scores("Assistant 1 is better") is None and ev.parse_scores("") is None
-    rel = ev.relative_scores([("conv", [8, 6]), ("conv", [10, 9]), ("detail", [5, 5])])
+    assert lb.parse_scores("8 6\nbecause") == [8.0, 6.0] and lb.parse_scores("8, 7.5") == [8.0, 7.5]
+    assert lb.parse_scores("Assistant 1 is better") is None and lb.parse_scores("") is None
+    rel = lb.relative_scores([("conv", [8, 6]), ("conv", [10, 9]), ("detail", [5, 5])])
     assert rel["conv"]["relative"] == round(100 * 15 / 18, 1) and rel["detail"]["relative"] == 100.0
     assert rel["all"]["n"] == 3
 
@@ -106,7 +108,7 @@ def test_llava_bench_with_a_fake_judge(chat_model, tmp_path):
     # unparseable, out of the 1-10 scale, and a failed request: counted, not scored, and the run goes on
     judge = FakeJudge(["8 4\nok", "10 6\nok", "no scores here", "nan 5", 400])
     model, tok = ev_model(chat_model)
-    out = ev.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0),
+    out = lb.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0),
                          max_new_tokens=5)
     assert out["llava_bench"]["conv"]["relative"] == 55.6 and out["unparsed_verdicts"] == 3
     assert "detail" not in out["llava_bench"]
@@ -115,7 +117,7 @@ def test_llava_bench_with_a_fake_judge(chat_model, tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     asked = len(judge.seen)
     with pytest.raises(ValueError, match="bench.json: record q1: missing reference"):
-        ev.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0))
+        lb.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0))
     assert len(judge.seen) == asked
     judge.server.shutdown()
 
@@ -125,12 +127,12 @@ def test_answers_stay_inside_the_context_and_a_prompt_past_it_is_named(chat_mode
     context = model.cfg.text.max_position_embeddings
     long = {"id": "long", "conversations": [{"from": "human", "value": "red " * context}]}
     with pytest.raises(ValueError, match=f"record long: its prompt is .* tokens, the model's context is {context}"):
-        ev.answer(model, tok, [long], tmp_path, max_new_tokens=5)
+        answer(model, tok, [long], tmp_path, max_new_tokens=5)
     budgets = []
     monkeypatch.setattr(model, "generate", lambda ids, **kw: budgets.append((ids.shape[1], kw["max_new_tokens"]))
                         or ids[:, :1])
     near = {"id": "near", "conversations": [{"from": "human", "value": "red " * 10}]}
-    ev.answer(model, tok, [near], tmp_path, max_new_tokens=512)  # LLaVA-Bench's budget on a small model
+    answer(model, tok, [near], tmp_path, max_new_tokens=512)  # LLaVA-Bench's budget on a small model
     assert budgets and sum(budgets[0]) == context
 
 
@@ -149,8 +151,8 @@ def test_batched_answers_equal_single_answers(chat_model, tmp_path):
                for i, q in enumerate(["red", "a red circle", "red red red red red red"])]
     model, tok = ev_model(chat_model)
     model.cfg.text.eos_token_id = -1  # random weights: compare whole continuations
-    batched = ev.answer(model, tok, records, tmp_path, batch_size=3, max_new_tokens=6)
-    single = [ev.answer(model, tok, [r], tmp_path, batch_size=1, max_new_tokens=6)[0] for r in records]
+    batched = answer(model, tok, records, tmp_path, batch_size=3, max_new_tokens=6)
+    single = [answer(model, tok, [r], tmp_path, batch_size=1, max_new_tokens=6)[0] for r in records]
     assert batched == single
-    blind = ev.answer(model, tok, records, tmp_path, blind=True, batch_size=3, max_new_tokens=6)
+    blind = answer(model, tok, records, tmp_path, blind=True, batch_size=3, max_new_tokens=6)
     assert blind != batched  # without the image the model is given other inputs

@@ -300,7 +300,7 @@ def test_stage2_from_an_official_stage1_release_saves_what_transformers_loads(pa
 
 
 def test_stage1_crops_and_stage2_pads_as_the_official_scripts(parts, tmp_path, monkeypatch):
-    """LLaVA-1.5: pretrain.sh leaves the plain CLIP processor (center crop), finetune.sh pads (SPEC section 4)."""
+    """LLaVA-1.5: pretrain.sh leaves the plain CLIP processor (center crop), finetune.sh pads (image_aspect_ratio pad)."""
     import json
     seen = []
     original = train.LlavaDataset

@@ -11,22 +11,19 @@ both language models under `torch.compile` for training, and ours decoding throu
 CUDA-graphed step for decode (transformers' figure there is its plain `generate`, from the row above).
 """
 import argparse
-import gc
 import json
-import statistics
 import time
 import traceback
-from contextlib import contextmanager
 
 import torch
 
 from ..checkpoints import LLAVA_PREFIXES, build_on_meta, ignore_reason, renamer
 from ..model.clip import VisionConfig
 from ..model.llama import LlamaConfig
+from ..devices import peak_flops
 from ..model.llava import Llava, LlavaConfig
-
-from ..trainer import peak_flops
 from ..weights import load_strict
+from .timing import free_memory, peak_memory, runs_on_flash, timed
 
 ROWS = ("train", "train-compiled", "prefill", "decode", "decode-compiled")
 START = time.perf_counter()
@@ -76,39 +73,6 @@ def build_pair(name: str, train: bool, device, dtype):
     return ours, theirs
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextmanager
-def peak_memory(device, out: dict):
-    """Peak MB allocated inside the block above what was allocated before it: both models stay resident
-    (and the first side's optimizer state during the second side's step), so totals would not compare."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    yield
-    out["peak_mb"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**20) if cuda else None
-
-
-def timed(fn, device, warmup: int, repeats: int, other=None) -> tuple:
-    """Median seconds of `fn` (and of `other`, interleaved with it) after warm-up."""
-    for _ in range(warmup):
-        fn(), other and other()
-    times = {fn: [], other: []}
-    for _ in range(repeats):
-        for f in (fn, other) if other else (fn,):
-            sync(device)
-            t0 = time.perf_counter()
-            f()
-            sync(device)
-            times[f].append(time.perf_counter() - t0)
-    return statistics.median(times[fn]), statistics.median(times[other]) if other else None
-
-
 def inputs(cfg: LlavaConfig, batch: int, text_len: int, device, dtype):
     g = torch.Generator().manual_seed(1)
     n_img = cfg.vision.num_patches
@@ -116,18 +80,6 @@ def inputs(cfg: LlavaConfig, batch: int, text_len: int, device, dtype):
     ids = torch.cat([text[:, :1], torch.full((batch, n_img), cfg.image_token_id), text[:, 1:]], dim=1).to(device)
     pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g).to(device, dtype)
     return ids, pixels
-
-
-def runs_on_flash(step) -> bool:
-    """Does a training step run with SDPA restricted to the flash backend? (No kernel -> RuntimeError.)
-    The check the design rests on: no mask tensor in training-shaped attention, so flash can take it."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            step()
-        return True
-    except RuntimeError:
-        return False
 
 
 def train_row(name, device, dtype, warmup, repeats, compile=False, batch=None) -> dict:
@@ -263,12 +215,6 @@ def guarded(label: str, fn, *args) -> dict:
     except Exception as e:  # noqa: BLE001 - reported in the table and in the exit status
         traceback.print_exc()
         return {"row": label, "error": f"{type(e).__name__}: {e}"[:300]}
-
-
-def free_memory(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def table(rows: list) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..trainer import use_bf16
+from ..devices import use_bf16
 from ..files import atomic_write
 from .build import build_world
 

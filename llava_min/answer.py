@@ -1,0 +1,108 @@
+"""Batched greedy answers to LLaVA-format questions (left padding, the model's template and end marker),
+and the checks that name a bad evaluation item before any answer is computed."""
+from pathlib import Path
+
+import torch
+
+
+def question_turn(record: dict, blind: bool) -> list:
+    """The record's first human turn; `blind` removes the image placeholder (the model sees no image)."""
+    turn = dict(record["conversations"][0])
+    if blind:
+        turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "").strip()
+    return [turn]
+
+
+def left_pad(rows: list, pad_id: int):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def answer(model, tok, records: list, image_folder=None, blind=False, batch_size=32, max_new_tokens=32,
+           template=None, progress=False) -> list:
+    """Greedy answers to each record's first question, batched with left padding."""
+    from tqdm import tqdm
+
+    from .conversation import stop_text, tokenize_prompt
+    from .conversation import cut_at, stop_at
+    from .image import load_image
+    cfg, device = model.cfg, next(model.parameters()).device
+    template = template or cfg.template
+    end = stop_text(template)
+    answers = []
+    for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc="eval"):
+        chunk = records[start: start + batch_size]
+        rows, images, sizes = [], [], []
+        for record in chunk:
+            has_image = "image" in record and not blind
+            image = load_image(record["image"], image_folder=image_folder) if has_image else None
+            count = model.image_token_count((image.height, image.width)) if image else 0
+            rows.append(tokenize_prompt(question_turn(record, blind), tok, template, num_image_tokens=count,
+                                        image_token_id=cfg.image_token_id, has_image=has_image))
+            if image is not None:
+                images.append(model_pixels(model, image))
+                sizes.append((image.height, image.width))
+        context = cfg.text.max_position_embeddings
+        for record, row in zip(chunk, rows):
+            if len(row) >= context:
+                raise ValueError(f"record {record.get('id')}: its prompt is {len(row)} tokens, the model's context "
+                                 f"is {context}")
+        budget = min(max_new_tokens, context - max(len(r) for r in rows))  # the answers stay inside the context
+        ids, mask = left_pad(rows, tok.pad_id)
+        dtype = next(model.vision_tower.parameters()).dtype
+        pixels = (torch.cat if model.anyres else torch.stack)(images).to(device, dtype) if images else None
+        out = model.generate(ids.to(device), pixel_values=pixels, attention_mask=mask.to(device),
+                             max_new_tokens=budget, image_sizes=sizes if model.anyres else None,
+                             stop=stop_at(tok, end))
+        answers += [cut_at(decode_until_eos(tok, row), end).strip() for row in out.tolist()]
+    return answers
+
+
+def model_pixels(model, image):
+    """The pixel_values an image becomes for this model: AnyRes tiles, or one (padded or cropped) view."""
+    from .image import anyres_pixels, preprocess
+    if model.anyres is not None:
+        return anyres_pixels(image, model.anyres)
+    return preprocess(image, size=model.cfg.vision.image_size, aspect=model.cfg.image_aspect_ratio)
+
+
+def decode_until_eos(tok, ids: list) -> str:
+    return tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids).strip()
+
+
+def check_items(items, path, image_folder, check, images: bool = True) -> None:
+    """Before any answer is generated (or any judge paid): `check(item)` on each, and (`images`) its
+    image exists. The error names the file and the item."""
+    from .image import ImageError, resolve_in_folder
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: not a JSON list")
+    for n, item in enumerate(items):
+        rid = item.get("id", f"#{n}") if isinstance(item, dict) else f"#{n}"
+        try:
+            if not isinstance(item, dict):
+                raise ValueError(f"a {type(item).__name__}, expected a JSON object")
+            check(item)
+            if "image" in item and images:
+                image = item["image"]
+                if not isinstance(image, str) or not image:
+                    raise ValueError(f"bad image field {image!r}")
+                file = resolve_in_folder(image, image_folder) if image_folder is not None else Path(image)
+                if not file.is_file():
+                    raise ValueError(f"image {file} does not exist")
+        except (ValueError, ImageError) as e:
+            raise ValueError(f"{path}: record {rid}: {e}") from e
+
+
+def check_fields(item: dict, types: dict) -> None:
+    missing = [k for k in types if k not in item]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    wrong = [f"{k} is a {type(item[k]).__name__}" for k, t in types.items() if not isinstance(item[k], t)]
+    if wrong:
+        raise ValueError(", ".join(wrong))
