@@ -88,7 +88,7 @@ def save_pretrained(module, config: dict, out_dir, rename, tokenizer_path=None, 
     tied = module.tied_names() if hasattr(module, "tied_names") else {}
     tensors = {rename(k): v for k, v in module.state_dict().items() if k not in tied} | (extra_tensors or {})
     out_dir = Path(out_dir)  # each file atomically, config.json last: it marks a finished checkpoint
-    (out_dir / "config.json").unlink(missing_ok=True)  # (over an older one: never its config with new weights)
+    (out_dir / "config.json").unlink(missing_ok=True)  # (never an old config beside new weights)
     save_safetensors(tensors, out_dir / weights_name)
     if tokenizer_path is not None:
         atomic_write(out_dir / "tokenizer.model", lambda tmp: tmp.write_bytes(Path(tokenizer_path).read_bytes()))

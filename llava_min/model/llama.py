@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # labels the loss skips (as conversation.IGNORE_INDEX; the model imports no text code)
 
 
 @dataclass
@@ -77,7 +77,7 @@ class KVCache:
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype, device):
         # One tensor per layer, not one 5-D tensor: a compiled in-place write into a slice of a shared
-        # base tensor copies the whole base (measured: 98 tokens/s instead of 321 at batch 8 on a 7B).
+        # base tensor copies the whole base (docs/performance.md).
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
@@ -104,8 +104,7 @@ class KVCache:
 
 def attend(q, k, v, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v by SDPA, grouped keys/values shared by their query heads. Under bf16
-    autocast on a CPU it runs in fp32: torch's CPU flash kernel is slower in bf16 (measured on the toy's
-    stage-2 shapes, forward + backward: 32 ms per layer in bf16 against 25 in fp32)."""
+    autocast on a CPU it runs in fp32: torch's CPU flash kernel is slower in bf16 (docs/performance.md)."""
     gqa = k.shape[1] != q.shape[1]
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
@@ -188,9 +187,16 @@ def positions_for(attention_mask: Optional[torch.Tensor], B: int, T: int, start:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start: start + T]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: cross-entropy of each token given those before it; labels -100 are ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, to_logits) -> torch.Tensor:
+    """Eq. 3: the mean over supervised tokens of -log p(x_i | x_<i); labels -100 are not supervised.
+
+    `to_logits` (final norm + vocabulary projection) runs only at the positions that carry a label: in
+    stage 2 most positions are system prompt, question or image (Table 2). The mean over a whole
+    optimizer step's tokens is completed in stages.llava_loss and Trainer.train_step.
+    """
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    return F.cross_entropy(to_logits(hidden[:, :-1][supervised]).float(), targets[supervised])
 
 
 class Llama(nn.Module):
@@ -248,13 +254,10 @@ class Llama(nn.Module):
         return self.head(x, labels, return_logits)
 
     def head(self, x: torch.Tensor, labels=None, return_logits: bool = True):
-        """Final norm and the vocabulary projection (+ Eq. 3's loss when labels are given)."""
-        if labels is not None and not return_logits:  # the same loss, with no logits for the -100 positions
-            targets = labels[:, 1:]  # (in stage 2 most positions are prompt or image: Table 2)
-            kept = targets != IGNORE_INDEX
-            return None, F.cross_entropy(self.lm_head(self.norm(x[:, :-1][kept])).float(), targets[kept])
-        logits = self.lm_head(self.norm(x))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        """Final norm and the vocabulary projection, and Eq. 3's loss when labels are given."""
+        to_logits = lambda h: self.lm_head(self.norm(h))  # noqa: E731
+        logits = to_logits(x) if return_logits else None
+        loss = causal_lm_loss(x, labels, to_logits) if labels is not None else None
         return logits, loss
 
     def decode_step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:

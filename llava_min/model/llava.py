@@ -71,49 +71,25 @@ class Llava(nn.Module):
         h_v = self.visual_tokens(pixel_values)
         if self.anyres is None:
             return list(h_v)
-        if image_sizes is None:
-            raise ValueError("an AnyRes model needs image_sizes (height, width) with its pixel_values")
-        sizes = [tuple(int(v) for v in size) for size in image_sizes]
-        counts = [1 + r * c for r, c in (self.anyres.grid(size) for size in sizes)]
-        if sum(counts) != len(h_v):
-            raise ValueError(f"{len(h_v)} tiles in pixel_values, but the image sizes call for {sum(counts)}")
+        sizes, counts = self.tiles_per_image(image_sizes, len(h_v))
         return [self.anyres.merge(f, size, self.image_newline) for f, size in zip(h_v.split(counts), sizes)]
-
-    def count_slots(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> int:
-        """Image slots in `input_ids`, checking that every other id is a word of the vocabulary (the official
-        -200 is not llava-hf's image token). One wait for the GPU for both."""
-        bad = ((input_ids < 0) | (input_ids >= self.cfg.text.vocab_size)) & ~is_image
-        n_slots, n_bad = torch.stack([is_image.sum(), bad.sum()]).tolist()
-        if n_bad:
-            raise ValueError(f"input_ids hold id {int(input_ids[bad][0])}, which is neither in the vocabulary "
-                             f"({self.cfg.text.vocab_size} tokens) nor this model's image token "
-                             f"{self.cfg.image_token_id}: tokenize with image_token_id=model.cfg.image_token_id")
-        return n_slots
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor], image_sizes=None,
               image_unused: bool = False) -> torch.Tensor:
-        """Word embeddings with every image-token position replaced by the next visual token.
-        `image_unused`: the image runs through the vision tower and projector, and none of its tokens is
-        placed (a training micro-batch without images, see stages.with_blank_image)."""
+        """Fig. 1: the instruction's word embeddings, with each image-token position taking the next visual
+        token H_v, in order. `image_unused`: the image runs through g and W but none of its tokens is placed
+        (a training micro-batch without images, see stages.with_blank_image)."""
         is_image = input_ids == self.cfg.image_token_id
-        # (a single decoded token is never an image slot and is not checked: the count waits for the GPU)
-        n_slots = self.count_slots(input_ids, is_image) if input_ids.shape[1] > 1 or pixel_values is not None else 0
-        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        n_slots = self.count_slots(input_ids, is_image, pixel_values)
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # image slots: any row
         if pixel_values is None:
-            if n_slots:
-                raise ValueError(f"input_ids hold image tokens (id {self.cfg.image_token_id}) but no pixel_values")
             return embeds
         features = self.image_features(pixel_values, image_sizes)
-        if image_unused:  # a zero that depends on every trained visual parameter
-            return embeds + 0.0 * torch.cat(features).sum().to(embeds.dtype)
-        n_features = sum(len(f) for f in features)
-        if n_slots != n_features:
-            per_image = f"{len(features)} image(s) x {len(features[0])} visual tokens" if self.anyres is None else \
-                f"{len(features)} image(s) with {[len(f) for f in features]} visual tokens"
-            raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.cfg.image_token_id}) but "
-                             f"{per_image} = {n_features} features")
+        if image_unused:
+            return keep_in_graph(embeds, features)
+        self.check_slots(n_slots, features)
         embeds = embeds.clone()
-        embeds[is_image] = torch.cat(features).to(embeds.dtype)
+        embeds[is_image] = torch.cat(features).to(embeds.dtype)  # the splice
         return embeds
 
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
@@ -126,6 +102,42 @@ class Llava(nn.Module):
         embeds = self.embed(input_ids, pixel_values, image_sizes, image_unused)
         return self.language_model(labels=labels, attention_mask=attention_mask, cache=cache, inputs_embeds=embeds,
                                    return_logits=return_logits)
+
+    # ------------------------------------------------------------ the splice's checks
+    def count_slots(self, input_ids: torch.Tensor, is_image: torch.Tensor, pixel_values) -> int:
+        """Image slots in `input_ids`, checking that every other id is a word of the vocabulary (the official
+        -200 is not llava-hf's image token). One wait for the GPU for both; a single decoded token is never
+        an image slot and is not checked (the check would wait for the GPU at every step)."""
+        if input_ids.shape[1] == 1 and pixel_values is None:
+            return 0
+        bad = ((input_ids < 0) | (input_ids >= self.cfg.text.vocab_size)) & ~is_image
+        n_slots, n_bad = torch.stack([is_image.sum(), bad.sum()]).tolist()
+        if n_bad:
+            raise ValueError(f"input_ids hold id {int(input_ids[bad][0])}, which is neither in the vocabulary "
+                             f"({self.cfg.text.vocab_size} tokens) nor this model's image token "
+                             f"{self.cfg.image_token_id}: tokenize with image_token_id=model.cfg.image_token_id")
+        if n_slots and pixel_values is None:
+            raise ValueError(f"input_ids hold image tokens (id {self.cfg.image_token_id}) but no pixel_values")
+        return n_slots
+
+    def tiles_per_image(self, image_sizes, n_tiles: int) -> tuple:
+        """AnyRes: each image's (height, width) and its number of views (global + tiles), checked."""
+        if image_sizes is None:
+            raise ValueError("an AnyRes model needs image_sizes (height, width) with its pixel_values")
+        sizes = [tuple(int(v) for v in size) for size in image_sizes]
+        counts = [1 + r * c for r, c in (self.anyres.grid(size) for size in sizes)]
+        if sum(counts) != n_tiles:
+            raise ValueError(f"{n_tiles} tiles in pixel_values, but the image sizes call for {sum(counts)}")
+        return sizes, counts
+
+    def check_slots(self, n_slots: int, features: list) -> None:
+        """As many image slots as visual tokens (transformers' masked_scatter raises likewise)."""
+        n_features = sum(len(f) for f in features)
+        if n_slots != n_features:
+            per_image = f"{len(features)} image(s) x {len(features[0])} visual tokens" if self.anyres is None else \
+                f"{len(features)} image(s) with {[len(f) for f in features]} visual tokens"
+            raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.cfg.image_token_id}) but "
+                             f"{per_image} = {n_features} features")
 
     def tied_names(self) -> dict:
         return {"language_model." + k: "language_model." + v for k, v in self.language_model.tied_names().items()}
@@ -142,3 +154,9 @@ class Llava(nn.Module):
         """New token ids [B, n]; left-pad batches and pass `attention_mask`."""
         return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
                         top_p=top_p, eos_id=self.cfg.text.eos_token_id, pixel_values=pixel_values, **kwargs)
+
+
+def keep_in_graph(embeds: torch.Tensor, features: list) -> torch.Tensor:
+    """`embeds` plus a zero that depends on every trained visual parameter: under DDP / FSDP every process
+    then runs the same modules and every trained parameter gets a gradient."""
+    return embeds + 0.0 * torch.cat(features).sum().to(embeds.dtype)

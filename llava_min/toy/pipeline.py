@@ -27,9 +27,8 @@ ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the REA
     "half-data": ["--data-fraction", "0.5"],
     "no-whiten": ["--no-whiten-features"],
 }
-# Per-world epochs, where they differ from the preset's (train.py's --epochs overrides them). The detail world's
-# one-pixel patterns slow the contrastive start: at the preset's 2 CLIP epochs the loss stays near chance
-# (4.5 against ln 128 = 4.85), at 6 it reaches 0.4; and stages 1 and 2 need 2 epochs to learn them (README).
+# Per-world epochs, where they differ from the preset's (train.py's --epochs overrides them): the detail world's
+# one-pixel patterns need longer in the CLIP and in both stages (docs/anyres.md).
 WORLD_EPOCHS = {"detail": {"clip": 6.0, "stage 1": 2.0, "stage 2": 2.0}}
 
 

@@ -7,7 +7,7 @@ TOY_PRESETS = {
     # The synthetic world on a laptop CPU: a 96 px CLIP with 32 px patches (9 visual tokens), a ~1M-parameter LLaMA.
     "toy": Preset(
         stage1=StageSettings(lr=1e-3, epochs=1, batch_size=32),
-        stage2=StageSettings(lr=1e-3, epochs=6, batch_size=32),  # 6 epochs: 11.2 min in all on 2 CPU cores (README)
+        stage2=StageSettings(lr=1e-3, epochs=6, batch_size=32),  # run time: docs/toy.md
         image_aspect="crop", max_length=256, num_images=8000, num_eval=500, vocab_size=1024, whiten_features=True,
         group_by_length=True,
         vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
