@@ -11,17 +11,12 @@ from .model.llama import LlamaConfig
 from .model.llava import LlavaConfig
 from .weights import CheckpointError
 
-
 # transformers' CLIPVisionConfig / LlamaConfig defaults, for config.json files that omit a key.
 HF_CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
-
-
 HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-
-
 SELECT_STRATEGY = {"default": "patch", "full": "cls_patch"}  # llava-hf name -> LLaVA name
 
 

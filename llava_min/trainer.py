@@ -160,6 +160,8 @@ class Trainer(Snapshots):
         return n
 
     def train_step(self, batches) -> tuple:
+        """One optimizer step. Here Eq. 3's mean is taken: each micro-batch's summed loss over the step's
+        supervised-token count, counted over all its micro-batches and all processes."""
         total = self.count(batches)
         loss_sum = torch.zeros((), device=self.device)
         model = self.ddp or self.model

@@ -192,7 +192,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, to_logits) -> tor
 
     `to_logits` (final norm + vocabulary projection) runs only at the positions that carry a label: in
     stage 2 most positions are system prompt, question or image (Table 2). The mean over a whole
-    optimizer step's tokens is completed in stages.llava_loss and Trainer.train_step.
+    optimizer step's tokens is taken in Trainer.train_step.
     """
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX

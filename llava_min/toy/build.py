@@ -12,18 +12,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..conversation import render_prompt
 from ..files import only_run, write_json, write_text
 from ..gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human,
                         parse_response)
 from .questions import SHORT_PROMPT, WORLD_TYPES, ask, choice_types, multiple_choice
 from .rule_teacher import RuleTeacher
 from .world import WORLDS, Scene, captions, render, sample_scene, scene_rng
-
-
-# The vicuna_v1 system prompt (the official conversation.py), repeated so building the world needs no torch;
-# tests/test_world.py checks it against conversation.py.
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
 
 
 @dataclass(frozen=True)
@@ -105,11 +100,7 @@ def teacher_record(rid: str, scene: Scene, caps: list, rtype: str, rng: random.R
 
 def chat_text(conversations: list) -> str:
     """A record as a text-only vicuna_v1 chat on one line: what the toy LM pretrains on."""
-    parts = [VICUNA_SYSTEM + " "]
-    for i, turn in enumerate(conversations):
-        text = turn["value"].replace("<image>", "").strip()
-        parts.append(f"USER: {text} ASSISTANT:" if i % 2 == 0 else f" {text}</s>")
-    return "".join(parts).replace("\n", " ")
+    return render_prompt(conversations, "vicuna_v1", has_image=False).replace("\n", " ")
 
 
 def train_records(scene: Scene, caps: list, rng: random.Random, cfg: WorldConfig, pretrain_image: str) -> dict:
