@@ -6,13 +6,13 @@ pretrain.json (stage 1), instruct.json (stage 2), corpus.txt (text for the toy L
 """
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..files import only_run, write_json, write_text
+from ..files import only_run, same_settings, write_json, write_text
 from ..gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human,
                         parse_response)
 from .questions import SHORT_PROMPT, WORLD_TYPES, ask, choice_types, multiple_choice
@@ -181,7 +181,8 @@ def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_si
     cfg = WorldConfig(num_images, num_eval, seed, image_size, **options)
     cfg.check()
     out = Path(out_dir)
-    with only_run(out):
+    with only_run(out):  # a world is never redrawn over one drawn with other settings
+        same_settings(out / "world_config.json", asdict(cfg), f"the world in {out} was")
         return write_world(cfg, out, workers, progress)
 
 
