@@ -17,6 +17,7 @@ import llava_min
 from llava_min.cli import existing, fraction, positive, run
 from llava_min.conversation import TEMPLATES, stop_text, tokenize_prompt
 from llava_min.conversation import cut_at, stop_at
+from llava_min.configs import read_config
 from llava_min.model.generate import generate
 from llava_min.answer import model_pixels
 from llava_min.image import load_image
@@ -138,6 +139,7 @@ def parse_args(argv=None):
 def open_chat(args) -> Chat:
     tokenizer = args.tokenizer or args.model / "tokenizer.model"
     if not Path(tokenizer).is_file():
+        read_config(args.model)  # a directory that is no model at all says that first
         sys.exit(f"no tokenizer at {tokenizer}: pass --tokenizer PATH/tokenizer.model")
     model = llava_min.load(args.model, dtype=DTYPES.get(args.dtype), device=args.device, vision_path=args.vision,
                            llm_path=args.llm)

@@ -10,7 +10,8 @@ Images become symbolic contexts (captions + normalized boxes); a text-only teach
 conversations, detailed descriptions and complex-reasoning answers; responses are parsed into LLaVA
 records. World outputs (official LLaVA JSON, records' "image" relative to DIR/images): images/,
 scenes.json, pretrain.json (stage 1), instruct.json (stage 2), corpus.txt (text for the toy LM) and
-eval.json (held-out images), written last, so its presence means the world is complete.
+eval.json (held-out images), written last, so its presence means the world is complete; world_config.json
+records the settings, and a run with other settings into the same --out is refused.
 The detail world (--world detail) draws its instruction and held-out images at twice --image-size,
 with patterns only full resolution shows, and its stage-1 images (train/NNNNNN-low.png) at --image-size.
 COCO outputs: responses.jsonl (the teacher's answers; a rerun resumes it), instruct.json, pretrain.json.

@@ -8,9 +8,12 @@
 Stage 1 (feature alignment) trains only the projector W on caption pairs; stage 2 (end-to-end
 fine-tuning) trains W and the LLM on instruction data; CLIP stays frozen in both. The toy world also
 needs `--stage tokenizer`, `--stage clip` and `--stage lm`, because LLaVA starts from a pretrained CLIP and LLM.
+Every record is checked before the first step; a finished model in --out is replaced only with --overwrite,
+and only once the new one is complete (a crash leaves the old one).
 """
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -125,7 +128,8 @@ def check_stage_args(p, args) -> None:
     if args.out.exists() and args.out.is_file() != is_file:
         p.error(f"--out {args.out} is a {'directory' if is_file else 'file'}, expected a "
                 f"{'file (the tokenizer.model to write)' if is_file else 'directory'}")
-    done = args.out if is_file and args.out.exists() else None if is_file else finished_checkpoint(args.out)
+    done = (args.out if args.out.exists() else None) if is_file else \
+        finished_checkpoint(args.out, recover=os.environ.get("RANK", "0") == "0")  # (torchrun: rank 0 alone)
     if done and not args.overwrite:
         p.error(f"--out {args.out} holds a finished {'tokenizer' if is_file else 'model'} ({done.name}): pass "
                 "--overwrite to replace it (the new one takes its place only once complete), or another --out")

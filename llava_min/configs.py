@@ -38,7 +38,7 @@ def read_config(path) -> dict:
                               if path.exists() else f"{path} does not exist" + (
                                   f" (a crash while it was replaced left the old copy in {aside})" if aside.is_dir()
                                   else ""))
-    config = read_json(file, "JSON")
+    config = read_json(file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} is not a JSON object")
     return config

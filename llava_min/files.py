@@ -133,20 +133,21 @@ def write_json(path, data) -> None:
 
 
 def umask() -> int:
+    """The process's umask (it can only be read by setting it)."""
     mask = os.umask(0o22)
     os.umask(mask)
     return mask
 
 
-def read_json(path, what: str = "JSON"):
+def read_json(path):
     """A user's JSON file; a missing or malformed one is an InputError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # (JSONDecodeError is a ValueError)
-        raise InputError(f"{path} is not valid {what} ({e})") from e
+    except ValueError as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise InputError(f"{path} is not valid JSON ({e})") from e
 
 
 def same_settings(file: Path, ours: dict, what: str) -> None:

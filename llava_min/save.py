@@ -113,11 +113,12 @@ def checkpoint_dir(out_dir):
         yield tmp
 
 
-def finished_checkpoint(path) -> Optional[Path]:
+def finished_checkpoint(path, recover: bool = True) -> Optional[Path]:
     """The file marking a finished checkpoint in `path` (config.json; an adapter's adapter_config.json), or None;
-    a copy a crash left aside while it was being replaced is put back first."""
+    a copy a crash left aside while it was being replaced is put back first (`recover`: by one process only)."""
     path = Path(path)
-    recover_dir(path)
+    if recover:
+        recover_dir(path)
     return next((path / n for n in ("config.json", "adapter_config.json") if (path / n).is_file()), None)
 
 

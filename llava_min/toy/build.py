@@ -2,7 +2,8 @@
 
 World outputs (official LLaVA JSON, records' "image" relative to DIR/images): images/, scenes.json,
 pretrain.json (stage 1), instruct.json (stage 2), corpus.txt (text for the toy LM) and eval.json
-(held-out images), written last, so its presence means the world is complete.
+(held-out images), written last, so its presence means the world is complete. world_config.json records the
+settings it was drawn with: a world is never redrawn over one made with other settings.
 """
 import os
 import random
