@@ -124,7 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", type=existing(), help="default: MODEL/tokenizer.model")
-    p.add_argument("--vision", type=existing("dir"), help="CLIP directory for official checkpoints, if not the one named")
+    p.add_argument("--vision", type=existing("dir"),
+                   help="CLIP directory for official checkpoints, if not the one named")
     p.add_argument("--llm", type=existing("dir"), help="LLM directory for a stage-1 projector checkpoint")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)

@@ -40,7 +40,8 @@ def run(main) -> None:
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit(f"{prog}: interrupted")
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)  # the shell's code for a Ctrl-C
     except SystemExit as e:
         if isinstance(e.code, str):
             sys.exit(f"{prog}: error: " + " ".join(e.code.split()))

@@ -89,7 +89,7 @@ def main(argv=None):
     merge.add_argument("--out", type=writable("dir"), required=True)
     merge.add_argument("--overwrite", action="store_true", help="replace a finished model in --out")
     merge.add_argument("--tokenizer", type=existing(), help="default: the one saved with the adapter, else BASE's")
-    merge.add_argument("--vision", type=existing("dir"), help="an official stage-1 BASE: the CLIP directory it goes with")
+    merge.add_argument("--vision", type=existing("dir"), help="an official stage-1 BASE: the CLIP directory")
     merge.add_argument("--llm", type=existing("dir"), help="an official stage-1 BASE: the LLaMA / Vicuna directory")
     args = p.parse_args(argv)
     if finished_checkpoint(args.out) and not args.overwrite:

@@ -159,9 +159,10 @@ def test_every_bad_record_is_reported_at_once_before_training(tmp_path, tok, fol
     """Not at its batch, hours in: all of them, the first few named, the rest counted."""
     records = [GOOD] * 5 + [with_image("gone.png", "late1"), {"id": "late2", "conversations": []}, GOOD,
                             with_image("../outside.png", "late3"), with_image("gone2.png", "late4")]
-    with pytest.raises(DataError, match=r"data.json: 4 of 10 records cannot be used: record late1: bad image: .*gone.png "
-                                        r"does not exist; record late2: empty conversation.*; record late3: bad image: "
-                                        r".*leads outside.*; and 1 more \(--on-error skip trains without them\)$"):
+    with pytest.raises(DataError, match=r"data.json: 4 of 10 records cannot be used: record late1: bad image: "
+                                        r".*gone.png does not exist; record late2: empty conversation.*; record "
+                                        r"late3: bad image: .*leads outside.*; and 1 more \(--on-error skip trains "
+                                        r"without them\)$"):
         dataset(tmp_path, records, tok, folder)
     with pytest.raises(InputError, match=r"image folder .*nowhere does not exist$"):  # not "image ... does not exist"
         dataset(tmp_path, [GOOD], tok, tmp_path / "nowhere")
@@ -189,7 +190,8 @@ def test_skip_mode_counts_every_reason_and_drops(tmp_path, tok, folder):
     assert items[0] is not None and items[1:] == [None] * len(FOUND_WHEN_READ)
     assert ds.skipped["bad image"] == len(BAD_IMAGES) and any("record img0: bad image" in m for m in ds.skip_log)
     batch = collate(items)
-    assert batch["ids"] == ["good"] and batch["num_skipped"] == len(FOUND_WHEN_READ) and batch["input_ids"].shape[0] == 1
+    assert batch["ids"] == ["good"] and batch["num_skipped"] == len(FOUND_WHEN_READ)
+    assert batch["input_ids"].shape[0] == 1
     empty = collate([None, None])
     assert empty["input_ids"].shape == (0, 0) and empty["num_skipped"] == 2 and empty["pixel_values"] is None
 

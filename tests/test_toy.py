@@ -32,7 +32,7 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
     assert (tmp_path / "runs" / "full" / "loss.png").is_file()
     out = capsys.readouterr().out
     assert "held-out results" in out and "sample answers" in out
-    assert f"results: {tmp_path / 'runs' / 'full' / 'results.json'}" in out and str(tmp_path / "runs/full/stage2") in out
+    assert f"results: {tmp_path / 'runs/full/results.json'}" in out and str(tmp_path / "runs/full/stage2") in out
     assert list(results["scores"]["short"])[0] == "overall"
 
     train.main(args)  # a rerun finds every output, only evaluates again, and keeps the times the steps took

@@ -223,7 +223,8 @@ def test_bf16_autocast_only_when_asked_with_fp32_weights(parts, tmp_path, bf16):
 def run_stage2(parts, out, extra, nproc=None, data=None, images=None):
     args = ["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
             "--tokenizer", str(parts / "tokenizer.model"), "--data", str(data or parts / "data" / "instruct.json"),
-            "--image-folder", str(images or parts / "data" / "images"), "--max-steps", "3", "--out", str(out), "--no-progress",
+            "--image-folder", str(images or parts / "data" / "images"), "--max-steps", "3", "--out", str(out),
+            "--no-progress",
             "--seed", "1", "--no-bf16"] + extra  # fp32: the sums over processes then agree to ~1e-6
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
