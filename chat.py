@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 import llava_min
-from llava_min.conversation import stop_text, tokenize_prompt
+from llava_min.cli import existing, fraction, positive, run
+from llava_min.conversation import TEMPLATES, stop_text, tokenize_prompt
 from llava_min.conversation import cut_at, stop_at
+from llava_min.configs import read_config
 from llava_min.model.generate import generate
 from llava_min.answer import model_pixels
 from llava_min.image import load_image
@@ -113,27 +115,32 @@ class Chat:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="any layout llava_min.load accepts")
+    p.add_argument("--model", type=existing("dir"), required=True, help="any layout llava_min.load accepts")
     p.add_argument("--image", type=Path)
     p.add_argument("--prompt", help="answer this once and exit")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=positive(float, zero_ok=True), default=0.2, help="0 = greedy")
+    p.add_argument("--top-p", type=fraction, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive(), default=512)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", type=Path, help="default: MODEL/tokenizer.model")
-    p.add_argument("--vision", type=Path, help="CLIP directory for official checkpoints, if not the one named")
-    p.add_argument("--llm", type=Path, help="LLM directory for a stage-1 projector checkpoint")
-    p.add_argument("--template", help="conversation template (default: the checkpoint's)")
+    p.add_argument("--tokenizer", type=existing(), help="default: MODEL/tokenizer.model")
+    p.add_argument("--vision", type=existing("dir"),
+                   help="CLIP directory for official checkpoints, if not the one named")
+    p.add_argument("--llm", type=existing("dir"), help="LLM directory for a stage-1 projector checkpoint")
+    p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="decode through the compiled step (CUDA graphs; about a minute to compile, then ~4x faster)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        p.error("--prompt is empty: give a question, or leave --prompt out to chat")
+    return args
 
 
 def open_chat(args) -> Chat:
     tokenizer = args.tokenizer or args.model / "tokenizer.model"
     if not Path(tokenizer).is_file():
+        read_config(args.model)  # a directory that is no model at all says that first
         sys.exit(f"no tokenizer at {tokenizer}: pass --tokenizer PATH/tokenizer.model")
     model = llava_min.load(args.model, dtype=DTYPES.get(args.dtype), device=args.device, vision_path=args.vision,
                            llm_path=args.llm)
@@ -191,7 +198,11 @@ def main(argv=None):
                 sys.exit(str(e))
             print(f"[{e}] (chatting without an image; /image PATH to add one)")
     if args.prompt is not None:
-        say(chat, args.prompt)
+        try:
+            chat.ask(args.prompt, stream=lambda piece: print(piece, end="", flush=True))
+        except ValueError as e:  # a prompt past the context: no answer, so not a success
+            sys.exit(str(e))
+        print()
         return
     print("[/image PATH: new image, /clear: forget the conversation, /quit: leave]")
     for line in user_lines():
@@ -207,4 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

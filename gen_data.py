@@ -10,7 +10,8 @@ Images become symbolic contexts (captions + normalized boxes); a text-only teach
 conversations, detailed descriptions and complex-reasoning answers; responses are parsed into LLaVA
 records. World outputs (official LLaVA JSON, records' "image" relative to DIR/images): images/,
 scenes.json, pretrain.json (stage 1), instruct.json (stage 2), corpus.txt (text for the toy LM) and
-eval.json (held-out images), written last, so its presence means the world is complete.
+eval.json (held-out images), written last, so its presence means the world is complete; world_config.json
+records the settings, and a run with other settings into the same --out is refused.
 The detail world (--world detail) draws its instruction and held-out images at twice --image-size,
 with patterns only full resolution shows, and its stage-1 images (train/NNNNNN-low.png) at --image-size.
 COCO outputs: responses.jsonl (the teacher's answers; a rerun resumes it), instruct.json, pretrain.json.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llava_min.cli import existing, positive, run, writable
 from llava_min.files import only_run, write_json
 from llava_min.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human, parse_response,
                                 read_coco)
@@ -91,25 +93,11 @@ def run_coco(args) -> dict:
     return {**counts, "records": len(records), "malformed": malformed}
 
 
-def positive_int(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def positive_float(text: str) -> float:
-    x = float(text)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return x
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=writable("dir"), required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=positive_int,
+    p.add_argument("--workers", type=positive(),
                    help="processes (world; default: the CPU count, at most 8) or requests in flight "
                         "(teacher; default 4)")
     w = p.add_argument_group("synthetic world")
@@ -119,11 +107,11 @@ def parse_args(argv=None):
                    help="pixels per side (the detail world's stage-2 and held-out images are twice this)")
     w.add_argument("--world", choices=WORLDS, default="shapes", help="detail: patterns only full resolution shows")
     w.add_argument("--vqa-questions", type=int, default=WorldConfig.vqa_questions, help="short-answer turns per record")
-    w.add_argument("--corpus-mb", type=positive_float, default=WorldConfig.corpus_mb, help="size cap of corpus.txt")
+    w.add_argument("--corpus-mb", type=positive(float), default=WorldConfig.corpus_mb, help="size cap of corpus.txt")
     c = p.add_argument_group("the paper's pipeline on COCO-style annotations")
-    c.add_argument("--coco-captions", type=Path, help="captions_*.json")
-    c.add_argument("--coco-instances", type=Path, help="instances_*.json")
-    c.add_argument("--max-images", type=positive_int, help="use only the first N images (by id)")
+    c.add_argument("--coco-captions", type=existing(), help="captions_*.json")
+    c.add_argument("--coco-instances", type=existing(), help="instances_*.json")
+    c.add_argument("--max-images", type=positive(), help="use only the first N images (by id)")
     c.add_argument("--types", nargs="+", choices=RESPONSE_TYPES, default=list(RESPONSE_TYPES))
     c.add_argument("--teacher", choices=["openai", "rule"], default="rule",
                    help="openai: any OpenAI-compatible endpoint (key from $OPENAI_API_KEY); rule: the world's own")
@@ -143,9 +131,9 @@ def main(argv=None):
         try:
             counts = run_coco(args)
         except (ValueError, TeacherError) as e:  # a malformed annotation file, a refused key: say so, no traceback
-            raise SystemExit(f"gen_data: {e}") from e
+            raise SystemExit(str(e)) from e
         except KeyboardInterrupt:
-            raise SystemExit("gen_data: interrupted; what was answered is kept, rerun to continue") from None
+            raise SystemExit("interrupted; what was answered is kept, rerun to continue") from None
         if counts["failed"] or not counts["records"]:  # (a script must not go on to train on nothing)
             raise SystemExit(1)
         return counts
@@ -153,11 +141,11 @@ def main(argv=None):
         counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers,
                              vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb, world=args.world)
     except ValueError as e:  # a world that cannot be drawn: say why, no traceback
-        raise SystemExit(f"gen_data: {e}") from e
+        raise SystemExit(str(e)) from e
     print(f"wrote {counts['images']} images and {counts['instruct']} instruction records to {args.out}"
           + (f" ({counts['malformed']} malformed teacher responses skipped)" if counts["malformed"] else ""))
     return counts
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

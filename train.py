@@ -8,44 +8,32 @@
 Stage 1 (feature alignment) trains only the projector W on caption pairs; stage 2 (end-to-end
 fine-tuning) trains W and the LLM on instruction data; CLIP stays frozen in both. The toy world also
 needs `--stage tokenizer`, `--stage clip` and `--stage lm`, because LLaVA starts from a pretrained CLIP and LLM.
+Every record is checked before the first step; a finished model in --out is replaced only with --overwrite,
+and only once the new one is complete (a crash leaves the old one).
 """
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
 
 import llava_min
 from llava_min import stages
+from llava_min.cli import existing, fraction, positive, run, writable
+from llava_min.conversation import TEMPLATES
 from llava_min.data import LlavaDataset, collate
 from llava_min.recipes import RECIPES, Preset
 from llava_min.checkpoints import append_image_token
-from llava_min.save import save_stage1
+from llava_min.save import finished_checkpoint, save_stage1
 from llava_min.stages import either, run_stage, settings
 from llava_min.tokenizer import Tokenizer
 from llava_min.toy.presets import TOY_PRESETS
 from llava_min.toy.stages import stage_clip, stage_lm, stage_tokenizer
 from llava_min.toy.world import WORLDS
-from llava_min.devices import leave_world
+from llava_min.devices import leave_world, world
 
 PRESETS = {**RECIPES, **TOY_PRESETS}
-
-
-def positive(kind, zero_ok: bool = False):
-    """An argparse type: a number above zero (or at least zero), never a silent stand-in for the preset's."""
-    def parse(text: str):
-        value = kind(text)
-        if not (value >= 0 if zero_ok else value > 0):
-            raise argparse.ArgumentTypeError(f"must be {'at least' if zero_ok else 'above'} 0, got {text}")
-        return value
-    return parse
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def parse_args(argv=None):
@@ -53,13 +41,15 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=["tokenizer", "clip", "lm", "1", "2"],
                    help="one stage; none = the whole toy pipeline")
     p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-    p.add_argument("--data", type=Path, help="training data (LLaVA JSON/JSONL; corpus.txt for --stage lm)")
-    p.add_argument("--image-folder", type=Path)
-    p.add_argument("--init", type=Path, help="stage 2: the stage-1 directory to start from")
-    p.add_argument("--vision", type=Path, help="CLIP directory (stage 1, or stage 2 without stage 1)")
-    p.add_argument("--llm", type=Path, help="LLaMA / Vicuna directory")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one beside the LLM / init)")
-    p.add_argument("--out", type=Path, help="default: runs/toy (runs/toy-detail for --world detail)")
+    p.add_argument("--data", type=existing(), help="training data (LLaVA JSON/JSONL; corpus.txt for --stage lm)")
+    p.add_argument("--image-folder", type=existing("dir"))
+    p.add_argument("--init", type=existing("dir"), help="stage 2: the stage-1 directory to start from")
+    p.add_argument("--vision", type=existing("dir"), help="CLIP directory (stage 1, or stage 2 without stage 1)")
+    p.add_argument("--llm", type=existing("dir"), help="LLaMA / Vicuna directory")
+    p.add_argument("--tokenizer", type=existing(), help="tokenizer.model (default: the one beside the LLM / init)")
+    p.add_argument("--out", type=writable("any"), help="one stage: its output directory (--stage tokenizer: file); "
+                   "the toy pipeline: default runs/toy (runs/toy-detail for --world detail)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished model in --out")
     p.add_argument("--data-dir", type=Path, help="toy pipeline: where the world lives (default: data/toy[-detail])")
     p.add_argument("--max-steps", type=positive(int))
     p.add_argument("--epochs", type=positive(float))
@@ -69,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--projector-lr", type=positive(float))
     p.add_argument("--projector", choices=["linear", "mlp2x_gelu"])
     p.add_argument("--select-layer", type=int, help="CLIP layer for the visual features (-2: penultimate)")
-    p.add_argument("--template", help="conversation template for stage 2")
+    p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template for stage 2")
     p.add_argument("--max-length", type=positive(int))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume")
@@ -107,11 +97,42 @@ def parse_args(argv=None):
                    help="toy CLIP pretraining: weight of the term that decorrelates the features LLaVA reads")
     p.add_argument("--ablations", action="store_true", help="run the whole ablation table")
     args = p.parse_args(argv)
+    if args.stage is not None:
+        check_stage_args(p, args)
     suffix = "" if args.world == "shapes" else f"-{args.world}"
     args.out = args.out or Path(f"runs/toy{suffix}")
     args.data_dir = args.data_dir or Path(f"data/toy{suffix}")
     args.num_workers = either(args.num_workers, 4 if torch.device(args.device).type == "cuda" else 0)
     return args
+
+
+# what each stage cannot run without (stage 2 also needs --init, or --vision and --llm)
+STAGE_NEEDS = {"tokenizer": ("data", "out"), "clip": ("data", "image_folder", "tokenizer", "out"),
+               "lm": ("data", "tokenizer", "out"), "1": ("vision", "llm", "data", "image_folder", "out"),
+               "2": ("data", "image_folder", "out")}
+
+
+def check_stage_args(p, args) -> None:
+    """Before any model loads: every flag the stage needs, its tokenizer, and an --out it may write."""
+    needs = STAGE_NEEDS[args.stage] + (("vision", "llm") if args.stage == "2" and args.init is None else ())
+    missing = ["--" + k.replace("_", "-") for k in needs if getattr(args, k) is None]
+    if missing:
+        p.error(f"--stage {args.stage} needs {', '.join(missing)}"
+                + (" (or --init STAGE1_DIR for --vision and --llm)" if {"--vision", "--llm"} & set(missing)
+                   and args.stage == "2" else ""))
+    if args.stage in ("1", "2") and args.tokenizer is None:
+        args.tokenizer = (args.init or args.llm) / "tokenizer.model"
+        if not args.tokenizer.is_file():
+            p.error(f"no tokenizer.model in {args.init or args.llm}: pass --tokenizer")
+    is_file = args.stage == "tokenizer"
+    if args.out.exists() and args.out.is_file() != is_file:
+        p.error(f"--out {args.out} is a {'directory' if is_file else 'file'}, expected a "
+                f"{'file (the tokenizer.model to write)' if is_file else 'directory'}")
+    done = (args.out if args.out.exists() else None) if is_file else \
+        finished_checkpoint(args.out, recover=os.environ.get("RANK", "0") == "0")  # (torchrun: rank 0 alone)
+    if done and not args.overwrite:
+        p.error(f"--out {args.out} holds a finished {'tokenizer' if is_file else 'model'} ({done.name}): pass "
+                "--overwrite to replace it (the new one takes its place only once complete), or another --out")
 
 
 def load_dtype(args, preset: Preset):
@@ -126,7 +147,11 @@ def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
     data = LlavaDataset(args.data, tok, image_folder=args.image_folder, template=template,
                         num_image_tokens=model.num_image_tokens, image_token_id=model.cfg.image_token_id,
                         image_size=model.cfg.vision.image_size, image_aspect=model.cfg.image_aspect_ratio,
-                        max_length=max_length, on_error=args.on_error, anyres=model.anyres)
+                        max_length=max_length, on_error=args.on_error, anyres=model.anyres,
+                        progress=not args.no_progress and world()[0] == 0)
+    if data.dropped and world()[0] == 0:
+        print(f"--on-error skip: {data.dropped} of {data.dropped + len(data)} records in {args.data} dropped before "
+              "training: " + "; ".join(data.skip_log[:3]) + ("; ..." if data.dropped > 3 else ""))
     if len(data) == 0:
         raise SystemExit(f"{args.data}: no record left to train on, all {len(data.skip_log)} were skipped: "
                          + "; ".join(data.skip_log[:3]))
@@ -247,4 +272,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

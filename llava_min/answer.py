@@ -1,8 +1,8 @@
 """Batched greedy answers to LLaVA-format questions (left padding, the model's template and end marker),
 and the checks that name a bad evaluation item before any answer is computed."""
-from pathlib import Path
-
 import torch
+
+from .files import InputError
 
 
 def question_turn(record: dict, blind: bool) -> list:
@@ -36,7 +36,8 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
     template = template or cfg.template
     end = stop_text(template)
     answers = []
-    for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc="eval"):
+    for start in tqdm(range(0, len(records), batch_size), disable=not progress,
+                      desc="eval, blind" if blind else "eval"):
         chunk = records[start: start + batch_size]
         rows, images, sizes = [], [], []
         for record in chunk:
@@ -51,7 +52,7 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
         context = cfg.text.max_position_embeddings
         for record, row in zip(chunk, rows):
             if len(row) >= context:
-                raise ValueError(f"record {record.get('id')}: its prompt is {len(row)} tokens, the model's context "
+                raise InputError(f"record {record.get('id')}: its prompt is {len(row)} tokens, the model's context "
                                  f"is {context}")
         budget = min(max_new_tokens, context - max(len(r) for r in rows))  # the answers stay inside the context
         ids, mask = left_pad(rows, tok.pad_id)
@@ -78,10 +79,12 @@ def decode_until_eos(tok, ids: list) -> str:
 
 def check_items(items, path, image_folder, check, images: bool = True) -> None:
     """Before any answer is generated (or any judge paid): `check(item)` on each, and (`images`) its
-    image exists. The error names the file and the item."""
-    from .image import ImageError, resolve_in_folder
+    image exists. The error (an InputError) names the file and the item."""
+    from .image import check_image_folder, find_image
     if not isinstance(items, list):
-        raise ValueError(f"{path}: not a JSON list")
+        raise InputError(f"{path}: not a JSON list")
+    if images and any(isinstance(item, dict) and "image" in item for item in items):
+        check_image_folder(image_folder)
     for n, item in enumerate(items):
         rid = item.get("id", f"#{n}") if isinstance(item, dict) else f"#{n}"
         try:
@@ -92,11 +95,9 @@ def check_items(items, path, image_folder, check, images: bool = True) -> None:
                 image = item["image"]
                 if not isinstance(image, str) or not image:
                     raise ValueError(f"bad image field {image!r}")
-                file = resolve_in_folder(image, image_folder) if image_folder is not None else Path(image)
-                if not file.is_file():
-                    raise ValueError(f"image {file} does not exist")
-        except (ValueError, ImageError) as e:
-            raise ValueError(f"{path}: record {rid}: {e}") from e
+                find_image(image, image_folder)
+        except ValueError as e:  # (ImageError is one)
+            raise InputError(f"{path}: record {rid}: {e}") from e
 
 
 def check_fields(item: dict, types: dict) -> None:

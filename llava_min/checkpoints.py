@@ -10,7 +10,6 @@ Layouts read:
   of CLIP + Vicuna.
 Written by save.py.
 """
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,7 @@ from typing import Optional
 import torch
 
 from .configs import clip_vision_config, llama_config, llava_hf_config, read_config
+from .files import read_json
 from .model.clip import VisionTower
 from .model.llama import Llama
 from .model.llava import Llava, LlavaConfig
@@ -197,7 +197,7 @@ def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_pa
         path = llm_path
     proj_files = weight_files(projector_path or path)
     proj_cfg_file = Path(projector_path).parent / "config.json" if projector_path else None
-    proj_cfg = json.loads(proj_cfg_file.read_text()) if proj_cfg_file and proj_cfg_file.is_file() else cfg
+    proj_cfg = read_json(proj_cfg_file) if proj_cfg_file and proj_cfg_file.is_file() else cfg
     if proj_cfg.get("mm_use_im_start_end"):
         raise CheckpointError("mm_use_im_start_end checkpoints (image start/end tokens) are not supported")
     vision_path = resolve_vision_path(proj_cfg, Path(projector_path).parent if projector_path else path, vision_path)

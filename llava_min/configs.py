@@ -1,7 +1,6 @@
 """config.json files -> the model's dataclasses: transformers' CLIP, LLaMA and llava-hf configs, and the
 official LLaVA configs (a LLaMA config with the mm_* keys added). A setting the model does not
 implement is an error that names it, never a silent approximation."""
-import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from .model.anyres import PINPOINTS
 from .model.clip import ACTIVATIONS, VisionConfig
 from .model.llama import LlamaConfig
 from .model.llava import LlavaConfig
+from .files import read_json
 from .weights import CheckpointError
 
 # transformers' CLIPVisionConfig / LlamaConfig defaults, for config.json files that omit a key.
@@ -21,10 +21,22 @@ SELECT_STRATEGY = {"default": "patch", "full": "cls_patch"}  # llava-hf name -> 
 
 
 def read_config(path) -> dict:
-    file = Path(path) / "config.json"
+    """A checkpoint directory's config.json; the error says what the directory is when it is not a checkpoint."""
+    path = Path(path)
+    file = path / "config.json"
     if not file.is_file():
-        raise CheckpointError(f"{path} has no config.json")
-    return json.loads(file.read_text())
+        if (path / "adapter_config.json").is_file():
+            raise CheckpointError(f"{path} is a LoRA adapter, not a whole model: merge it into the model it was "
+                                  f"trained on (python -m llava_min.lora merge --base BASE --adapter {path} --out DIR)")
+        aside = path.with_name(f".{path.name}.old")  # files.atomic_dir's: a crash between its two renames
+        raise CheckpointError(f"{path} has no config.json" if path.is_dir() else f"{path} is not a directory"
+                              if path.exists() else f"{path} does not exist" + (
+                                  f" (a crash while it was replaced left the old copy in {aside})" if aside.is_dir()
+                                  else ""))
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    return config
 
 
 def pick(cls, d: dict, defaults: dict):

@@ -1,10 +1,11 @@
 """The official LLaVA data format -> training batches (input_ids, labels, attention_mask, pixel_values).
 
 A record: `{"id", "image" (optional), "conversations": [{"from": "human"|"gpt", "value": str}, ...]}`,
-in a JSON list or JSONL. Every record's text is checked when the dataset is built (cheap, no
-tokenizing); its image and its tokens when it is read. A bad record either stops the run
-(`on_error="raise"`: a DataError naming the record) or is skipped and counted with its reason
-(`"skip"`); it is never trained on silently, and never with a loss of 0.
+in a JSON list or JSONL. Every record's text and the presence of its image file are checked when the
+dataset is built, before the first step (cheap: no tokenizing, no decoding); its image's pixels and its
+tokens when it is read. Bad records either stop the run (`on_error="raise"`: one DataError naming the
+first few and counting them all) or are skipped and counted with their reasons (`"skip"`); a record is
+never trained on silently, and never with a loss of 0.
 """
 import json
 from collections import Counter
@@ -12,12 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .conversation import IGNORE_INDEX, IMAGE, TEMPLATES, check_turns, tokenize_conversation
-from .image import MAX_PIXELS, ImageError, anyres_pixels, load_image, preprocess
+from .files import InputError
+from .image import MAX_PIXELS, ImageError, anyres_pixels, check_image_folder, find_image, load_image, preprocess
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A record that cannot be trained on; the message names the record id (and the file)."""
 
 
@@ -30,6 +33,13 @@ def read_records(path) -> list:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    if text.lstrip().startswith("{"):  # one object: a record on its own, or not the records at all
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSONL: one record per line
+        if isinstance(whole, dict) and "conversations" not in whole:
+            raise DataError(f"{path}: a JSON object, expected a JSON list of records (or one record per line)")
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -76,6 +86,36 @@ def check_record(record, template: str = "vicuna_v1") -> None:
         raise ValueError(f"several {IMAGE}: mentions {IMAGE} {mentions} times, one image per record")
 
 
+def checked_records(path, image_folder=None, check=check_record, progress: bool = False) -> tuple:
+    """Every record of a file checked before training: `check(record)` and its image file inside `image_folder`
+    (nothing decoded). Returns ([(id, record)] of the good ones, [(id, what is wrong)] of the bad ones)."""
+    check_image_folder(image_folder)
+    good, bad = [], []
+    records = read_records(path)
+    for index, record in enumerate(tqdm(records, desc="checking records", unit="rec", delay=2, disable=not progress)):
+        rid = record_id(index, record)
+        try:
+            check(record)
+            if record.get("image"):
+                find_image(record["image"], image_folder)
+        except ImageError as e:
+            bad.append((rid, f"bad image: {e}"))
+        except ValueError as e:
+            bad.append((rid, str(e)))
+        else:
+            good.append((rid, record))
+    return good, bad
+
+
+def bad_records(path, bad: list, total: int, hint: str = "") -> DataError:
+    """One error for all the bad records of a file: the first few named, all counted."""
+    if len(bad) == 1:
+        return DataError(f"{path}: record {bad[0][0]}: {bad[0][1]}" + hint)
+    named = "; ".join(f"record {rid}: {reason}" for rid, reason in bad[:3])
+    return DataError(f"{path}: {len(bad)} of {total} records cannot be used: {named}"
+                     + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "") + hint)
+
+
 def record_id(index: int, record) -> str:
     """The record's own id, else its position in the file."""
     rid = record.get("id") if isinstance(record, dict) else None
@@ -94,7 +134,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_path, tok, image_folder=None, template="vicuna_v1", num_image_tokens=576,
                  image_token_id=-200, image_size=336, image_aspect="crop", max_length=2048, on_error="raise",
-                 max_pixels=MAX_PIXELS, anyres=None):
+                 max_pixels=MAX_PIXELS, anyres=None, progress: bool = False):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if template not in TEMPLATES:
@@ -106,16 +146,13 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_size, self.image_aspect, self.max_length = image_size, image_aspect, max_length
         self.on_error, self.max_pixels, self.anyres = on_error, max_pixels, anyres  # AnyRes: tiles, sized counts
         self.skipped, self.skip_log = Counter(), []  # reason -> count; the full messages
-        self.records = []  # (id, record) of the records that passed the text checks
-        for index, record in enumerate(read_records(data_path)):
-            rid = record_id(index, record)
-            try:
-                check_record(record, template)
-            except ValueError as e:
-                self.fail(rid, str(e))
-                continue
-            self.records.append((rid, record))
-        self.dropped = len(self.skip_log)  # records that failed the text checks, never read again
+        # (id, record) of the records that passed the checks; the others stop the run, or are dropped here
+        self.records, bad = checked_records(data_path, image_folder, lambda r: check_record(r, template), progress)
+        if bad and on_error == "raise":
+            raise bad_records(data_path, bad, len(self.records) + len(bad), " (--on-error skip trains without them)")
+        for rid, reason in bad:
+            self.fail(rid, reason)
+        self.dropped = len(bad)  # records that failed the checks, never read again
 
     def fail(self, rid: str, reason: str) -> None:
         """Raise, or count the skip under the reason's first words ("<what is wrong>: <detail>")."""

@@ -10,11 +10,11 @@ import json
 import re
 import string
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from .answer import answer, check_fields, check_items
+from .files import read_json
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 NUMBER_WORDS["none"] = "0"
@@ -52,14 +52,15 @@ def is_correct(record: dict, prediction: str) -> bool:
 
 
 def score(records: list, predictions: list) -> dict:
-    """Accuracy (%) overall and per question type, separately for each format."""
+    """Accuracy (%) overall and per question type (overall first, then by name), separately for each format."""
     hits = defaultdict(lambda: defaultdict(list))
     for record, prediction in zip(records, predictions):
         ok = is_correct(record, prediction)
         hits[record["format"]]["overall"].append(ok)
         hits[record["format"]][record.get("question_type", "other")].append(ok)
-    return {fmt: {kind: {"accuracy": round(100 * sum(v) / len(v), 2), "n": len(v)} for kind, v in sorted(kinds.items())}
-            for fmt, kinds in hits.items()}
+    first = lambda kv: (kv[0] != "overall", kv[0])  # noqa: E731
+    return {fmt: {kind: {"accuracy": round(100 * sum(v) / len(v), 2), "n": len(v)}
+                  for kind, v in sorted(kinds.items(), key=first)} for fmt, kinds in hits.items()}
 
 
 def check_eval_record(r: dict) -> None:
@@ -81,7 +82,7 @@ def check_eval_records(records: list, path, image_folder=None, blind: bool = Fal
 
 
 def evaluate(model, tok, data_path, image_folder, blind=False, batch_size=32, limit=None, progress=False) -> dict:
-    records = json.loads(Path(data_path).read_text())
+    records = read_json(data_path)
     records = records[:limit] if isinstance(records, list) else records
     check_eval_records(records, data_path, image_folder, blind)
     predictions = answer(model, tok, records, image_folder, blind=blind, batch_size=batch_size, progress=progress)
@@ -102,19 +103,20 @@ def main(argv=None):
     from .llava_bench import llava_bench
     from .teacher_api import ChatClient
     from .tokenizer import Tokenizer
+    from .cli import existing, positive, writable
     from .files import atomic_write
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="eval.json: short-answer and multiple-choice records")
-    p.add_argument("--bench", type=Path, help="LLaVA-Bench style bench.json, scored by a judge")
-    p.add_argument("--image-folder", type=Path)
+    p.add_argument("--model", type=existing("dir"), required=True)
+    p.add_argument("--data", type=existing(), help="eval.json: short-answer and multiple-choice records")
+    p.add_argument("--bench", type=existing(), help="LLaVA-Bench style bench.json, scored by a judge")
+    p.add_argument("--image-folder", type=existing("dir"))
     p.add_argument("--blind", action="store_true", help="also answer without the image, to see how much it looks")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-size", type=positive(), default=32)
+    p.add_argument("--limit", type=positive())
     p.add_argument("--api-base", default="https://api.openai.com/v1")
     p.add_argument("--judge-model", default="gpt-4o-mini")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--out", type=writable(), help="write the results as JSON here")
     args = p.parse_args(argv)
     if not args.data and not args.bench:
         p.error("give --data and/or --bench")
@@ -139,4 +141,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+    run(main)

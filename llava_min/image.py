@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import InputError
 from .model.anyres import AnyRes, fit_size, select_best_resolution
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -24,7 +25,7 @@ MAX_PIXELS = 64 * 2**20  # refuse larger images before decoding them (64 megapix
 MAX_WORK_PIXELS = 256 * 2**20  # the largest intermediate image preprocess may build (pad canvas, resize)
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image that cannot be used; the message names the file."""
 
 
@@ -53,23 +54,40 @@ def to_8_bit(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB; transparency is composited on white."""
+    """Any Pillow mode -> 8-bit RGB; transparency is composited on white. An RGB image is left as it is, even
+    with a `transparency` colour key (which Pillow keeps after P -> RGB), as transformers' convert_to_rgb."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = to_8_bit(img)
+    if img.mode == "RGB":
+        return img
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return img.convert("RGB")
+
+
+def check_image_folder(image_folder) -> None:
+    """A given image folder must be a directory (else every image in it would be reported missing, one by one)."""
+    if image_folder is not None and not Path(image_folder).is_dir():
+        raise ImageError(f"image folder {image_folder} "
+                         + ("is not a directory" if Path(image_folder).exists() else "does not exist"))
+
+
+def find_image(name, image_folder=None) -> Path:
+    """The file an image name stands for (inside `image_folder` when one is given), checked to be there;
+    nothing is decoded (the check every record gets before training)."""
+    path = resolve_in_folder(name, image_folder) if image_folder is not None else Path(name)
+    if not path.is_file():
+        raise ImageError(f"image {path} does not exist" + (" (it is not a file)" if path.exists() else ""))
+    return path
 
 
 def load_image(name, image_folder=None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Opens an image as RGB. With `image_folder`, `name` is relative to it and must stay inside it.
     The size is read from the header and checked before any pixel is decoded (decompression bombs).
     EXIF orientation is not applied, as neither the official code nor transformers applies it."""
-    path = resolve_in_folder(name, image_folder) if image_folder is not None else Path(name)
-    if not path.is_file():
-        raise ImageError(f"image {path} does not exist" + (" (it is not a file)" if path.exists() else ""))
+    path = find_image(name, image_folder)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below

@@ -1,11 +1,10 @@
 """LLaVA-Bench (paper Sec. 5.1): a text-only judge compares the model's answer with a reference answer,
 given the image's captions; the score is mean(model) / mean(reference) x 100 per category, as the
 official eval_gpt_review_bench.py and summarize_gpt_review.py compute it."""
-import json
 from collections import defaultdict
-from pathlib import Path
 
 from .answer import answer, check_fields, check_items
+from .files import read_json
 from .teacher_api import FatalTeacherError, TeacherError
 
 
@@ -51,7 +50,7 @@ BENCH_FIELDS = ("image", "category", "context", "question", "reference")
 def llava_bench(model, tok, bench_path, image_folder, judge, batch_size=8, max_new_tokens=512) -> dict:
     """bench.json: [{"id", "image", "category", "context", "question", "reference"}]; `judge(messages)`
     returns the judge's text (a ChatClient). Unparseable verdicts are counted, not scored."""
-    items = json.loads(Path(bench_path).read_text())
+    items = read_json(bench_path)
     check_items(items, bench_path, image_folder,
                 lambda it: check_fields(it, {"id": (str, int), **dict.fromkeys(BENCH_FIELDS, str)}))
     records = [{**it, "conversations": [{"from": "human", "value": "<image>\n" + it["question"]}]} for it in items]

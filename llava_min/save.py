@@ -2,6 +2,8 @@
 load), CLIP and LLaMA directories, and stage 1's projector in the official stage-1 release layout."""
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -9,7 +11,7 @@ from typing import Optional
 import torch
 
 from .configs import SELECT_STRATEGY, read_config
-from .files import atomic_write
+from .files import SNAPSHOT, atomic_dir, recover_dir
 from .model.clip import VisionConfig, VisionTower
 from .model.llama import Llama, LlamaConfig
 from .model.llava import Llava, LlavaConfig
@@ -84,17 +86,40 @@ def vision_key(name: str) -> str:
 
 def save_pretrained(module, config: dict, out_dir, rename, tokenizer_path=None, extra_files: Optional[dict] = None,
                     weights_name="model.safetensors", extra_tensors: Optional[dict] = None):
-    """`config.json` + `model.safetensors` (+ `tokenizer.model`), written atomically."""
+    """`config.json` + `model.safetensors` (+ `tokenizer.model`), written whole or not at all (`checkpoint_dir`)."""
     tied = module.tied_names() if hasattr(module, "tied_names") else {}
     tensors = {rename(k): v for k, v in module.state_dict().items() if k not in tied} | (extra_tensors or {})
-    out_dir = Path(out_dir)  # each file atomically, config.json last: it marks a finished checkpoint
-    (out_dir / "config.json").unlink(missing_ok=True)  # (never an old config beside new weights)
-    save_safetensors(tensors, out_dir / weights_name)
-    if tokenizer_path is not None:
-        atomic_write(out_dir / "tokenizer.model", lambda tmp: tmp.write_bytes(Path(tokenizer_path).read_bytes()))
-    for name, data in (extra_files or {}).items():
-        atomic_write(out_dir / name, lambda tmp: tmp.write_bytes(data))
-    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    with checkpoint_dir(out_dir) as tmp:
+        save_safetensors(tensors, tmp / weights_name)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """What a checkpoint directory's next checkpoint replaces: configs, weights, the tokenizer, and the training
+    snapshot the checkpoint supersedes. Anything else there (the training log, a user's notes) is kept."""
+    return name.endswith((".json", ".safetensors", ".bin", ".model", ".pt", ".pth")) or name == SNAPSHOT or \
+        name.startswith(f".{SNAPSHOT}.")
+
+
+@contextmanager
+def checkpoint_dir(out_dir):
+    """A checkpoint is written into a temporary directory beside `out_dir` and swapped in with renames
+    (files.atomic_dir): a crash at any point leaves the old complete checkpoint or the new complete one."""
+    with atomic_dir(out_dir, carry=lambda name: not is_checkpoint_file(name)) as tmp:
+        yield tmp
+
+
+def finished_checkpoint(path, recover: bool = True) -> Optional[Path]:
+    """The file marking a finished checkpoint in `path` (config.json; an adapter's adapter_config.json), or None;
+    a copy a crash left aside while it was being replaced is put back first (`recover`: by one process only)."""
+    path = Path(path)
+    if recover:
+        recover_dir(path)
+    return next((path / n for n in ("config.json", "adapter_config.json") if (path / n).is_file()), None)
 
 
 def save_vision(tower: VisionTower, out_dir) -> None:

@@ -7,8 +7,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from .files import atomic_dir, recover_dir
-from .weights import save_safetensors
+from .files import InputError, atomic_dir, recover_dir
+from .weights import load_safetensors, save_safetensors
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
 
@@ -43,7 +43,7 @@ class Snapshots:
         ours = self.signature()
         diff = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v]
         if diff:
-            raise ValueError(f"{self.state_dir}: this run's settings differ from the interrupted run's ("
+            raise InputError(f"{self.state_dir}: this run's settings differ from the interrupted run's ("
                              + "; ".join(diff) + "): resume with the same settings, or start over in another --out")
 
     def save_state(self) -> None:
@@ -66,12 +66,11 @@ class Snapshots:
             dist.barrier()
 
     def load_state(self) -> None:
-        from safetensors.torch import load_file
         state = torch.load(self.state_dir / "state.pt", weights_only=True)
         self.check_signature(state["settings"])
-        saved = load_file(self.state_dir / "trainable.safetensors")
+        saved = load_safetensors(self.state_dir / "trainable.safetensors")
         if set(saved) != set(self.trainable_names):
-            raise ValueError(f"{self.state_dir}: snapshot holds {sorted(set(saved) ^ set(self.trainable_names))[:4]}"
+            raise InputError(f"{self.state_dir}: snapshot holds {sorted(set(saved) ^ set(self.trainable_names))[:4]}"
                              "... which this run does not train (different stage or flags?)")
         set_model_state_dict(self.model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
         if state["optimizer"] is not None:
@@ -79,7 +78,7 @@ class Snapshots:
                                      options=StateDictOptions(full_state_dict=True))
         self.step = state["step"]
         if len(state["rng"]) != self.world_size:
-            raise ValueError(f"{self.state_dir}: snapshot of {len(state['rng'])} processes, this run has "
+            raise InputError(f"{self.state_dir}: snapshot of {len(state['rng'])} processes, this run has "
                              f"{self.world_size}")
         self.skipped = state["skipped"][self.rank]
         rng = state["rng"][self.rank]

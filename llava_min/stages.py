@@ -125,7 +125,8 @@ def run_stage(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: St
     cfg = TrainConfig(out_dir=str(args.out), lr=s.lr, epochs=s.epochs, max_steps=args.max_steps,
                       batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
                       save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
-                      fsdp=args.fsdp, group_by_length=group_by_length, bf16=args.bf16, progress=not args.no_progress)
+                      fsdp=args.fsdp, group_by_length=group_by_length, bf16=args.bf16, progress=not args.no_progress,
+                      name=f"stage {args.stage}" if args.stage in ("1", "2") else args.stage or "")
     chosen = {"stage": args.stage, "data_sha256": digest(args.data), **(chosen or {})}
     trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
     losses = trainer.fit(save)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .files import InputError
+
 SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2}
 SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
 
@@ -71,6 +73,10 @@ def without_dummy_prefix(model_proto: bytes) -> bytes:
 
 # ---------------------------------------------------------------- the tokenizer
 
+class TokenizerError(InputError):
+    """A tokenizer file that cannot be read; the message names it."""
+
+
 class Tokenizer:
     unk_id, bos_id, eos_id = 0, 1, 2
     pad_id = 0  # LLaMA has no pad token; training pads with unk (always masked, never attended)
@@ -82,7 +88,7 @@ class Tokenizer:
         try:
             proto = spm.SentencePieceProcessor(model_file=str(path)).serialized_model_proto()
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path} is not a sentencepiece model: {e}") from e
+            raise TokenizerError(f"{path} is not a sentencepiece model: {e}") from e
         self.sp = spm.SentencePieceProcessor()
         self.sp.LoadFromSerializedProto(without_dummy_prefix(proto))
         self.vocab_size = self.sp.vocab_size()

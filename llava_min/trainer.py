@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from tqdm import tqdm
 
 from .devices import peak_flops, shard, to_device, use_bf16, world
-from .files import atomic_write
+from .files import SNAPSHOT, InputError, atomic_write
 from .snapshots import FULL, Snapshots
 
 
@@ -49,6 +49,7 @@ class TrainConfig:
     bf16: Optional[bool] = None  # bf16 autocast (fp32 weights); None: where the hardware has it (use_bf16)
     stop_after: Optional[int] = None  # leave after this many steps, as if interrupted (tests, time limits)
     progress: bool = True
+    name: str = ""  # the progress bar's label (the stage)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -109,13 +110,14 @@ class Trainer(Snapshots):
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world_size
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} samples are fewer than one global batch of {self.global_batch}")
+            raise InputError(f"{len(dataset)} samples are fewer than one global batch of {self.global_batch}: "
+                             "lower --batch-size or --grad-accum")
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
         self.warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
         self.lengths = sample_lengths(dataset) if cfg.group_by_length else None
         self.step, self.skipped = 0, 0
-        self.state_dir = Path(cfg.out_dir) / "resume"
+        self.state_dir = Path(cfg.out_dir) / SNAPSHOT
         self.log_file = Path(cfg.out_dir) / "metrics.jsonl"
 
     # ------------------------------------------------------------ data order
@@ -206,7 +208,7 @@ class Trainer(Snapshots):
         self.trim_log()
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not self.cfg.progress,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, desc=self.cfg.name or None)
         losses, stop = [], self.cfg.stop_after
         for batches in self.step_batches(self.step):
             if stop is not None and len(losses) >= stop:

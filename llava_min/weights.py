@@ -4,21 +4,22 @@ Formats: `.safetensors` and `.bin` (read with `torch.load(weights_only=True)`, n
 single files or sharded sets described by a `*.index.json` `weight_map`. Models are built on the meta
 device and receive the file's tensors with `assign=True`, so a 7B model never exists twice in memory.
 """
-import json
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import atomic_write
+from .files import InputError, atomic_write, read_json
 
 WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that does not fit the model: names the key and the file."""
 
 
@@ -32,7 +33,10 @@ def weight_files(path) -> list:
         if not candidates:
             raise CheckpointError(f"no weights in {path}: looked for {', '.join(WEIGHT_NAMES)}")
     if candidates[0].name.endswith(".index.json"):
-        weight_map = json.loads(candidates[0].read_text())["weight_map"]
+        index = read_json(candidates[0])
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{candidates[0]} has no weight_map")
+        weight_map = index["weight_map"]
         return [candidates[0].parent / f for f in sorted(set(weight_map.values()))]
     return candidates
 
@@ -43,28 +47,46 @@ def read_tensors(files, keep: Callable[[str], bool] = lambda key: True) -> Itera
         file = Path(file)
         if not file.is_file():
             raise CheckpointError(f"weight file {file} is missing")
-        if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
+        with unreadable(file):
+            if file.suffix == ".safetensors":
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        if keep(key):
+                            yield key, f.get_tensor(key), file
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                for key, tensor in state.items():
                     if keep(key):
-                        yield key, f.get_tensor(key), file
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            for key, tensor in state.items():
-                if keep(key):
-                    yield key, tensor, file
+                        yield key, tensor, file
 
 
 def tensor_names(files) -> list:
     """The keys of weight files, without reading the tensors."""
     names = []
     for file in files:
-        if Path(file).suffix == ".safetensors":
-            with safe_open(file, framework="pt") as f:
-                names += list(f.keys())
-        else:
-            names += list(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        with unreadable(file):
+            if Path(file).suffix == ".safetensors":
+                with safe_open(file, framework="pt") as f:
+                    names += list(f.keys())
+            else:
+                names += list(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
     return names
+
+
+@contextmanager
+def unreadable(file):
+    """A truncated or foreign weight file is a CheckpointError naming it (safetensors' and torch's errors do not)."""
+    try:
+        yield
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise CheckpointError(f"weight file {file} cannot be read: {' '.join(str(e).split())[:300]}") from e
+
+
+def load_safetensors(file) -> dict:
+    """A whole .safetensors file (a snapshot's or an adapter's), read or refused with its name."""
+    from safetensors.torch import load_file
+    with unreadable(file):
+        return load_file(file)
 
 
 def load_strict(model: nn.Module, tensors, rename: Callable[[str], Optional[str]], ignore: Callable[[str], Optional[str]],

@@ -8,6 +8,7 @@ from PIL import Image
 
 from llava_min.conversation import tokenize_conversation
 from llava_min.data import DataError, LlavaDataset, collate, uncounted_skips
+from llava_min.files import InputError
 from llava_min.tokenizer import Tokenizer
 
 GOOD = {"id": "good", "image": "a.png",
@@ -132,18 +133,42 @@ def test_bad_records_raise_at_load_with_their_id(tmp_path, tok, folder, record, 
         dataset(tmp_path, [GOOD, record], tok, folder)
 
 
-BAD_IMAGES = [("missing.png", "missing.png does not exist"), ("broken.png", "broken.png cannot be read"),
-              ("huge.png", "huge.png is 400x400 pixels, more than the limit"),
-              ("../outside.png", "'../outside.png' leads outside the image folder"),
-              ("link.png", "'link.png' leads outside the image folder")]
+FOUND_BEFORE = [("missing.png", "missing.png does not exist"),  # a look at the folder finds these, before training
+                ("../outside.png", "'../outside.png' leads outside the image folder"),
+                ("link.png", "'link.png' leads outside the image folder")]
+FOUND_WHEN_READ = [("broken.png", "broken.png cannot be read"),  # these need the file opened: lazily
+                   ("huge.png", "huge.png is 400x400 pixels, more than the limit")]
+BAD_IMAGES = FOUND_BEFORE + FOUND_WHEN_READ
 
 
-@pytest.mark.parametrize("image,message", BAD_IMAGES)
-def test_bad_images_raise_when_read_with_record_id_and_file(tmp_path, tok, folder, image, message):
+@pytest.mark.parametrize("image,message", FOUND_BEFORE)
+def test_missing_images_and_paths_leaving_the_folder_are_found_before_training(tmp_path, tok, folder, image, message):
+    with pytest.raises(DataError, match=f"record img1: bad image: .*{message}"):
+        dataset(tmp_path, [GOOD, with_image(image, "img1")], tok, folder)
+
+
+@pytest.mark.parametrize("image,message", FOUND_WHEN_READ)
+def test_unreadable_images_raise_when_read_with_record_id_and_file(tmp_path, tok, folder, image, message):
     ds = dataset(tmp_path, [with_image(image, "img1")], tok, folder, max_pixels=100_000)
-    assert len(ds) == 1  # images are checked lazily
+    assert len(ds) == 1  # decoding is lazy
     with pytest.raises(DataError, match=f"record img1: bad image: .*{message}"):
         ds[0]
+
+
+def test_every_bad_record_is_reported_at_once_before_training(tmp_path, tok, folder):
+    """Not at its batch, hours in: all of them, the first few named, the rest counted."""
+    records = [GOOD] * 5 + [with_image("gone.png", "late1"), {"id": "late2", "conversations": []}, GOOD,
+                            with_image("../outside.png", "late3"), with_image("gone2.png", "late4")]
+    with pytest.raises(DataError, match=r"data.json: 4 of 10 records cannot be used: record late1: bad image: "
+                                        r".*gone.png does not exist; record late2: empty conversation.*; record "
+                                        r"late3: bad image: .*leads outside.*; and 1 more \(--on-error skip trains "
+                                        r"without them\)$"):
+        dataset(tmp_path, records, tok, folder)
+    with pytest.raises(InputError, match=r"image folder .*nowhere does not exist$"):  # not "image ... does not exist"
+        dataset(tmp_path, [GOOD], tok, tmp_path / "nowhere")
+    (tmp_path / "object.json").write_text(json.dumps({"data": [GOOD]}))
+    with pytest.raises(DataError, match="object.json: a JSON object, expected a JSON list of records"):
+        LlavaDataset(tmp_path / "object.json", tok)
 
 
 def test_images_of_every_kind_load(tmp_path, tok, folder):
@@ -157,20 +182,22 @@ def test_skip_mode_counts_every_reason_and_drops(tmp_path, tok, folder):
     bad_images = [with_image(image, f"img{i}") for i, (image, _) in enumerate(BAD_IMAGES)]
     records = [GOOD] + [r for r, _ in BAD_RECORDS] + bad_images
     ds = dataset(tmp_path, records, tok, folder, on_error="skip", max_pixels=100_000)
-    assert len(ds) == 1 + len(BAD_IMAGES) and sum(ds.skipped.values()) == len(BAD_RECORDS)
+    dropped = len(BAD_RECORDS) + len(FOUND_BEFORE)  # before training
+    assert len(ds) == 1 + len(FOUND_WHEN_READ) and sum(ds.skipped.values()) == ds.dropped == dropped
     assert ds.skipped["unanswered turn"] == 2 and ds.skipped["roles out of order"] == 1
-    assert len(ds.skip_log) == len(BAD_RECORDS) and ds.skip_log[0].startswith("record e1: empty conversation")
+    assert len(ds.skip_log) == dropped and ds.skip_log[0].startswith("record e1: empty conversation")
     items = [ds[i] for i in range(len(ds))]
-    assert items[0] is not None and items[1:] == [None] * len(BAD_IMAGES)
+    assert items[0] is not None and items[1:] == [None] * len(FOUND_WHEN_READ)
     assert ds.skipped["bad image"] == len(BAD_IMAGES) and any("record img0: bad image" in m for m in ds.skip_log)
     batch = collate(items)
-    assert batch["ids"] == ["good"] and batch["num_skipped"] == len(BAD_IMAGES) and batch["input_ids"].shape[0] == 1
+    assert batch["ids"] == ["good"] and batch["num_skipped"] == len(FOUND_WHEN_READ)
+    assert batch["input_ids"].shape[0] == 1
     empty = collate([None, None])
     assert empty["input_ids"].shape == (0, 0) and empty["num_skipped"] == 2 and empty["pixel_values"] is None
 
 
 def test_a_look_before_training_does_not_count_skips(tmp_path, tok, folder):
-    ds = dataset(tmp_path, [GOOD, with_image("missing.png", "img0")], tok, folder, on_error="skip")
+    ds = dataset(tmp_path, [GOOD, with_image("broken.png", "img0")], tok, folder, on_error="skip")
     for view in (ds, torch.utils.data.Subset(ds, [1, 0])):
         with uncounted_skips(view):
             assert [view[i] is None for i in range(2)] == ([False, True] if view is ds else [True, False])

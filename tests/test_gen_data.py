@@ -346,7 +346,7 @@ def test_coco_pipeline_end_to_end_and_rerun(monkeypatch, tmp_path, fake, capsys)
 def test_cli_reports_bad_annotations_without_traceback(tmp_path):
     caps_file, inst_file = coco_files(tmp_path)
     inst_file.write_text(json.dumps({"images": [], "annotations": [{"image_id": 5}], "categories": []}))
-    with pytest.raises(SystemExit, match=r"gen_data: .*instances.json: annotations\[0\]"):
+    with pytest.raises(SystemExit, match=r"instances.json: annotations\[0\]"):
         gen_data.main(["--out", str(tmp_path / "o"), "--coco-captions", str(caps_file), "--coco-instances",
                        str(inst_file), "--teacher", "openai", "--api-base", "http://127.0.0.1:9/v1"])
 
@@ -453,7 +453,7 @@ def test_one_run_per_output_directory(tmp_path, monkeypatch):
 
 
 def test_bad_world_flags_and_a_run_with_nothing_to_train_on_exit_nonzero(tmp_path, monkeypatch, fake):
-    with pytest.raises(SystemExit, match="gen_data: need at least one training image"):
+    with pytest.raises(SystemExit, match="need at least one training image"):
         gen_data.main(["--out", str(tmp_path / "w"), "--num-images", "0"])
     server = fake(status=400)  # every request fails: no record to train on
     caps_file, inst_file = coco_files(tmp_path)

@@ -122,6 +122,23 @@ def test_transparent_pixels_become_white(tmp_path):
     assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [255, 0, 0]
 
 
+def test_an_rgb_colour_key_is_not_alpha(tmp_path, clip_processor):
+    """An RGB PNG with a `transparency` colour key (Pillow keeps one after P -> RGB too) keeps its pixels, as the
+    official loader's `.convert("RGB")` and the transformers 4 processor LLaVA trained with (its convert_to_rgb
+    returns RGB as it is; transformers 5's would composite the key): only real alpha is composited."""
+    img = random_image(40, 30, seed=3)
+    key = img.getpixel((5, 5))
+    img.save(tmp_path / "key.png", transparency=key)
+    with Image.open(tmp_path / "key.png") as raw:
+        assert raw.mode == "RGB" and raw.info.get("transparency") == key
+        official = np.asarray(raw.convert("RGB"))  # the pixels, without the key
+    ours = load_image(tmp_path / "key.png")
+    assert ours.getpixel((5, 5)) == key  # not white
+    torch.testing.assert_close(preprocess(ours), reference(clip_processor, official), atol=0, rtol=0)
+    torch.testing.assert_close(preprocess(Image.open(tmp_path / "key.png")), reference(clip_processor, official),
+                               atol=0, rtol=0)
+
+
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     deep = Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))
     out = np.asarray(load_image(save(deep, tmp_path / "deep.png")))

@@ -32,10 +32,13 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
     assert (tmp_path / "runs" / "full" / "loss.png").is_file()
     out = capsys.readouterr().out
     assert "held-out results" in out and "sample answers" in out
+    assert f"results: {tmp_path / 'runs/full/results.json'}" in out and str(tmp_path / "runs/full/stage2") in out
+    assert list(results["scores"]["short"])[0] == "overall"
 
     train.main(args)  # a rerun finds every output, only evaluates again, and keeps the times the steps took
-    assert json.loads((tmp_path / "runs" / "full" / "results.json").read_text())["stage_seconds"] == \
-        results["stage_seconds"]
+    rerun = json.loads((tmp_path / "runs" / "full" / "results.json").read_text())
+    assert rerun["stage_seconds"] == results["stage_seconds"]
+    assert rerun["wall_seconds"] == round(sum(results["stage_seconds"].values()) + rerun["eval_seconds"], 1)
     assert "[stage 2] output exists, skipped (it took" in capsys.readouterr().out
 
     with pytest.raises(SystemExit, match="the world in .* was made with seed 0 \\(this command: 1\\)"):
@@ -109,7 +112,9 @@ def test_a_rerun_resumes_an_interrupted_stage(tmp_path, monkeypatch):
         train.main(args)  # stage 2 leaves after one step; its evaluation then finds no model
     assert (tmp_path / "cut" / "full" / "stage2" / "resume" / "state.pt").is_file()
     monkeypatch.setattr(Trainer, "fit", fit)
-    train.main(args)
+    train.main(args)  # (the times of the steps that finished before the cut are kept: no results.json had them)
+    assert set(json.loads((tmp_path / "cut" / "full" / "results.json").read_text())["stage_seconds"]) == \
+        {"data", "tokenizer", "clip", "lm", "stage 1", "stage 2"}
     losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "full" / "stage2" / "metrics.jsonl").read_text()
                .splitlines()] for d in ("whole", "cut")]
     assert losses[0] == losses[1] and len(losses[0]) == 3

@@ -154,22 +154,35 @@ def test_a_snapshot_is_neither_made_up_nor_dropped(parts, tmp_path):
     stage2_in_process(parts, tmp_path / "out", "--stop-after", "2")
     with pytest.raises(FileExistsError, match="snapshot of an unfinished run \\(step 2\\): pass --resume"):
         stage2_in_process(parts, tmp_path / "out")
-    (tmp_path / "out" / ".resume.k3j2x1").mkdir()  # what a kill in the middle of writing a snapshot leaves
+    (tmp_path / "out" / ".resume.k3j2x1ab").mkdir()  # what a kill in the middle of writing a snapshot leaves
     stage2_in_process(parts, tmp_path / "out", "--resume", "--save-every", "1")
     assert (tmp_path / "out" / "config.json").is_file()
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith((".", "resume"))) == []
 
 
-def test_a_checkpoint_half_written_over_another_is_not_taken_for_either(parts, tmp_path, monkeypatch):
+def test_a_finished_model_is_replaced_only_when_asked_and_only_once_the_new_one_is_complete(parts, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """tests/test_saving.py kills every file operation of a save in turn; here the whole command line."""
     import llava_min.save as ck
-    stage2_in_process(parts, tmp_path / "out")
+    out = tmp_path / "out"
+    stage2_in_process(parts, out)
+    before = load_file(out / "model.safetensors")
+    with pytest.raises(SystemExit):
+        stage2_in_process(parts, out, "--select-layer", "-1")
+    assert "holds a finished model (config.json): pass --overwrite" in capsys.readouterr().err
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(ck, "save_safetensors", killed)  # dies writing the new weights
-    with pytest.raises(KeyboardInterrupt):
-        stage2_in_process(parts, tmp_path / "out", "--select-layer", "-1")
-    assert not (tmp_path / "out" / "config.json").exists()  # no finished checkpoint: not the old config on new weights
+    with monkeypatch.context() as patch:
+        patch.setattr(ck, "save_safetensors", killed)  # dies writing the new weights
+        with pytest.raises(KeyboardInterrupt):
+            stage2_in_process(parts, out, "--select-layer", "-1", "--overwrite")
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert llava_min.load(out).cfg.select_layer == -2  # the old model, whole: its config with its weights
+    stage2_in_process(parts, out, "--select-layer", "-1", "--overwrite")
+    assert llava_min.load(out).cfg.select_layer == -1 and len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (out / "resume").exists()
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(parts, tmp_path):
@@ -207,10 +220,11 @@ def test_bf16_autocast_only_when_asked_with_fp32_weights(parts, tmp_path, bf16):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def run_stage2(parts, out, extra, nproc=None, data=None):
+def run_stage2(parts, out, extra, nproc=None, data=None, images=None):
     args = ["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
             "--tokenizer", str(parts / "tokenizer.model"), "--data", str(data or parts / "data" / "instruct.json"),
-            "--image-folder", str(parts / "data" / "images"), "--max-steps", "3", "--out", str(out), "--no-progress",
+            "--image-folder", str(images or parts / "data" / "images"), "--max-steps", "3", "--out", str(out),
+            "--no-progress",
             "--seed", "1", "--no-bf16"] + extra  # fp32: the sums over processes then agree to ~1e-6
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
@@ -225,22 +239,30 @@ def run_stage2(parts, out, extra, nproc=None, data=None):
 def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mode):
     """Stage 2 from a random projector (no stage 1): the projector must be seeded the same way too.
     The FSDP run is also interrupted after one step and resumed from its sharded snapshot. Most records
-    are skipped (missing images), so some micro-batch of one process has none left: it must still take
-    part in every collective, and a step with none left at all updates nothing."""
+    are skipped as their batches come (images that cannot be decoded), so some micro-batch of one process has
+    none left: it must still take part in every collective, and a step with none left at all updates nothing."""
     import json
+    import shutil
     records = [r for r in json.loads((parts / "data" / "instruct.json").read_text()) if r.get("image")]
-    bad = [{**r, "id": f"bad-{i}", "image": f"missing-{i}.png"} for i, r in enumerate(records[4:16])]
-    broken = {"id": "broken", "image": "x.png", "conversations": []}  # dropped when the file is read
+    images = tmp_path / "images"
+    for r in records[:4]:
+        (images / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(parts / "data" / "images" / r["image"], images / r["image"])
+    for i in range(12):
+        (images / f"broken-{i}.png").write_bytes(b"\x89PNG cut short")
+    bad = [{**r, "id": f"bad-{i}", "image": f"broken-{i}.png"} for i, r in enumerate(records[4:16])]
+    broken = {"id": "broken", "image": "x.png", "conversations": []}  # dropped before training
     (tmp_path / "mixed.json").write_text(json.dumps(records[:4] + bad + [broken]))
     plain = ["--on-error", "skip"] + ([] if mode == "ddp" else ["--no-whiten-features"])  # FSDP: unwhitened
-    said = run_stage2(parts, tmp_path / "one", ["--batch-size", "4"] + plain, data=tmp_path / "mixed.json")
+    said = run_stage2(parts, tmp_path / "one", ["--batch-size", "4"] + plain, data=tmp_path / "mixed.json",
+                      images=images)
     if mode == "ddp":
         said_two = run_stage2(parts, tmp_path / "two", ["--batch-size", "2"] + plain, nproc=2,
-                              data=tmp_path / "mixed.json")
+                              data=tmp_path / "mixed.json", images=images)
     else:
         for extra in (["--stop-after", "1"], ["--resume"]):  # the count goes on across the resume, per process
             said_two = run_stage2(parts, tmp_path / "two", ["--batch-size", "2", "--fsdp"] + extra + plain, nproc=2,
-                                  data=tmp_path / "mixed.json")
+                                  data=tmp_path / "mixed.json", images=images)
     count = [line for line in said.splitlines() if line.startswith("skipped")]
     assert count and count[0].startswith("skipped bad records (--on-error skip): 1 when the data was read in, ")
     assert [line for line in said_two.splitlines() if line.startswith("skipped")] == count  # the total, once

@@ -234,16 +234,17 @@ def table(rows: list) -> str:
 
 
 def main(argv=None):
+    from ..cli import positive, writable
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--warmup", type=positive(zero_ok=True), default=2)
+    p.add_argument("--repeats", type=positive(), default=5)
+    p.add_argument("--out", type=writable(), help="write the rows as JSON here")
     p.add_argument("--rows", nargs="+", choices=ROWS, help="default: all; on CPU all but the compiled ones "
                    "(compiling takes minutes there)")
-    p.add_argument("--train-batch", type=int, help="sequences per training step (default: the config's)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
+    p.add_argument("--train-batch", type=positive(), help="sequences per training step (default: the config's)")
+    p.add_argument("--batches", type=positive(), nargs="+", default=[1, 8], help="decode batch sizes")
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     if args.config == "7b" and not cuda:
@@ -275,4 +276,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import run
+    run(main)

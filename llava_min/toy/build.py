@@ -2,18 +2,19 @@
 
 World outputs (official LLaVA JSON, records' "image" relative to DIR/images): images/, scenes.json,
 pretrain.json (stage 1), instruct.json (stage 2), corpus.txt (text for the toy LM) and eval.json
-(held-out images), written last, so its presence means the world is complete.
+(held-out images), written last, so its presence means the world is complete. world_config.json records the
+settings it was drawn with: a world is never redrawn over one made with other settings.
 """
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..conversation import render_prompt
-from ..files import only_run, write_json, write_text
+from ..files import only_run, same_settings, write_json, write_text
 from ..gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human,
                         parse_response)
 from .questions import SHORT_PROMPT, WORLD_TYPES, ask, choice_types, multiple_choice
@@ -172,7 +173,8 @@ def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_si
     cfg = WorldConfig(num_images, num_eval, seed, image_size, **options)
     cfg.check()
     out = Path(out_dir)
-    with only_run(out):
+    with only_run(out):  # a world is never redrawn over one drawn with other settings
+        same_settings(out / "world_config.json", asdict(cfg), f"the world in {out} was")
         return write_world(cfg, out, workers, progress)
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..devices import use_bf16
-from ..files import atomic_write
+from ..save import finished_checkpoint as finished
+from ..files import atomic_write, same_settings, write_json
 from .build import build_world
 
 ABLATIONS = {  # variant -> the train.py flags that make it (the rows of the README's table)
@@ -51,7 +52,7 @@ VARIANT_KEYS = ("no_stage1", "no_stage2", "projector", "select_layer", "data_fra
                 "group_by_length", "grad_checkpointing")
 NOT_SHAPING = ("stage", "out", "data_dir", "data", "image_folder", "tokenizer", "init", "vision", "llm", "resume",
                "save_every", "stop_after", "num_workers", "device", "bf16", "no_progress", "ablations", "fsdp",
-               "on_error")
+               "on_error", "overwrite")
 
 
 def resolved(args, preset) -> dict:
@@ -67,19 +68,6 @@ def resolved(args, preset) -> dict:
     return given
 
 
-def same_settings(file: Path, ours: dict, what: str) -> None:
-    """Outputs made by other settings are not reused under this command's name: the first run records its
-    settings beside them, and a later one with other values stops, naming them."""
-    if file.is_file():
-        theirs = json.loads(file.read_text())
-        diff = [f"{k} {theirs.get(k)!r} (this command: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
-        if diff:
-            raise SystemExit(f"{what} made with " + ", ".join(diff) + f" ({file}): pass another --out / "
-                             "--data-dir, or remove it to make it again")
-    else:
-        atomic_write(file, lambda tmp: tmp.write_text(json.dumps(ours, indent=2)))
-
-
 def check_settings(args, preset, data: Path, root: Path, run_dir: Path) -> None:
     given = resolved(args, preset)
     same_settings(data / "world.json", {k: given[k] for k in WORLD_KEYS}, f"the world in {data} was")
@@ -88,9 +76,9 @@ def check_settings(args, preset, data: Path, root: Path, run_dir: Path) -> None:
     same_settings(run_dir / "settings.json", {k: given[k] for k in VARIANT_KEYS}, f"the variant in {run_dir} was")
 
 
-def step(name: str, done: bool, fn, timings: dict) -> None:
-    """Runs `fn` unless its output exists; `timings` holds each step's seconds (a skipped one keeps the
-    time it took when it ran, from an earlier results.json)."""
+def step(name: str, done: bool, fn, timings: dict, where: Path) -> None:
+    """Runs `fn` unless its output exists; `timings` holds each step's seconds. A step's time is recorded as
+    soon as it ends in `where`/seconds.json, beside its output, so a skipped step keeps the time it took."""
     if done:
         took = f" (it took {timings[name]:.0f}s when it ran)" if name in timings else ""
         print(f"[{name}] output exists, skipped{took}")
@@ -99,7 +87,16 @@ def step(name: str, done: bool, fn, timings: dict) -> None:
     t0 = time.perf_counter()
     fn()
     timings[name] = round(time.perf_counter() - t0, 1)
+    write_json(where / "seconds.json", {**recorded_seconds(where), name: timings[name]})
     print(f"[{name}] done in {timings[name]:.0f}s", flush=True)
+
+
+def recorded_seconds(where: Path) -> dict:
+    """The step times recorded in `where` (none if no step there has finished)."""
+    try:
+        return dict(json.loads((where / "seconds.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def stage_args(args, name: str, **fields) -> argparse.Namespace:
@@ -126,49 +123,53 @@ def run_pipeline(args, preset, stages) -> dict:
     data, root = args.data_dir, args.out
     images, tokenizer = data / "images", root / "tokenizer.model"
     run_dir = root / variant_name(args)
-    t_start, timings = time.perf_counter(), earlier_timings(run_dir / "results.json")
     check_settings(args, preset, data, root, run_dir)
+    timings = {**earlier_timings(run_dir / "results.json"), **recorded_seconds(data), **recorded_seconds(root),
+               **recorded_seconds(run_dir)}
     num_images, num_eval = args.num_images or preset.num_images, args.num_eval or preset.num_eval
     step("data", (data / "eval.json").is_file(),
          lambda: build_world(data, num_images, num_eval, args.seed, image_size=preset.vision.image_size,
                                      progress=not args.no_progress, world=args.world),
-         timings)
+         timings, data)
     common = dict(tokenizer=tokenizer, image_folder=images, init=None)
 
     def train(name: str, key: str, **fields):
         def run():
             torch.manual_seed(args.seed)  # fresh weights depend on the seed, not on which stages ran before
             interrupted = (Path(fields["out"]) / "resume" / "state.pt").is_file()  # (--save-every N wrote it)
-            return stages[key](stage_args(args, name, **{**common, "resume": interrupted, **fields}), preset)
+            return stages[key](stage_args(args, name, **{**common, "stage": key, "resume": interrupted, **fields}),
+                               preset)
         return run
 
     step("tokenizer", tokenizer.is_file(), train("tokenizer", "tokenizer", data=data / "corpus.txt", out=tokenizer),
-         timings)
+         timings, root)
 
     clip, lm = root / "clip", root / "lm"
-    step("clip", (clip / "config.json").is_file(), train("clip", "clip", data=data / "pretrain.json", out=clip),
-         timings)
-    step("lm", (lm / "config.json").is_file(), train("lm", "lm", data=data / "corpus.txt", out=lm), timings)
+    step("clip", finished(clip), train("clip", "clip", data=data / "pretrain.json", out=clip), timings, root)
+    step("lm", finished(lm), train("lm", "lm", data=data / "corpus.txt", out=lm), timings, root)
     parts = dict(vision=clip, llm=lm)
     stage1, stage2 = run_dir / "stage1", run_dir / "stage2"
     if not args.no_stage1:
-        step("stage 1", (stage1 / "config.json").is_file(),
-             train("stage 1", "1", **parts, data=data / "pretrain.json", out=stage1), timings)
+        step("stage 1", finished(stage1), train("stage 1", "1", **parts, data=data / "pretrain.json", out=stage1),
+             timings, run_dir)
     if not args.no_stage2:
-        step("stage 2", (stage2 / "config.json").is_file(),
-             train("stage 2", "2", **parts, init=None if args.no_stage1 else stage1, data=data / "instruct.json",
-                   out=stage2), timings)
+        step("stage 2", finished(stage2), train("stage 2", "2", **parts, init=None if args.no_stage1 else stage1,
+                                                 data=data / "instruct.json", out=stage2), timings, run_dir)
     final = stage1 if args.no_stage2 else stage2
+    t0 = time.perf_counter()
     results = evaluate_run(final, data, args)
+    took = round(time.perf_counter() - t0, 1)  # the whole: each step's time when it ran, and this evaluation
     results.update(variant=variant_name(args), world=args.world, seed=args.seed, device=device_name(args.device),
                    precision="bf16 autocast" if use_bf16(args.device, args.bf16) else "fp32",
-                   stage_seconds=timings, wall_seconds=round(time.perf_counter() - t_start, 1),
+                   stage_seconds=timings, eval_seconds=took, wall_seconds=round(sum(timings.values()) + took, 1),
                    num_train_images=len(json.loads((data / "pretrain.json").read_text())))
     atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     report(results)
     from ..tools.plot import plot_losses
     curves = {name: d / "metrics.jsonl" for name, d in [("stage 1", stage1), ("stage 2", stage2)]}
     plot_losses({k: v for k, v in curves.items() if v.is_file()}, run_dir / "loss.png")
+    print(f"\nmodels: {', '.join(str(d) for d in (stage1, stage2) if finished(d))}; results: "
+          f"{run_dir / 'results.json'}; loss curves: {run_dir / 'loss.png'}")
     return results
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import DataError, check_record, read_records, record_id
+from ..data import DataError, bad_records, check_record, checked_records, record_id
 from ..image import ImageError, load_image, preprocess
 from ..model.clip import VisionTower
 from ..model.llama import Llama
@@ -52,16 +52,16 @@ class CaptionPairs(torch.utils.data.Dataset):
     """(image, caption) pairs from an LLaVA-format caption file (the stage-1 `pretrain.json`)."""
 
     def __init__(self, data_path, image_folder, tok, image_size: int, max_len: int = 64):
-        """Every record is checked here; a bad one stops the run naming the file and the record (this toy
-        stage has no --on-error skip: its data is generated)."""
-        self.data_path, self.records = data_path, read_records(data_path)
-        for n, r in enumerate(self.records):
-            try:
-                if not isinstance(r, dict) or "image" not in r or not r.get("conversations"):
-                    raise ValueError("a caption pair needs 'image' and 'conversations'")
-                check_record(r, "plain")
-            except ValueError as e:
-                raise DataError(f"{data_path}: record {record_id(n, r)}: {e}") from e
+        """Every record is checked here, its image file too; bad ones stop the run naming the file and the
+        records (this toy stage has no --on-error skip: its data is generated)."""
+        def check(r):
+            if not isinstance(r, dict) or "image" not in r or not r.get("conversations"):
+                raise ValueError("a caption pair needs 'image' and 'conversations'")
+            check_record(r, "plain")
+        good, bad = checked_records(data_path, image_folder, check)
+        if bad:
+            raise bad_records(data_path, bad, len(good) + len(bad))
+        self.data_path, self.records = data_path, [r for _, r in good]
         self.image_folder, self.tok, self.image_size, self.max_len = image_folder, tok, image_size, max_len
 
     def __len__(self):

@@ -1,0 +1,108 @@
+"""The top of every command line: a user's mistake ends in one line on stderr, `PROG: error: <what is wrong>`,
+and a non-zero exit; an unexpected internal error keeps its traceback. A command adopts it in one line:
+
+    if __name__ == "__main__":
+        run(main)  # main(argv=None) parses sys.argv itself; main stays callable (and raising) from Python
+
+A user's mistake is: the project's own errors, whose messages name the file or setting (InputError, and
+CheckpointError, DataError, ImageError, TokenizerError built on it; TeacherError), `SystemExit("message")`, and
+the operating system's errors about a file (missing, a file where a directory belongs, no permission, a
+read-only disk, ...). Ctrl-C ends in one line too. Argparse's own errors keep their form (exit status 2).
+
+Argparse types shared by the command lines: `positive`, `fraction`, `existing` (a file or directory that must
+be there) and `writable` (an output path): a bad value is an argparse error naming the flag, before any
+model is loaded.
+"""
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def user_message(e: BaseException):
+    """The one line a user's mistake is reported with; None for anything else (a bug: its traceback is shown)."""
+    from .files import InputError
+    from .teacher_api import TeacherError
+    if isinstance(e, (InputError, TeacherError)):
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else "")
+    if isinstance(e, FILE_ERRORS):  # ours, with a message (a snapshot --resume cannot find, ...)
+        return str(e)
+    return None
+
+
+def run(main) -> None:
+    """Calls `main()`; a user's mistake -> `PROG: error: ...` and exit status 1 (see the module docstring)."""
+    prog = Path(sys.argv[0]).name
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)  # the shell's code for a Ctrl-C
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.exit(f"{prog}: error: " + " ".join(e.code.split()))
+        raise
+    except Exception as e:
+        text = user_message(e)
+        if text is None:
+            raise
+        sys.exit(f"{prog}: error: " + " ".join(text.split()))
+
+
+# ---------------------------------------------------------------- argparse types
+
+
+def positive(kind=int, zero_ok: bool = False):
+    """A number above zero (or at least zero), never a silent stand-in for a default."""
+    def parse(text: str):
+        value = kind(text)
+        if not (value >= 0 if zero_ok else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if zero_ok else 'above'} 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def existing(kind: str = "file"):
+    """A path that must be there: a "file", a "dir" (directory) or "any"."""
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if not path.exists():
+            raise argparse.ArgumentTypeError(f"{path} does not exist")
+        if kind == "file" and not path.is_file():
+            raise argparse.ArgumentTypeError(f"{path} is a directory, expected a file")
+        if kind == "dir" and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{path} is a file, expected a directory")
+        return path
+    return parse
+
+
+def writable(kind: str = "file"):
+    """An output path (a "file" or a "dir"): not the other kind, and inside a directory this process can write
+    in (checked by making a temporary file there), so a long run never ends failing to save."""
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if kind == "file" and path.is_dir():
+            raise argparse.ArgumentTypeError(f"{path} is a directory, expected a file")
+        if kind == "dir" and path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{path} is a file, expected a directory")
+        there = next(p for p in [path] * (kind == "dir") + list(path.absolute().parents) if p.exists())
+        if not there.is_dir():
+            raise argparse.ArgumentTypeError(f"{there} is a file, {path} cannot be made inside it")
+        try:
+            tempfile.TemporaryFile(dir=there).close()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot write in {there} ({e.strerror})") from e
+        return path
+    return parse
