@@ -187,16 +187,18 @@ def positions_for(attention_mask: Optional[torch.Tensor], B: int, T: int, start:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start: start + T]
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, to_logits) -> torch.Tensor:
+def causal_lm_loss(scores: torch.Tensor, labels: torch.Tensor, to_logits=None) -> torch.Tensor:
     """Eq. 3: the mean over supervised tokens of -log p(x_i | x_<i); labels -100 are not supervised.
 
-    `to_logits` (final norm + vocabulary projection) runs only at the positions that carry a label: in
-    stage 2 most positions are system prompt, question or image (Table 2). The mean over a whole
-    optimizer step's tokens is taken in Trainer.train_step.
+    `scores` are logits, or hidden states with `to_logits` (final norm + vocabulary projection), which
+    then runs only at the positions that carry a label: in stage 2 most positions are system prompt,
+    question or image (Table 2). The mean over a whole optimizer step's tokens is taken in
+    Trainer.train_step.
     """
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX
-    return F.cross_entropy(to_logits(hidden[:, :-1][supervised]).float(), targets[supervised])
+    scores = scores[:, :-1][supervised]
+    return F.cross_entropy((scores if to_logits is None else to_logits(scores)).float(), targets[supervised])
 
 
 class Llama(nn.Module):
@@ -256,9 +258,10 @@ class Llama(nn.Module):
     def head(self, x: torch.Tensor, labels=None, return_logits: bool = True):
         """Final norm and the vocabulary projection, and Eq. 3's loss when labels are given."""
         to_logits = lambda h: self.lm_head(self.norm(h))  # noqa: E731
-        logits = to_logits(x) if return_logits else None
-        loss = causal_lm_loss(x, labels, to_logits) if labels is not None else None
-        return logits, loss
+        if not return_logits:
+            return None, causal_lm_loss(x, labels, to_logits) if labels is not None else None
+        logits = to_logits(x)
+        return logits, causal_lm_loss(logits, labels) if labels is not None else None
 
     def decode_step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] for one new token per row, written at cache slot `input_pos` ([1] tensor).
