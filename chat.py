@@ -2,6 +2,7 @@
 
     python chat.py --model runs/toy/full/stage2 --image data/toy/images/eval/000000.png
     python chat.py --model DIR --image IMG --prompt "What is in the image?"    # answer once and exit
+    python chat.py --model ADAPTER --model-base BASE --image IMG                # a LoRA adapter on its base
 
 In the chat: `/image PATH` starts a new conversation about another image, `/clear` forgets the
 conversation, `/quit` leaves. The KV cache carries over between turns: a new turn prefills only the
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-import llava_min
-from llava_min.conversation import stop_text, tokenize_prompt
+from llava_min.adapters import load_model, tokenizer_file
+from llava_min.conversation import check_template, stop_text, tokenize_prompt
 from llava_min.conversation import cut_at, stop_at
 from llava_min.model.generate import generate
 from llava_min.answer import model_pixels
@@ -113,7 +114,7 @@ class Chat:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="any layout llava_min.load accepts")
+    p.add_argument("--model", type=Path, required=True, help="any layout llava_min.load accepts, or a LoRA adapter")
     p.add_argument("--image", type=Path)
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
@@ -124,6 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", type=Path, help="default: MODEL/tokenizer.model")
     p.add_argument("--vision", type=Path, help="CLIP directory for official checkpoints, if not the one named")
     p.add_argument("--llm", type=Path, help="LLM directory for a stage-1 projector checkpoint")
+    p.add_argument("--model-base", type=Path, help="MODEL is a LoRA adapter (ours, peft's, the official release): "
+                   "the model it goes on (default: the one its adapter_config.json names)")
     p.add_argument("--template", help="conversation template (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
@@ -132,13 +135,17 @@ def parse_args(argv=None):
 
 
 def open_chat(args) -> Chat:
-    tokenizer = args.tokenizer or args.model / "tokenizer.model"
+    tokenizer = args.tokenizer or tokenizer_file(args.model, args.model_base)
     if not Path(tokenizer).is_file():
         sys.exit(f"no tokenizer at {tokenizer}: pass --tokenizer PATH/tokenizer.model")
-    model = llava_min.load(args.model, dtype=DTYPES.get(args.dtype), device=args.device, vision_path=args.vision,
-                           llm_path=args.llm)
-    return Chat(model, Tokenizer(tokenizer), args.template or model.cfg.template, args.max_new_tokens,
-                args.temperature, args.top_p, args.seed, args.compile)
+    model = load_model(args.model, args.model_base, dtype=DTYPES.get(args.dtype), device=args.device,
+                       vision_path=args.vision, llm_path=args.llm)
+    try:
+        template = check_template(args.template or model.cfg.template)
+    except ValueError as e:
+        sys.exit(f"{args.model}: {e}")
+    return Chat(model, Tokenizer(tokenizer), template, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                args.compile)
 
 
 def say(chat: Chat, text: str) -> None:

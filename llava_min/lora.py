@@ -1,59 +1,28 @@
-"""LoRA adapters on disk: saved alone (LoRA + projector tensors), loaded back on their base, merged.
+"""LoRA adapters on disk: saved alone (LoRA + projector tensors) in peft's layout, loaded back on their base,
+merged (the layouts read: adapters.py).
 
     python -m llava_min.lora merge --base STAGE1_OR_BASE_DIR --adapter ADAPTER_DIR --out MERGED_DIR
+    python -m llava_min.lora merge --base VICUNA_DIR --adapter OFFICIAL_LORA_RELEASE_DIR --out MERGED_DIR
 """
 import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .files import atomic_write
-from .model.lora import LoRAConfig, add_lora, merge_lora
-from .weights import CheckpointError, save_safetensors
-
-
-def adapter_state(model) -> dict:
-    """What an adapter checkpoint holds: every LoRA tensor, the (fully trained) projector, and AnyRes's row-end
-    vector when the model has one (stage 2 trains it too)."""
-    return {k: v for k, v in model.state_dict().items()
-            if ".lora_" in k or k.startswith("projector.") or k == "image_newline"}
+from .adapters import adapted_settings, apply_adapter, load_adapted, merge_adapter, write_adapter
+from .adapters import adapter_state  # noqa: F401  (what an adapter holds; imported from here too)
 
 
 def save_adapter(model, out_dir, base=None, tokenizer_path=None) -> None:
-    cfg = model.language_model.lora_config
-    config = json.dumps({**asdict(cfg), "base": str(base) if base else None,
-                         "image_grid_pinpoints": model.cfg.image_grid_pinpoints or None,
-                         # what stage 2 trained with, which its stage-1 base does not say (stage 1 crops)
-                         "image_aspect_ratio": model.cfg.image_aspect_ratio, "template": model.cfg.template}, indent=2)
-    save_safetensors(adapter_state(model), Path(out_dir) / "adapter.safetensors")
-    if tokenizer_path is not None:
-        atomic_write(Path(out_dir) / "tokenizer.model", lambda tmp: tmp.write_bytes(Path(tokenizer_path).read_bytes()))
-    atomic_write(Path(out_dir) / "adapter_config.json", lambda tmp: tmp.write_text(config))
+    """The adapter (`adapter_state`) in peft's layout: PeftModel.from_pretrained reads it on a llava-hf base."""
+    write_adapter(model, out_dir, base, tokenizer_path)
 
 
 def load_adapter(model, adapter_dir) -> None:
-    """Adds LoRA to a base model and loads an adapter strictly (every tensor, every shape)."""
-    from safetensors.torch import load_file
-    adapter_dir = Path(adapter_dir)
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if cfg.get("image_grid_pinpoints") and model.anyres is None:  # trained on AnyRes tiles from a one-view base
-        model.use_anyres(cfg["image_grid_pinpoints"])
-    model.cfg.image_aspect_ratio = cfg.get("image_aspect_ratio", model.cfg.image_aspect_ratio)
-    model.cfg.template = cfg.get("template", model.cfg.template)
-    add_lora(model.language_model, LoRAConfig(cfg["r"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"])))
-    model.train(model.training)  # the new layers in the model's mode: no dropout in an eval-mode model
-    saved, expected = load_file(adapter_dir / "adapter.safetensors"), adapter_state(model)
-    if set(saved) != set(expected):
-        diff = sorted(set(saved) ^ set(expected))
-        raise CheckpointError(f"{adapter_dir}/adapter.safetensors does not fit the model: {diff[:4]}")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            if tensor.shape != expected[name].shape:
-                raise CheckpointError(f"{name!r} in {adapter_dir}/adapter.safetensors has shape {tuple(tensor.shape)},"
-                                      f" the model expects {tuple(expected[name].shape)}")
-            expected[name].copy_(tensor)
+    """Adds LoRA to a base model and loads an adapter strictly (every tensor, every shape): ours, peft's, or
+    llava-min's earlier format, with the settings stage 2 trained with."""
+    adapted_settings(model, adapter_dir)
+    apply_adapter(model, adapter_dir)
 
 
 def stored_dtype(path) -> torch.dtype:
@@ -68,7 +37,7 @@ def stored_dtype(path) -> torch.dtype:
 
 
 def main(argv=None):
-    from .checkpoints import append_image_token, load
+    from .checkpoints import append_image_token
     from .save import save_llava
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -80,11 +49,10 @@ def main(argv=None):
     merge.add_argument("--vision", type=Path, help="an official stage-1 BASE: the CLIP directory it goes with")
     merge.add_argument("--llm", type=Path, help="an official stage-1 BASE: the LLaMA / Vicuna directory it goes with")
     args = p.parse_args(argv)
-    model = load(args.base, dtype=torch.float32, vision_path=args.vision, llm_path=args.llm)  # merged in fp32
-    if model.cfg.image_token_id < 0:  # as train.py did before training the adapter
+    model = load_adapted(args.adapter, args.base, torch.float32, vision_path=args.vision, llm_path=args.llm)  # in fp32
+    merge_adapter(model)
+    if model.cfg.image_token_id < 0:  # llava-hf's <image> in the vocabulary (train.py adds it before training)
         append_image_token(model)
-    load_adapter(model, args.adapter)
-    merge_lora(model.language_model)
     model.to(stored_dtype(args.llm or args.base))  # and saved in the base's dtype (bf16 stays half the size)
     saved = args.adapter / "tokenizer.model"
     save_llava(model, args.out, args.tokenizer or (saved if saved.is_file() else args.base / "tokenizer.model"))
