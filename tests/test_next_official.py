@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 import llava_min
 from llava_min import CheckpointError
 from llava_min.image import anyres_pixels
-from conftest import IMAGE_TOKEN, TINY_TEXT, TINY_VISION, hf_reference
-from test_anyres import PINPOINTS, image
+from conftest import IMAGE_TOKEN, NEXT_PINPOINTS as PINPOINTS, hf_reference
+from test_anyres import image
 from test_checkpoints import official_dir, save_clip
 
 # (height, width); "tie" sizes fit whole into both the 1x2 and the 2x1 grid: the first listed wins
@@ -21,16 +21,8 @@ SIZES = {"wide": (30, 100), "tall": (90, 25), "odd": (41, 77), "tie-square": (20
 
 
 @pytest.fixture(scope="module")
-def next_dir(tmp_path_factory):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-    from conftest import nontrivial
-    torch.manual_seed(6)
-    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**TINY_VISION),
-                          text_config=LlamaConfig(**{**TINY_TEXT, "max_position_embeddings": 512}),
-                          image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS)
-    path = tmp_path_factory.mktemp("next")
-    nontrivial(LlavaNextForConditionalGeneration(cfg)).save_pretrained(path)
-    return path
+def next_dir(hf_next_dir):
+    return hf_next_dir
 
 
 @pytest.fixture(scope="module")
