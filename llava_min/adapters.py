@@ -72,17 +72,20 @@ def adapter_config(path) -> dict:
     return cfg
 
 
-def lora_config(cfg: dict, targets=()) -> LoRAConfig:
+def lora_config(cfg: dict) -> LoRAConfig:
+    """r, alpha and dropout (which layers: the adapter's tensors say, see `apply_adapter`)."""
     if "targets" in cfg:
-        return LoRAConfig(cfg["r"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"]))
-    return LoRAConfig(cfg["r"], float(cfg["lora_alpha"]), cfg.get("lora_dropout", 0.0), tuple(targets))
+        return LoRAConfig(cfg["r"], cfg["alpha"], cfg["dropout"])
+    return LoRAConfig(cfg["r"], float(cfg["lora_alpha"]), cfg.get("lora_dropout", 0.0))
 
 
 def adapter_files(path) -> list:
+    """The weight files of an adapter directory, in the format its adapter_config.json is in."""
     path = Path(path)
-    found = [path / n for n in (LEGACY_WEIGHTS,) + PEFT_WEIGHTS if (path / n).is_file()][:1]
+    names = (LEGACY_WEIGHTS,) if "targets" in adapter_config(path) else PEFT_WEIGHTS
+    found = [path / n for n in names if (path / n).is_file()][:1]
     if not found:
-        raise CheckpointError(f"no adapter weights in {path}: looked for {', '.join(PEFT_WEIGHTS + (LEGACY_WEIGHTS,))}")
+        raise CheckpointError(f"no adapter weights in {path}: looked for {', '.join(names)}")
     return found + ([path / NON_LORA] if is_official_release(path) else [])
 
 
@@ -132,7 +135,9 @@ def set_tensor(model, name: str, tensor: torch.Tensor, file) -> None:
     with torch.no_grad():
         if param.is_meta:
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, nn.Parameter(tensor.to(param.dtype)))
+            device = next(p.device for p in model.parameters() if not p.is_meta)
+            setattr(model.get_submodule(parent) if parent else model, leaf,
+                    nn.Parameter(tensor.to(device=device, dtype=param.dtype)))
         else:
             param.copy_(tensor)
 

@@ -74,6 +74,11 @@ def test_our_adapter_loads_in_peft_with_our_logits_and_tokens(hf_llava_dir, hf_n
                            **extra)[:, ids.shape[1]:]
     ours.cfg.text.eos_token_id = -1  # (as min_new_tokens: never stop early)
     assert ours.generate(ids, pixel_values=x, max_new_tokens=12, image_sizes=sizes).tolist() == want.tolist()
+    again = load_adapted(tmp_path / "adapter")  # on the base its adapter_config.json names
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, pixel_values=x, image_sizes=sizes)[0], expected, **TOL)
+    with pytest.raises(CheckpointError, match="is a LoRA adapter, not a whole model"):
+        llava_min.load(tmp_path / "adapter")
 
 
 OLD_NAMES = [("base_model.model.model.language_model.", "base_model.model.language_model.model."),
