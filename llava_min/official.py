@@ -102,13 +102,13 @@ def official_pinpoints(cfg: dict) -> Optional[list]:
     return [[h, w] for w, h in pinpoints]
 
 
-def official_template(cfg: dict) -> str:
-    """The conversation template, which the official CLI picks by the model's name (llava/serve/cli.py): the
-    Mistral build's mistral_instruct, the 34B (Nous-Hermes-2-Yi, a 64000-token vocabulary) chatml_direct,
-    Vicuna's vicuna_v1 (the one the 1.5 training and evaluation scripts use)."""
-    if cfg.get("model_type") == "llava_mistral" or "LlavaMistralForCausalLM" in cfg.get("architectures", []):
+def release_template(model_type, vocab_size) -> str:
+    """The conversation template of a released LLaVA-1.6 build, which the official CLI picks by the model's name
+    (llava/serve/cli.py): Mistral's mistral_instruct, the 34B's (Nous-Hermes-2-Yi: 64000 tokens, 64064 in
+    llava-hf's copy) chatml_direct, and Vicuna's vicuna_v1 (what the 1.5 training and evaluation scripts use)."""
+    if model_type in ("mistral", "llava_mistral"):
         return "mistral_instruct"
-    return "chatml_direct" if cfg.get("vocab_size") == 64000 else "vicuna_v1"
+    return "chatml_direct" if vocab_size in (64000, 64064) else "vicuna_v1"
 
 
 def official_settings(cfg: dict, files) -> dict:
@@ -121,4 +121,5 @@ def official_settings(cfg: dict, files) -> dict:
                 # the official placeholder -200, or (our stage 1) an `<image>` token appended to the vocabulary
                 image_token_id=None if cfg.get("image_token_index", -1) >= 0 else -200,
                 image_aspect_ratio=official_aspect(cfg.get("image_aspect_ratio", "pad")),
-                image_grid_pinpoints=official_pinpoints(cfg), template=official_template(cfg))
+                image_grid_pinpoints=official_pinpoints(cfg),
+                template=release_template(cfg.get("model_type"), cfg.get("vocab_size")))

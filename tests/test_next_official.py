@@ -111,3 +111,12 @@ def test_an_anyres_setting_the_model_lacks_is_named(official16, tmp_path, key, v
     (path / "config.json").write_text(json.dumps({**cfg, key: value}))
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
         llava_min.load(path)
+
+
+def test_a_llava_hf_next_mistral_gets_its_template_too(next_dir, tmp_path):
+    path = shutil.copytree(next_dir, tmp_path / "llava-v1.6-mistral-7b-hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text_config"]["model_type"] = "mistral"
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert llava_min.load(next_dir).cfg.template == "vicuna_v1"
+    assert llava_min.load(path).cfg.template == "mistral_instruct"
