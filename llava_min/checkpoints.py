@@ -21,7 +21,7 @@ from .model.clip import VisionTower
 from .model.llama import Llama
 from .model.llava import Llava, LlavaConfig
 from .official import (IMAGE_NEWLINE, OFFICIAL_PROJECTOR, TUNED_TOWER, TUNED_TOWER_PREFIXES, is_multimodal_part,
-                       local_dir, official_settings, resolve_vision_path, stage1_projector_file)
+                       named_dir, official_settings, resolve_vision_path, stage1_projector_file)
 from .save import IDENTITY_LAYER, identity_layer
 from .weights import CheckpointError, load_strict, materialize, read_tensors, tensor_names, weight_files
 
@@ -129,14 +129,14 @@ def append_image_token(model: Llava) -> None:
 
 def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_path=None, llm_path=None) -> Llava:
     """An official LLaVA directory (Vicuna keys + model.mm_projector.*), a stage-1 release (config +
-    mm_projector.bin; the LLM from `llm_path` or the local directory `_name_or_path` names), or a LLaMA
+    mm_projector.bin; the LLM from `llm_path` or the directory `_name_or_path` names), or a LLaMA
     directory plus `projector_path`. CLIP comes from `vision_path` or the directory the config names."""
     if projector_path is None and stage1_projector_file(path):
         projector_path = stage1_projector_file(path)
-        llm_path = llm_path or local_dir(cfg.get("_name_or_path"), path)
+        llm_path = llm_path or named_dir(cfg.get("_name_or_path"), path)
         if llm_path is None:
             raise CheckpointError(f"{path} holds a stage-1 projector; its LLM {cfg.get('_name_or_path')!r} is not a "
-                                  "local directory: pass llm_path=<LLaMA directory>")
+                                  "local directory or in the Hugging Face cache: pass llm_path=<LLaMA directory>")
         path = llm_path
     proj_files = weight_files(projector_path or path)
     proj_cfg_file = Path(projector_path).parent / "config.json" if projector_path else None

@@ -28,11 +28,11 @@ def load_adapter(model, adapter_dir) -> None:
 def stored_dtype(path) -> torch.dtype:
     """The floating dtype a checkpoint's LLM is stored in; a stage-1 directory (the projector alone) is
     asked for the LLM its config names."""
-    from .checkpoints import local_dir, stage1_projector_file
+    from .official import named_dir, stage1_projector_file
     from .configs import read_config
     from .weights import read_tensors, weight_files
     if stage1_projector_file(path) is not None:
-        path = local_dir(read_config(path).get("_name_or_path"), path) or path
+        path = named_dir(read_config(path).get("_name_or_path"), path) or path
     return next((t.dtype for _, t, _ in read_tensors(weight_files(path)) if t.is_floating_point()), torch.float32)
 
 
