@@ -31,7 +31,7 @@ def randomize(params):
     torch.manual_seed(7)
     with torch.no_grad():
         for p in params:
-            p.add_(0.2 * torch.randn_like(p))
+            p.add_(0.1 * torch.randn_like(p))
 
 
 def trained_ours(path, anyres: bool):
@@ -89,23 +89,25 @@ OLD_NAMES = [("base_model.model.model.language_model.", "base_model.model.langua
 @pytest.fixture(scope="module")
 def peft_adapter(hf_llava_dir, tmp_path_factory):
     """An adapter peft makes the usual way: a list of layer names (which reaches CLIP's q/k/v too) and the
-    projector as modules_to_save. Returns its directory and the logits of the PeftModel."""
+    projector as modules_to_save. Returns its directory and the PeftModel's logits and greedy tokens."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
     model = get_peft_model(hf_reference(LlavaForConditionalGeneration, hf_llava_dir),
-                           LoraConfig(r=4, lora_alpha=16, target_modules=list(LLM_LAYERS),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(LLM_LAYERS),
                                       modules_to_save=["multi_modal_projector"]))
     randomize([p for p in model.parameters() if p.requires_grad])
     path = tmp_path_factory.mktemp("peft_adapter")
     model.save_pretrained(path)
     with torch.no_grad():
         logits = model.eval()(input_ids=image_prompt(16), pixel_values=pixels(1)).logits
-    return path, logits
+    tokens = model.generate(input_ids=image_prompt(16), pixel_values=pixels(1), max_new_tokens=12, min_new_tokens=12,
+                            do_sample=False)[:, image_prompt(16).shape[1]:]
+    return path, logits, tokens
 
 
 @pytest.mark.parametrize("naming", ["transformers5", "transformers4"])
 def test_peft_adapter_applies_and_merges(peft_adapter, hf_llava_dir, tmp_path, naming):
-    path, expected = peft_adapter
+    path, expected, tokens = peft_adapter
     if naming == "transformers4":  # what peft saved before transformers 4.52 renamed the parts
         path = shutil.copytree(path, tmp_path / "old")
         tensors = load_file(path / "adapter_model.safetensors")
@@ -116,6 +118,8 @@ def test_peft_adapter_applies_and_merges(peft_adapter, hf_llava_dir, tmp_path, n
     assert any(".lora_A" in n for n, _ in model.vision_tower.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(image_prompt(16), pixel_values=pixels(1))[0], expected, **TOL)
+    model.cfg.text.eos_token_id = -1  # (as min_new_tokens: never stop early)
+    assert model.generate(image_prompt(16), pixel_values=pixels(1), max_new_tokens=12).tolist() == tokens.tolist()
     (tmp_path / "tok.model").write_bytes(b"copied, not read")
     lora_main(["merge", "--base", str(hf_llava_dir), "--adapter", str(path), "--out", str(tmp_path / "merged"),
                "--tokenizer", str(tmp_path / "tok.model")])
