@@ -16,6 +16,6 @@ from .save import save_llava
 from .tokenizer import Tokenizer
 from .weights import CheckpointError
 
-__all__ = ["load", "load_adapted", "load_vision", "load_llama", "build_llava", "save_llava", "Llava", "LlavaConfig", "Llama",
-           "LlamaConfig", "VisionTower", "VisionConfig", "Projector", "CheckpointError", "Tokenizer",
+__all__ = ["load", "load_adapted", "load_vision", "load_llama", "build_llava", "save_llava", "Llava", "LlavaConfig",
+           "Llama", "LlamaConfig", "VisionTower", "VisionConfig", "Projector", "CheckpointError", "Tokenizer",
            "tokenize_conversation", "tokenize_prompt", "render_prompt"]

@@ -131,7 +131,8 @@ def set_tensor(model, name: str, tensor: torch.Tensor, file) -> None:
     except AttributeError:
         raise CheckpointError(f"{name!r} in {file}: the model has no such parameter") from None
     if tuple(tensor.shape) != tuple(param.shape):
-        raise CheckpointError(f"{name!r} in {file} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+        raise CheckpointError(f"{name!r} in {file} has shape {tuple(tensor.shape)}, "
+                              f"the model expects {tuple(param.shape)}")
     with torch.no_grad():
         if param.is_meta:
             parent, _, leaf = name.rpartition(".")
@@ -171,19 +172,21 @@ def adapted_settings(model, path) -> None:
     cfg = json.loads(file.read_text()) if file.is_file() else {}
     if cfg.get("model_type") in ("llava", "llava_next"):
         extra = cfg.get("llava_min", {})
-        settings = dict(cfg=cfg, pinpoints=cfg.get("image_grid_pinpoints") if cfg["model_type"] == "llava_next" else None,
-                        aspect=extra.get("image_aspect_ratio"), template=extra.get("template"))
-    elif "targets" in (legacy := adapter_config(path)):
-        settings = dict(cfg={}, pinpoints=legacy.get("image_grid_pinpoints"), aspect=legacy.get("image_aspect_ratio"),
-                        template=legacy.get("template"))
+        pinpoints = cfg.get("image_grid_pinpoints") if cfg["model_type"] == "llava_next" else None
+        aspect, template = extra.get("image_aspect_ratio"), extra.get("template")
+        image_token = cfg.get("image_token_index", -1)
+    elif "targets" in (legacy := adapter_config(path)):  # train.py alone wrote it, after giving <image> a row
+        pinpoints, aspect, template = (legacy.get(k) for k in ("image_grid_pinpoints", "image_aspect_ratio",
+                                                               "template"))
+        image_token = 0
     else:
         return
-    if settings["cfg"].get("image_token_index", -1) >= 0 and model.cfg.image_token_id < 0:
+    if image_token >= 0 and model.cfg.image_token_id < 0:
         append_image_token(model)  # as train.py did before training the adapter
-    if settings["pinpoints"] and model.anyres is None:  # trained on AnyRes tiles from a one-view base
-        model.use_anyres(settings["pinpoints"])
-    model.cfg.image_aspect_ratio = settings["aspect"] or model.cfg.image_aspect_ratio
-    model.cfg.template = settings["template"] or model.cfg.template
+    if pinpoints and model.anyres is None:  # trained on AnyRes tiles from a one-view base
+        model.use_anyres(pinpoints)
+    model.cfg.image_aspect_ratio = aspect or model.cfg.image_aspect_ratio
+    model.cfg.template = template or model.cfg.template
 
 
 def adapter_base(path) -> Path:

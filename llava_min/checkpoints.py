@@ -168,8 +168,9 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
     """Any supported LLaVA layout -> Llava (see the module docstring)."""
     dtype = dtype or default_dtype(device)
     if (Path(path) / "adapter_config.json").is_file():
-        raise CheckpointError(f"{path} is a LoRA adapter, not a whole model: load it on its base (adapters.load_adapted;"
-                              " chat.py / llava_min.eval --model-base BASE; python -m llava_min.lora merge)")
+        raise CheckpointError(f"{path} is a LoRA adapter, not a whole model: load it on its base "
+                              "(llava_min.load_adapted; chat.py / llava_min.eval --model-base BASE; "
+                              "python -m llava_min.lora merge)")
     cfg = read_config(path)
     if cfg.get("model_type") in ("llava", "llava_next") and "text_config" in cfg:
         model = build_on_meta(Llava, llava_hf_config(cfg))

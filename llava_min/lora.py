@@ -46,7 +46,8 @@ def main(argv=None):
     merge.add_argument("--adapter", type=Path, required=True)
     merge.add_argument("--out", type=Path, required=True)
     merge.add_argument("--tokenizer", type=Path, help="default: the one saved with the adapter, else BASE's")
-    merge.add_argument("--vision", type=Path, help="an official stage-1 BASE: the CLIP directory it goes with")
+    merge.add_argument("--vision", type=Path, help="an official stage-1 BASE or LoRA release: the CLIP directory it "
+                       "goes with, if not the one its config names")
     merge.add_argument("--llm", type=Path, help="an official stage-1 BASE: the LLaMA / Vicuna directory it goes with")
     args = p.parse_args(argv)
     model = load_adapted(args.adapter, args.base, torch.float32, vision_path=args.vision, llm_path=args.llm)  # in fp32

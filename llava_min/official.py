@@ -96,8 +96,8 @@ def official_pinpoints(cfg: dict) -> Optional[list]:
     if merge != "spatial_unpad":  # official llava_arch.py: "flat" drops the grid, "spatial" keeps the padding
         raise CheckpointError(f"mm_patch_merge_type {merge!r} with anyres is not supported (spatial_unpad)")
     pinpoints = cfg.get("image_grid_pinpoints")
-    if not isinstance(pinpoints, list) or not pinpoints or \
-            not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in pinpoints):
+    pair = lambda p: isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) for v in p)  # noqa: E731
+    if not isinstance(pinpoints, list) or not pinpoints or not all(pair(p) for p in pinpoints):
         raise CheckpointError(f"image_grid_pinpoints {pinpoints!r} is not a list of (width, height) pairs")
     return [[h, w] for w, h in pinpoints]
 
