@@ -2,6 +2,7 @@
 
     python chat.py --model runs/toy/full/stage2 --image data/toy/images/eval/000000.png
     python chat.py --model DIR --image IMG --prompt "What is in the image?"    # answer once and exit
+    python chat.py --model ADAPTER --model-base BASE --image IMG                # a LoRA adapter on its base
 
 In the chat: `/image PATH` starts a new conversation about another image, `/clear` forgets the
 conversation, `/quit` leaves. The KV cache carries over between turns: a new turn prefills only the
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-import llava_min
+from llava_min.adapters import load_model, tokenizer_file
 from llava_min.cli import existing, fraction, positive, run
-from llava_min.conversation import TEMPLATES, stop_text, tokenize_prompt
+from llava_min.conversation import TEMPLATES, check_template, stop_text, tokenize_prompt
 from llava_min.conversation import cut_at, stop_at
 from llava_min.configs import read_config
 from llava_min.model.generate import generate
@@ -115,7 +116,7 @@ class Chat:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=existing("dir"), required=True, help="any layout llava_min.load accepts")
+    p.add_argument("--model", type=existing("dir"), required=True, help="any layout llava_min.load accepts, or a LoRA adapter")
     p.add_argument("--image", type=Path)
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--temperature", type=positive(float, zero_ok=True), default=0.2, help="0 = greedy")
@@ -127,6 +128,8 @@ def parse_args(argv=None):
     p.add_argument("--vision", type=existing("dir"),
                    help="CLIP directory for official checkpoints, if not the one named")
     p.add_argument("--llm", type=existing("dir"), help="LLM directory for a stage-1 projector checkpoint")
+    p.add_argument("--model-base", type=existing("dir"), help="MODEL is a LoRA adapter (ours, peft's, the official "
+                   "release): the model it goes on (default: the one its adapter_config.json names)")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
@@ -138,14 +141,18 @@ def parse_args(argv=None):
 
 
 def open_chat(args) -> Chat:
-    tokenizer = args.tokenizer or args.model / "tokenizer.model"
+    tokenizer = args.tokenizer or tokenizer_file(args.model, args.model_base)
     if not Path(tokenizer).is_file():
         read_config(args.model)  # a directory that is no model at all says that first
         sys.exit(f"no tokenizer at {tokenizer}: pass --tokenizer PATH/tokenizer.model")
-    model = llava_min.load(args.model, dtype=DTYPES.get(args.dtype), device=args.device, vision_path=args.vision,
-                           llm_path=args.llm)
-    return Chat(model, Tokenizer(tokenizer), args.template or model.cfg.template, args.max_new_tokens,
-                args.temperature, args.top_p, args.seed, args.compile)
+    model = load_model(args.model, args.model_base, dtype=DTYPES.get(args.dtype), device=args.device,
+                       vision_path=args.vision, llm_path=args.llm)
+    try:
+        template = check_template(args.template or model.cfg.template)
+    except ValueError as e:
+        sys.exit(f"{args.model}: {e}")
+    return Chat(model, Tokenizer(tokenizer), template, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                args.compile)
 
 
 def say(chat: Chat, text: str) -> None:

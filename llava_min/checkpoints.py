@@ -5,12 +5,11 @@ Layouts read:
 - LLaMA / Vicuna: `model.*` + `lm_head.weight`.
 - llava-hf: hub names (`vision_tower.vision_model.*`, `language_model.model.*`, `multi_modal_projector.*`),
   what transformers 5 writes (`vision_tower.*`) and its in-memory names (`model.language_model.*`, ...).
-- official LLaVA (`liuhaotian/llava-v1.5-*`): Vicuna keys + `model.mm_projector.*`; CLIP comes from the
-  directory that `mm_vision_tower` names (or `vision_path`); a stage-1 `mm_projector.bin` goes on top
-  of CLIP + Vicuna.
-Written by save.py.
+- official LLaVA (`liuhaotian/llava-v1.5-*`, `llava-v1.6-*`): Vicuna keys + `model.mm_projector.*` (1.6: +
+  `model.image_newline` and the tuned tower); CLIP comes from the directory that `mm_vision_tower` names (or
+  `vision_path`); a stage-1 `mm_projector.bin` goes on top of CLIP + Vicuna. See official.py.
+LoRA adapters (peft's, the official LoRA release) go on top of these: adapters.py. Written by save.py.
 """
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +20,8 @@ from .files import read_json
 from .model.clip import VisionTower
 from .model.llama import Llama
 from .model.llava import Llava, LlavaConfig
+from .official import (IMAGE_NEWLINE, OFFICIAL_PROJECTOR, TUNED_TOWER, TUNED_TOWER_PREFIXES, is_multimodal_part,
+                       named_dir, official_settings, resolve_vision_path, stage1_projector_file)
 from .save import IDENTITY_LAYER, identity_layer
 from .weights import CheckpointError, load_strict, materialize, read_tensors, tensor_names, weight_files
 
@@ -38,9 +39,6 @@ LLAVA_PREFIXES = [
     ("lm_head.", "language_model.lm_head."), ("model.", "language_model."),
 ]
 VISION_PREFIXES = [("vision_model.", ""), ("", "")]
-PROJECTOR_NAMES = ("mm_projector.safetensors", "mm_projector.bin")
-OFFICIAL_PROJECTOR = [("model.mm_projector.0.", "linear_1."), ("model.mm_projector.2.", "linear_2."),
-                      ("model.mm_projector.", "linear_1.")]
 LLAMA_PREFIXES = [("model.", ""), ("", "")]
 
 
@@ -98,54 +96,6 @@ def load_llama(path, dtype=None, device="cpu") -> Llama:
 # ---------------------------------------------------------------- LLaVA
 
 
-def local_dir(name, base) -> Optional[Path]:
-    """A directory named in a config: relative to the checkpoint first, then to the working directory."""
-    for candidate in (Path(base) / str(name), Path(str(name))):
-        if name and candidate.is_dir():
-            return candidate
-    return None
-
-
-def resolve_vision_path(cfg: dict, path, vision_path):
-    """The CLIP directory of an official checkpoint: `vision_path` if given, else `mm_vision_tower`
-    if that names a local directory, else the Hugging Face cache's snapshot of that repo."""
-    if vision_path is not None:
-        return Path(vision_path)
-    name = cfg.get("mm_vision_tower")
-    if local_dir(name, path):
-        return local_dir(name, path)
-    snapshot = hub_snapshot(name) if name else None
-    if snapshot is not None:
-        return snapshot
-    raise CheckpointError(f"{path}/config.json names the vision tower {name!r}, which is not a local directory "
-                          f"or in the Hugging Face cache: pass vision_path=<CLIP directory>")
-
-
-def hub_snapshot(name: str) -> Optional[Path]:
-    """The Hugging Face cache's copy of repo `name` that `refs/main` points to (else its newest)."""
-    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"
-    repo = Path(hub) / f"models--{name.replace('/', '--')}"
-    main = repo / "refs" / "main"
-    snapshot = repo / "snapshots" / main.read_text().strip() if main.is_file() else None
-    if snapshot is not None and (snapshot / "config.json").is_file():
-        return snapshot
-    snapshots = sorted((repo / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-    return snapshots[-1].parent if snapshots else None
-
-
-def stage1_projector_file(path) -> Optional[Path]:
-    """The projector of an official stage-1 release (`mm_projector.bin`, or our `.safetensors`)."""
-    return next((Path(path) / n for n in PROJECTOR_NAMES if (Path(path) / n).is_file()), None)
-
-
-def is_official_projector(key: str) -> bool:
-    return key.startswith("model.mm_projector.")
-
-
-def official_projector_type(files) -> str:
-    return "mlp2x_gelu" if any(k.startswith("model.mm_projector.2.") for k in tensor_names(files)) else "linear"
-
-
 def build_llava(vision_path, llm_path, projector_type="mlp2x_gelu", select_layer=-2, select_feature="patch",
                 image_token_id: Optional[int] = None, dtype=None, device="cpu", **cfg_kwargs) -> Llava:
     """CLIP + LLaMA directories and a freshly initialized projector W: the start of stage 1.
@@ -161,7 +111,7 @@ def build_llava(vision_path, llm_path, projector_type="mlp2x_gelu", select_layer
     model = build_on_meta(Llava, cfg)
     model.ignored_keys = (load_into(model.vision_tower, weight_files(vision_path), VISION_PREFIXES, dtype, device)
                           + load_into(model.language_model, weight_files(llm_path), LLAMA_PREFIXES, dtype, device,
-                                      keep=lambda k: not is_official_projector(k)))
+                                      keep=lambda k: not is_multimodal_part(k)))
     materialize(model.projector, device, dtype)
     model.language_model.tie_weights()
     if image_token_id is None:
@@ -177,45 +127,50 @@ def append_image_token(model: Llava) -> None:
     model.language_model.resize_vocab(-(-(vocab + 1) // 64) * 64)
 
 
-def official_aspect(value: str) -> str:
-    """The official trainer pads for "pad" and center-crops for the rest (its stage 1 writes "square")."""
-    if value not in ("pad", "square", "crop"):
-        raise CheckpointError(f"image_aspect_ratio {value!r} is not supported (pad, square)")
-    return "pad" if value == "pad" else "crop"
-
-
 def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_path=None, llm_path=None) -> Llava:
     """An official LLaVA directory (Vicuna keys + model.mm_projector.*), a stage-1 release (config +
-    mm_projector.bin; the LLM from `llm_path` or the local directory `_name_or_path` names), or a LLaMA
+    mm_projector.bin; the LLM from `llm_path` or the directory `_name_or_path` names), or a LLaMA
     directory plus `projector_path`. CLIP comes from `vision_path` or the directory the config names."""
     if projector_path is None and stage1_projector_file(path):
         projector_path = stage1_projector_file(path)
-        llm_path = llm_path or local_dir(cfg.get("_name_or_path"), path)
+        llm_path = llm_path or named_dir(cfg.get("_name_or_path"), path)
         if llm_path is None:
             raise CheckpointError(f"{path} holds a stage-1 projector; its LLM {cfg.get('_name_or_path')!r} is not a "
-                                  "local directory: pass llm_path=<LLaMA directory>")
+                                  "local directory or in the Hugging Face cache: pass llm_path=<LLaMA directory>")
         path = llm_path
     proj_files = weight_files(projector_path or path)
     proj_cfg_file = Path(projector_path).parent / "config.json" if projector_path else None
     proj_cfg = read_json(proj_cfg_file) if proj_cfg_file and proj_cfg_file.is_file() else cfg
-    if proj_cfg.get("mm_use_im_start_end"):
-        raise CheckpointError("mm_use_im_start_end checkpoints (image start/end tokens) are not supported")
+    settings = official_settings(proj_cfg, proj_files)
     vision_path = resolve_vision_path(proj_cfg, Path(projector_path).parent if projector_path else path, vision_path)
-    projector_type = proj_cfg.get("mm_projector_type") or official_projector_type(proj_files)
-    # the official placeholder -200, or (our stage 1) an `<image>` token appended to the vocabulary
-    image_token_id = None if proj_cfg.get("image_token_index", -1) >= 0 else -200
-    model = build_llava(vision_path, path, projector_type, proj_cfg.get("mm_vision_select_layer", -2),
-                        proj_cfg.get("mm_vision_select_feature", "patch"), image_token_id=image_token_id, dtype=dtype,
-                        device=device, image_aspect_ratio=official_aspect(proj_cfg.get("image_aspect_ratio", "pad")))
-    # a whole checkpoint's files hold the LLM too; a projector file holds the projector and nothing else
-    keep = is_official_projector if projector_path is None else (lambda key: True)
-    load_into(model.projector, proj_files, OFFICIAL_PROJECTOR, dtype, device, keep=keep)
+    model = build_llava(vision_path, path, dtype=dtype, device=device, **settings)
+    if projector_path is not None:  # a projector file holds the projector and nothing else
+        load_into(model.projector, proj_files, OFFICIAL_PROJECTOR, dtype, device)
+    else:  # a whole checkpoint's files hold the LLM too
+        load_multimodal_parts(model, proj_files, dtype, device)
     return model
+
+
+def load_multimodal_parts(model: Llava, files, dtype, device) -> None:
+    """What an official checkpoint adds to CLIP + LLM: the projector, AnyRes's row-end vector (1.6), and the
+    vision tower where 1.6 tuned it (its tensors replace CLIP's, as the official from_pretrained does)."""
+    def load_part(module, rules, start, **kwargs):
+        load_into(module, files, rules, dtype, device, keep=lambda k: k.startswith(start), **kwargs)
+    load_part(model.projector, OFFICIAL_PROJECTOR, "model.mm_projector.")
+    if model.anyres is not None:
+        load_part(model, [(IMAGE_NEWLINE, "image_newline")], IMAGE_NEWLINE,
+                  allow_missing=("vision_tower.", "projector.", "language_model."))
+    if any(k.startswith(TUNED_TOWER) for k in tensor_names(files)):
+        load_part(model.vision_tower, TUNED_TOWER_PREFIXES, TUNED_TOWER)
 
 
 def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, llm_path=None) -> Llava:
     """Any supported LLaVA layout -> Llava (see the module docstring)."""
     dtype = dtype or default_dtype(device)
+    if (Path(path) / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is a LoRA adapter, not a whole model: load it on its base "
+                              "(llava_min.load_adapted; chat.py / llava_min.eval --model-base BASE; "
+                              "python -m llava_min.lora merge)")
     cfg = read_config(path)
     if cfg.get("model_type") in ("llava", "llava_next") and "text_config" in cfg:
         model = build_on_meta(Llava, llava_hf_config(cfg))

@@ -9,6 +9,7 @@ from .model.clip import ACTIVATIONS, VisionConfig
 from .model.llama import LlamaConfig
 from .model.llava import LlavaConfig
 from .files import read_json
+from .official import release_template
 from .weights import CheckpointError
 
 # transformers' CLIPVisionConfig / LlamaConfig defaults, for config.json files that omit a key.
@@ -26,8 +27,9 @@ def read_config(path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         if (path / "adapter_config.json").is_file():
-            raise CheckpointError(f"{path} is a LoRA adapter, not a whole model: merge it into the model it was "
-                                  f"trained on (python -m llava_min.lora merge --base BASE --adapter {path} --out DIR)")
+            raise CheckpointError(f"{path} is a LoRA adapter, not a whole model: open it on its base (chat.py or "
+                                  f"llava_min.eval --model {path} --model-base BASE), or merge it (python -m "
+                                  f"llava_min.lora merge --base BASE --adapter {path} --out DIR)")
         aside = path.with_name(f".{path.name}.old")  # files.atomic_dir's: a crash between its two renames
         raise CheckpointError(f"{path} has no config.json" if path.is_dir() else f"{path} is not a directory"
                               if path.exists() else f"{path} does not exist" + (
@@ -92,8 +94,8 @@ def llava_hf_config(cfg: dict) -> LlavaConfig:
     projector_type = extra.get("projector_type", "mlp2x_gelu")
     unsupported(cfg, "LLaVA config:", multimodal_projector_bias=(True,),  # a linear W is saved as W -> identity -> I
                 projector_hidden_act=("linear", "gelu") if projector_type == "linear" else ("gelu",))
-    vision = cfg.get("vision_config")
-    text = llama_config(cfg.get("text_config") or {})
+    vision, text_cfg = cfg.get("vision_config"), cfg.get("text_config") or {}
+    text = llama_config(text_cfg)
     text.tie_word_embeddings = text.tie_word_embeddings or bool(cfg.get("tie_word_embeddings"))  # as transformers
     return LlavaConfig(
         vision=vision_config(vision) if vision else VisionConfig(),
@@ -103,6 +105,7 @@ def llava_hf_config(cfg: dict) -> LlavaConfig:
         select_feature=SELECT_STRATEGY[cfg.get("vision_feature_select_strategy", "default")],
         image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
         image_aspect_ratio=extra.get("image_aspect_ratio", "pad"),
-        template=extra.get("template", "vicuna_v1"),
+        template=extra.get("template") or (release_template(text_cfg.get("model_type"), text.vocab_size)
+                                           if cfg.get("model_type") == "llava_next" else "vicuna_v1"),
         image_grid_pinpoints=(cfg.get("image_grid_pinpoints") or PINPOINTS) if cfg.get("model_type") == "llava_next" else None,
     )

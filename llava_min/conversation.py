@@ -53,10 +53,18 @@ TEMPLATES = {
 
 # ---------------------------------------------------------------- turns
 
+def check_template(template: str) -> str:
+    """A template this module renders; the error names the others (e.g. LLaVA-1.6 Mistral's mistral_instruct)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} (a conversation template "
+                         "llava-min has not implemented)")
+    return template
+
+
 def stop_text(template: str):
     """The end marker a reply of this template stops at when it is not EOS ("###" for llava_v0, "\\n" for
     plain), or None: the official CLI stops at `conv.sep` so."""
-    sep2 = TEMPLATES[template].sep2
+    sep2 = TEMPLATES[check_template(template)].sep2
     return None if sep2 == "</s>" else sep2
 
 
@@ -97,9 +105,7 @@ def place_image(turns: list, has_image: bool) -> list:
 def spans(turns: list, template: str) -> list:
     """The rendered conversation as (text, supervised) spans. A conversation that ends with the user's
     turn is left open for the assistant ("... ASSISTANT:")."""
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
-    t = TEMPLATES[template]
+    t = TEMPLATES[check_template(template)]
     if template == "plain":  # stage 1: the human text is only the image
         if len(turns) > 2:
             raise ValueError(f"the plain template takes one human turn and one reply, got {len(turns)} turns")

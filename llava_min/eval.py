@@ -99,7 +99,8 @@ def print_table(scores: dict, blind=None) -> None:
 
 
 def main(argv=None):
-    from .checkpoints import load
+    from .adapters import load_model, tokenizer_file
+    from .conversation import check_template
     from .llava_bench import llava_bench
     from .teacher_api import ChatClient
     from .tokenizer import Tokenizer
@@ -107,6 +108,7 @@ def main(argv=None):
     from .files import atomic_write
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=existing("dir"), required=True)
+    p.add_argument("--model-base", type=existing("dir"), help="MODEL is a LoRA adapter: the model it goes on")
     p.add_argument("--data", type=existing(), help="eval.json: short-answer and multiple-choice records")
     p.add_argument("--bench", type=existing(), help="LLaVA-Bench style bench.json, scored by a judge")
     p.add_argument("--image-folder", type=existing("dir"))
@@ -120,8 +122,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.data and not args.bench:
         p.error("give --data and/or --bench")
-    model = load(args.model, device=args.device)
-    tok = Tokenizer(args.model / "tokenizer.model")
+    model = load_model(args.model, args.model_base, device=args.device)
+    try:
+        check_template(model.cfg.template)
+    except ValueError as e:
+        raise SystemExit(f"{args.model}: {e}")
+    tok = Tokenizer(tokenizer_file(args.model, args.model_base))
     results = {}
     if args.data:
         results.update(evaluate(model, tok, args.data, args.image_folder, batch_size=args.batch_size, limit=args.limit,

@@ -60,6 +60,23 @@ def hf_llava_dir(tmp_path_factory):
     return path
 
 
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # LLaVA-NeXT's grids at the tiny 28-px tile
+
+
+@pytest.fixture(scope="session")
+def hf_next_dir(tmp_path_factory):
+    """A tiny random LLaVA-NeXT (llava-hf LlavaNext: AnyRes tiles and a row-end vector)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    torch.manual_seed(6)
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**TINY_VISION),
+                          text_config=LlamaConfig(**{**TINY_TEXT, "max_position_embeddings": 512}),
+                          image_token_index=IMAGE_TOKEN, image_grid_pinpoints=NEXT_PINPOINTS)
+    path = tmp_path_factory.mktemp("hf_next")
+    nontrivial(LlavaNextForConditionalGeneration(cfg)).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def hf_clip_dir(tmp_path_factory):
     """A full CLIPModel (vision + text towers), as openai/clip-vit-large-patch14 ships."""

@@ -92,8 +92,11 @@ def test_load_in_a_chosen_dtype(hf_llava_dir):
 
 # ---------------------------------------------------------------- official LLaVA layouts
 
-def official_dir(hf_llava_dir, hf_tensors, tmp_path, vision_tower, include_projector=True):
-    """An official `liuhaotian/llava-v1.5` style directory: Vicuna keys + model.mm_projector.{0,2}."""
+def official_dir(hf_llava_dir, hf_tensors, tmp_path, vision_tower, include_projector=True, tuned_tower=False,
+                 **cfg_overrides):
+    """An official `liuhaotian/llava-v1.5` style directory: Vicuna keys + model.mm_projector.{0,2}; a LLaVA-NeXT
+    checkpoint's row-end vector becomes model.image_newline, and `tuned_tower` keeps the vision tower in the
+    checkpoint (model.vision_tower.vision_tower.*), as the 1.6 releases do."""
     hf_cfg = json.loads((hf_llava_dir / "config.json").read_text())
     tensors = {}
     for k, v in hf_tensors.items():
@@ -103,19 +106,22 @@ def official_dir(hf_llava_dir, hf_tensors, tmp_path, vision_tower, include_proje
             tensors["lm_head.weight"] = v
         elif k.startswith("multi_modal_projector.linear_") and include_projector:
             tensors[f"model.mm_projector.{0 if 'linear_1' in k else 2}." + k.split(".")[-1]] = v
+        elif k == "image_newline":
+            tensors["model.image_newline"] = v
+        elif k.startswith("vision_tower.") and tuned_tower:
+            tensors["model.vision_tower.vision_tower.vision_model." + k[len("vision_tower."):]] = v
     cfg = {**hf_cfg["text_config"], "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
            "mm_vision_tower": str(vision_tower), "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
            "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
-           "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+           "mm_use_im_start_end": False, "mm_use_im_patch_token": False, **cfg_overrides}
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     torch.save(tensors, tmp_path / "pytorch_model.bin")
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def llava_clip_dir(hf_llava_dir, hf_tensors, tmp_path_factory):
-    """The llava-hf model's vision tower saved as a full CLIPModel directory (text tower included)."""
+def save_clip(hf_llava_dir, hf_tensors, path):
+    """A llava-hf model's vision tower saved as a full CLIPModel directory (text tower included)."""
     from transformers import CLIPConfig, CLIPModel
     hf_cfg = json.loads((hf_llava_dir / "config.json").read_text())
     clip = CLIPModel(CLIPConfig(vision_config=hf_cfg["vision_config"],
@@ -123,9 +129,13 @@ def llava_clip_dir(hf_llava_dir, hf_tensors, tmp_path_factory):
                                                  num_hidden_layers=1, num_attention_heads=4), projection_dim=16))
     vision = {k[len("vision_tower."):]: v for k, v in hf_tensors.items() if k.startswith("vision_tower.")}
     clip.vision_model.load_state_dict(vision)
-    path = tmp_path_factory.mktemp("llava_clip")
     clip.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def llava_clip_dir(hf_llava_dir, hf_tensors, tmp_path_factory):
+    return save_clip(hf_llava_dir, hf_tensors, tmp_path_factory.mktemp("llava_clip"))
 
 
 def official_ids(expected):

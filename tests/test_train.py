@@ -372,7 +372,7 @@ def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
             "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.3"]  # dropout: resume restores its RNG
     train.main(args + ["--out", str(tmp_path / "whole")])
     train.main(args + ["--out", str(tmp_path / "parts"), "--stop-after", "2"])
-    assert not (tmp_path / "parts" / "adapter.safetensors").exists()
+    assert not (tmp_path / "parts" / "adapter_model.safetensors").exists()
     train.main(args + ["--out", str(tmp_path / "parts"), "--resume"])
     losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
               for d in ("whole", "parts")]
@@ -380,7 +380,7 @@ def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
 
     adapter = tmp_path / "whole"
     assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) == [
-        "adapter.safetensors", "adapter_config.json"]
+        "adapter_config.json", "adapter_model.safetensors", "config.json"]  # peft's layout + the model's settings
     lora_main(["merge", "--base", str(stage1), "--adapter", str(adapter), "--out", str(tmp_path / "merged")])
     base = llava_min.load(stage1)
     load_adapter(base, adapter)

@@ -174,10 +174,10 @@ def run_pipeline(args, preset, stages) -> dict:
 
 
 def evaluate_run(model_dir: Path, data: Path, args) -> dict:
-    import llava_min
+    from ..adapters import load_model
     from ..eval import evaluate
     from ..tokenizer import Tokenizer
-    model = llava_min.load(model_dir, dtype=torch.float32, device=args.device)
+    model = load_model(model_dir, dtype=torch.float32, device=args.device)  # (a LoRA stage 2: on its stage 1)
     tok = Tokenizer(model_dir / "tokenizer.model")
     seen = evaluate(model, tok, data / "eval.json", data / "images", progress=not args.no_progress)
     blind = evaluate(model, tok, data / "eval.json", data / "images", blind=True, progress=not args.no_progress)
