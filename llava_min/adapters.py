@@ -22,7 +22,6 @@ from torch import nn
 
 from .checkpoints import LLAVA_PREFIXES, append_image_token, build_llava, load, renamer
 from .configs import read_config
-from .files import atomic_write
 from .model.lora import LoRAConfig, add_lora, merge_lora
 from .official import named_dir, official_settings, resolve_vision_path
 from .save import hf_config, hub_key

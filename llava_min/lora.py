@@ -58,7 +58,7 @@ def main(argv=None):
     if finished_checkpoint(args.out) and not args.overwrite:
         merge.error(f"--out {args.out} holds a finished model: pass --overwrite to replace it, or another --out")
     trained_on = adapter_config(args.adapter).get("base_model_name_or_path")  # (a wrong --adapter fails fast)
-    if trained_on and Path(trained_on).is_dir() and Path(trained_on).resolve() != args.base.resolve():
+    if trained_on and Path(trained_on).resolve() != args.base.resolve():
         print(f"note: {args.adapter} was trained on {trained_on}, not on --base {args.base}", file=sys.stderr)
     model = load_adapted(args.adapter, args.base, torch.float32, vision_path=args.vision, llm_path=args.llm)  # in fp32
     merge_adapter(model)

