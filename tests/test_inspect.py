@@ -179,7 +179,7 @@ def test_shapes_are_the_real_tensors(capsys, model_336, tmp_path):
         expected = {"pixel_values": pixels, "patches": model.vision_tower.embeddings.patch_embedding(pixels),
                     "CLIP hidden state -2": model.vision_tower.hidden_states(pixels, 1), "Z_v = g(X_v)": z_v,
                     "H_v = W · Z_v": model.projector(z_v), "input_ids": ids,
-                    "spliced [H_q; H_v; ...]": model.embed(ids, pixels), "logits": model(ids, pixels)[0]}
+                    "spliced input": model.embed(ids, pixels), "logits": model(ids, pixels)[0]}
     assert got == {k: list(v.shape) for k, v in expected.items()}
     assert got["Z_v = g(X_v)"] == [1, 576, 16] and got["patches"] == [1, 16, 24, 24]
 
@@ -217,7 +217,7 @@ def test_attention_map_and_png(capsys, model_336, tmp_path):
     from llava_min.tools import attention_map, heatmap
     image_path = picture(tmp_path / "c.png", 40, 40, seed=3)
     model, tok = load(model_336, dtype=torch.float32), Tokenizer(model_336 / "tokenizer.model")
-    prompt = tokenize_prompt([{"from": "human", "value": "<image>\nWhat is it?"}], tok,
+    prompt = tokenize_prompt([{"from": "human", "value": "<image>\nWhat is it?\nSay it."}], tok,
                              image_token_id=model.cfg.image_token_id)
     image = Image.open(image_path).convert("RGB")
     from llava_min.answer import model_pixels
@@ -236,9 +236,9 @@ def test_attention_map_and_png(capsys, model_336, tmp_path):
     views, _ = heatmap.panels(model, image, cells.numpy())
     assert [g.shape for _, g in views] == [(24, 24)]
     out_png = tmp_path / "map.png"
-    out = run(capsys, "attention", "--model", model_336, "--image", image_path, "--question", "What is it?",
+    out = run(capsys, "attention", "--model", model_336, "--image", image_path, "--question", "What is it?\nSay it.",
               "--max-new-tokens", 3, "--out", out_png, "--layer", -1)
-    assert f"A: {tok.decode(answer).strip()}" in out and "layer 1, mean of 4 heads and 3 answer tokens" in out
+    assert f"A: {tok.decode(answer).strip()}\n" in out and "layer 1, mean of 4 heads and 3 answer tokens" in out
     with Image.open(out_png) as png:
         png.load()
         assert png.width >= 336 and png.height > 336

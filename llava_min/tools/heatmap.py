@@ -72,14 +72,18 @@ def font(size: int):
 
 
 def wrap(draw, text: str, fnt, width: int) -> list:
-    lines, line = [], ""
-    for word in text.split(" "):
-        if line and draw.textlength(line + " " + word, font=fnt) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    return lines + [line]
+    """The text's lines, each broken into lines no wider than `width` pixels."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            if line and draw.textlength(line + " " + word, font=fnt) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return lines
 
 
 def figure(views: list, vmax: float, caption: list) -> Image.Image:

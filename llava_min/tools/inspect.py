@@ -57,7 +57,7 @@ def chosen_record(args):
 def record_image(record, image_folder):
     from ..image import load_image
     if not record.get("image"):
-        raise ValueError(f"record {record.get('id', '')!r} has no image".replace(" '' ", " "))
+        raise ValueError(f"record {record['id']!r} has no image" if record.get("id") else "the record has no image")
     return load_image(record["image"], image_folder=image_folder)
 
 
@@ -155,7 +155,8 @@ def question_of(args, record) -> str:
     if args.question is not None:
         return args.question
     if record is not None:
-        return record["conversations"][0]["value"].replace("<image>", "").strip()
+        from ..conversation import check_turns
+        return check_turns(record.get("conversations"))[0][1].replace("<image>", "").strip()
     return "Describe the image."
 
 
@@ -206,8 +207,9 @@ def run_attention(args) -> None:
     heatmap.figure(views, max(float(cells.max()), 1e-9), caption).save(args.out)
     print("\n".join(caption))
     if len(cells) <= 100:  # small grids in numbers too
-        for view_grid in (grid for _, grid in views):
-            print("\n".join("  ".join("   .  " if np.isnan(v) else f"{v:6.1%}" for v in row) for row in view_grid))
+        for name, (_, grid) in zip(["global view", "tiles"] if model.anyres else ["image"], views):
+            print(f"{name}:\n" + "\n".join("  ".join("   .  " if np.isnan(v) else f"{v:6.1%}" for v in row)
+                                            for row in grid))
     print(f"wrote {args.out}")
 
 

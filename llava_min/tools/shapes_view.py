@@ -75,7 +75,7 @@ def rows(model, image, seen: dict, input_ids: torch.Tensor, pixel_values: torch.
     out += [("input_ids", shape(input_ids), dtype(input_ids),
              f"{n_image} image positions ({image_positions(input_ids, cfg.image_token_id)}), "
              f"{input_ids.shape[1] - n_image} text"),
-            ("spliced [H_q; H_v; ...]", shape(seen["spliced"]), dtype(seen["spliced"]),
+            ("spliced input", shape(seen["spliced"]), dtype(seen["spliced"]),
              "word embeddings, H_v in the image positions"),
             ("logits", shape(seen["logits"]), dtype(seen["logits"]), "a next-token distribution per position")]
     return out
