@@ -193,6 +193,17 @@ def test_shapes_anyres_counts(capsys, anyres_model, tmp_path, size):
     assert f"image_token_count {count}" in out and f"{count} image positions" in out
 
 
+def test_labels_take_the_model_settings(capsys, model_336, anyres_model, tmp_path):
+    from llava_min import load
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": TURNS[:2]}]))
+    picture(tmp_path / "wide.png", 60, 20)
+    assert "image tokens 576" in run(capsys, "labels", "--model", model_336, "--data", data, "--index", 0)
+    count = load(anyres_model, dtype=torch.float32).image_token_count((20, 60))
+    out = run(capsys, "labels", "--model", anyres_model, "--data", data, "--index", 0, "--image-folder", tmp_path)
+    assert f"image tokens {count}" in out and count != 16
+
+
 # ---------------------------------------------------------------- attention
 
 def test_recorded_attention_equals_eager_reference(hf_llava_dir):

@@ -82,8 +82,7 @@ def labels_settings(args, record) -> tuple:
     image_token_id = cfg.image_token_id if cfg else -200
     count = args.num_image_tokens
     if count is None and cfg is not None:
-        count = cfg.vision.image_size // cfg.vision.patch_size
-        count = count * count + (cfg.select_feature == "cls_patch")
+        count = cfg.vision.num_patches + (cfg.select_feature == "cls_patch")  # as VisionTower.num_tokens
         if cfg.image_grid_pinpoints and record.get("image"):  # AnyRes: the count depends on the image's size
             from ..model.anyres import AnyRes
             image = record_image(record, args.image_folder)
@@ -116,7 +115,7 @@ def run_labels(args) -> None:
         args.html.write_text(view.render_html(tok, ids, labels, texts, image_token_id, args.max_length, title,
                                               summary), encoding="utf-8")
         print(f"wrote {args.html}")
-    color = args.color if args.color is not None else (sys.stdout.isatty() and not args.plain)
+    color = not args.plain and (args.color if args.color is not None else sys.stdout.isatty())
     render = view.render_ansi if color else view.render_plain
     print(render(ids, labels, texts, image_token_id, args.max_length))
     print("\n".join(summary))
