@@ -201,7 +201,8 @@ def run_attention(args) -> None:
     text = tok.decode(answer).strip()
     expected = expected_answer(record)
     caption = [f"Q: {question}", f"A: {text}" + (f"   (expected: {expected})" if expected else ""),
-               f"{which}, mean of {model.cfg.text.num_attention_heads} heads and {len(answer)} answer tokens; "
+               f"{which}, mean of {model.cfg.text.num_attention_heads} heads and {len(answer)} answer "
+               f"token{'s' * (len(answer) != 1)}; "
                f"image's share of attention {cells.sum():.1%}, largest cell {cells.max():.1%}"] + notes
     heatmap.figure(views, max(float(cells.max()), 1e-9), caption).save(args.out)
     print("\n".join(caption))
