@@ -136,7 +136,7 @@ def model_and_image(args):
     image = load_image(args.image) if args.image is not None else record_image(record, args.image_folder)
     if not args.model.is_dir():
         raise ValueError(f"model directory {args.model} does not exist")
-    model = load(args.model, dtype=torch.float32, device=args.device)
+    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     pixels = model_pixels(model, image)
     pixels = (pixels if model.anyres else pixels[None]).to(args.device)
     return model, image, pixels, record
@@ -225,6 +225,8 @@ def add_record_flags(p, image: bool) -> None:
         p.add_argument("--question", help="default: the record's first question, else 'Describe the image.'")
         p.add_argument("--model", type=Path, required=True, help="any layout llava_min.load reads")
         p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="the weights' (attention weights are recomputed in float32 either way)")
 
 
 def parse_args(argv=None):
