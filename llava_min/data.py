@@ -122,6 +122,19 @@ def record_id(index: int, record) -> str:
     return str(rid) if rid not in (None, "") else f"#{index}"
 
 
+def truncate(ids: list, labels: list, max_length: int, image_token_id: int) -> tuple:
+    """(input_ids, labels) cut to max_length, as training reads them; raises ValueError when the cut goes
+    through the image tokens or leaves nothing supervised (the record is then skipped)."""
+    if len(ids) > max_length:
+        if image_token_id in ids[max_length:]:  # features and image tokens would not match
+            raise ValueError(f"truncation cuts the image: {len(ids)} tokens, max_length {max_length} "
+                             "would cut through the image tokens")
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never predicted
+        raise ValueError(f"nothing to learn: no supervised token left within max_length {max_length}")
+    return ids, labels
+
+
 # ---------------------------------------------------------------- the dataset
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -182,14 +195,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         """(input_ids, labels) truncated to max_length; raises ValueError when that breaks the sample."""
         ids, labels = tokenize_conversation(record["conversations"], self.tok, self.template, num_image_tokens,
                                             self.image_token_id, has_image=bool(record.get("image")))
-        if len(ids) > self.max_length:
-            if self.image_token_id in ids[self.max_length:]:  # features and image tokens would not match
-                raise ValueError(f"truncation cuts the image: {len(ids)} tokens, max_length {self.max_length} "
-                                 "would cut through the image tokens")
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never predicted
-            raise ValueError(f"nothing to learn: no supervised token left within max_length {self.max_length}")
-        return ids, labels
+        return truncate(ids, labels, self.max_length, self.image_token_id)
 
     def load(self, record):
         try:

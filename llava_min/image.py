@@ -148,8 +148,8 @@ def check_work_size(w: int, h: int, size: int, aspect: str) -> None:
                          f"(limit {MAX_WORK_PIXELS}): its aspect ratio is too extreme")
 
 
-def preprocess(img: Image.Image, size: int = 336, aspect: str = "crop") -> torch.Tensor:
-    """X_v -> pixel_values [3, size, size]. aspect "crop": CLIP's center crop; "pad": LLaVA-1.5's square."""
+def square_view(img: Image.Image, size: int = 336, aspect: str = "crop") -> Image.Image:
+    """The size x size RGB image the encoder sees. aspect "crop": CLIP's center crop; "pad": LLaVA-1.5's square."""
     if aspect not in ("crop", "pad"):
         raise ValueError(f"aspect must be 'crop' or 'pad', got {aspect!r}")
     img = to_rgb(img)
@@ -157,7 +157,12 @@ def preprocess(img: Image.Image, size: int = 336, aspect: str = "crop") -> torch
     if aspect == "pad":
         img = expand_to_square(img)
     img = img.resize(shortest_side_size(*img.size, size), Image.BICUBIC)
-    return normalize(center_crop(img, size))
+    return center_crop(img, size)
+
+
+def preprocess(img: Image.Image, size: int = 336, aspect: str = "crop") -> torch.Tensor:
+    """X_v -> pixel_values [3, size, size] (`square_view`, then CLIP's normalization)."""
+    return normalize(square_view(img, size, aspect))
 
 
 # ---------------------------------------------------------------- AnyRes tiles (LLaVA-NeXT)

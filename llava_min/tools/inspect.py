@@ -1,0 +1,271 @@
+"""Look inside LLaVA: what is supervised, the shapes through Fig. 1, where an answer looks in the image.
+
+    python -m llava_min.tools.inspect labels --data DATA.json --index 0 --tokenizer tokenizer.model
+    python -m llava_min.tools.inspect labels --conversation '[{"from": "human", "value": "<image>\\nHi"},
+                                                             {"from": "gpt", "value": "Hello."}]' --model DIR
+    python -m llava_min.tools.inspect shapes --model DIR --image IMG
+    python -m llava_min.tools.inspect attention --model DIR --image IMG --question "What color is the circle?"
+
+labels: one record (or an inline conversation) tokenized under a template, every token marked by what
+Eq. 3 does with it (supervised or masked), the image's tokens folded into one run; counts at the end.
+shapes: the tensors of one forward pass, image to logits. attention: the greedy answer, and a PNG of
+how much its tokens attend to each visual token (mean over heads and layers, or --layer).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5: 336 px / patch 14 = 24 x 24
+
+
+# ---------------------------------------------------------------- records
+
+def pick_record(path, index=None, rid=None) -> dict:
+    """Record `index` (or the one whose id is `rid`) of a LLaVA-format JSON / JSONL file."""
+    from ..data import read_records
+    if not Path(path).is_file():
+        raise ValueError(f"data file {path} does not exist")
+    records = read_records(path)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: not a list of records")
+    if rid is not None:
+        found = [r for r in records if isinstance(r, dict) and str(r.get("id")) == rid]
+        if not found:
+            raise ValueError(f"{path}: no record with id {rid!r}")
+        return found[0]
+    if not -len(records) <= index < len(records):
+        raise ValueError(f"record index {index} is out of range: {path} holds {len(records)} records")
+    return records[index]
+
+
+def chosen_record(args):
+    """The record --data/--index/--id or --conversation name, or None."""
+    if getattr(args, "conversation", None) is not None:
+        try:
+            value = json.loads(args.conversation)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--conversation is not JSON: {e}") from e
+        return value if isinstance(value, dict) else {"conversations": value}
+    if args.data is None:
+        return None
+    if args.index is None and args.id is None:
+        raise ValueError("--data needs --index N or --id ID")
+    return pick_record(args.data, args.index, args.id)
+
+
+def record_image(record, image_folder):
+    from ..image import load_image
+    if not record.get("image"):
+        raise ValueError(f"record {record['id']!r} has no image" if record.get("id") else "the record has no image")
+    return load_image(record["image"], image_folder=image_folder)
+
+
+# ---------------------------------------------------------------- labels
+
+def labels_settings(args, record) -> tuple:
+    """(tokenizer, template, image_token_id, num_image_tokens) from the flags and the --model config."""
+    from ..configs import llava_hf_config, read_config
+    from ..tokenizer import Tokenizer
+    cfg = None
+    if args.model is not None:
+        raw = read_config(args.model)
+        if raw.get("model_type") not in ("llava", "llava_next"):
+            raise ValueError(f"{args.model}: labels reads llava-hf configs; for this layout pass --tokenizer and "
+                             "--num-image-tokens")
+        cfg = llava_hf_config(raw)
+    tok_path = args.tokenizer or (args.model / "tokenizer.model" if args.model else None)
+    if tok_path is None:
+        raise ValueError("give --tokenizer or --model (its tokenizer.model)")
+    tok = Tokenizer(tok_path)
+    template = args.template or (cfg.template if cfg else "vicuna_v1")
+    image_token_id = cfg.image_token_id if cfg else -200
+    count = args.num_image_tokens
+    if count is None and cfg is not None:
+        count = cfg.vision.num_patches + (cfg.select_feature == "cls_patch")  # as VisionTower.num_tokens
+        if cfg.image_grid_pinpoints and record.get("image"):  # AnyRes: the count depends on the image's size
+            from ..model.anyres import AnyRes
+            image = record_image(record, args.image_folder)
+            anyres = AnyRes(cfg.vision.image_size, cfg.vision.patch_size, [tuple(p) for p in cfg.image_grid_pinpoints])
+            count = anyres.num_tokens((image.height, image.width))
+    return tok, template, image_token_id, DEFAULT_IMAGE_TOKENS if count is None else count
+
+
+def run_labels(args) -> None:
+    from ..conversation import tokenize_conversation
+    from ..data import check_record, truncate
+    from . import labels_view as view
+    record = chosen_record(args)
+    if record is None:
+        raise ValueError("give --data F with --index N or --id ID, or --conversation JSON")
+    tok, template, image_token_id, count = labels_settings(args, record)
+    if "image" in record or args.data is not None:
+        check_record(record, template)
+    has_image = bool(record.get("image")) if "image" in record else None
+    ids, labels = tokenize_conversation(record["conversations"], tok, template, count, image_token_id, has_image)
+    try:
+        truncate(ids, labels, args.max_length, image_token_id)
+        skip = None
+    except ValueError as e:
+        skip = str(e)
+    texts = view.token_texts(tok, ids)
+    summary = [f"template {template}"] + view.counts(ids, labels, image_token_id, args.max_length, skip)
+    if args.html:
+        title = f"labels of {record.get('id', 'a conversation')} ({template})"
+        args.html.write_text(view.render_html(tok, ids, labels, texts, image_token_id, args.max_length, title,
+                                              summary), encoding="utf-8")
+        print(f"wrote {args.html}")
+    color = not args.plain and (args.color if args.color is not None else sys.stdout.isatty())
+    render = view.render_ansi if color else view.render_plain
+    print(render(ids, labels, texts, image_token_id, args.max_length))
+    print("\n".join(summary))
+
+
+# ---------------------------------------------------------------- shapes and attention
+
+def model_and_image(args):
+    """The model of --model and the image of --image (or of the chosen record), as pixel_values."""
+    import torch
+
+    from ..answer import model_pixels
+    from ..checkpoints import load
+    from ..image import load_image
+    record = chosen_record(args)
+    if args.image is None and record is None:
+        raise ValueError("give --image IMG, or --data F with --index N or --id ID")
+    image = load_image(args.image) if args.image is not None else record_image(record, args.image_folder)
+    if not args.model.is_dir():
+        raise ValueError(f"model directory {args.model} does not exist")
+    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    pixels = model_pixels(model, image)
+    pixels = (pixels if model.anyres else pixels[None]).to(args.device)
+    return model, image, pixels, record
+
+
+def prompt_ids(model, tok, question: str, image) -> list:
+    """The question about `image` in the model's template, the assistant's turn left open."""
+    from ..conversation import tokenize_prompt
+    return tokenize_prompt([{"from": "human", "value": "<image>\n" + question}], tok, model.cfg.template,
+                           num_image_tokens=model.image_token_count((image.height, image.width)),
+                           image_token_id=model.cfg.image_token_id)
+
+
+def question_of(args, record) -> str:
+    if args.question is not None:
+        return args.question
+    if record is not None:
+        from ..conversation import check_turns
+        return check_turns(record.get("conversations"))[0][1].replace("<image>", "").strip()
+    return "Describe the image."
+
+
+def run_shapes(args) -> None:
+    import torch
+
+    from . import shapes_view as view
+    model, image, pixels, record = model_and_image(args)
+    ids = torch.tensor([prompt_ids(model, tokenizer_of(args.model), question_of(args, record), image)],
+                       device=args.device)
+    seen = view.trace(model, ids, pixels, [(image.height, image.width)] if model.anyres else None)
+    print(view.format_table(view.rows(model, image, seen, ids, pixels)))
+
+
+def tokenizer_of(model_dir):
+    from ..tokenizer import Tokenizer
+    return Tokenizer(model_dir / "tokenizer.model")
+
+
+def expected_answer(record):
+    """The record's reference answer, if it has one."""
+    if record is None:
+        return None
+    turns = record.get("conversations", [])
+    return record.get("answer") or (turns[1]["value"] if len(turns) > 1 else None)
+
+
+def run_attention(args) -> None:
+    import numpy as np
+
+    from . import attention_map, heatmap
+    model, image, pixels, record = model_and_image(args)
+    tok, question = tokenizer_of(args.model), question_of(args, record)
+    size = [(image.height, image.width)] if model.anyres else None
+    layers = model.cfg.text.num_hidden_layers
+    if args.layer is not None and not -layers <= args.layer < layers:
+        raise ValueError(f"--layer {args.layer} is outside the model's {layers} layers (0..{layers - 1})")
+    answer, amap = attention_map.answer_attention(model, tok, prompt_ids(model, tok, question, image), pixels,
+                                                  size, args.max_new_tokens)
+    cells = amap.cells(args.layer).numpy().astype(np.float64)
+    views, notes = heatmap.panels(model, image, cells)
+    which = f"layer {args.layer % layers}" if args.layer is not None else f"mean of {layers} layers"
+    text = tok.decode(answer).strip()
+    expected = expected_answer(record)
+    caption = [f"Q: {question}", f"A: {text}" + (f"   (expected: {expected})" if expected else ""),
+               f"{which}, mean of {model.cfg.text.num_attention_heads} heads and {len(answer)} answer "
+               f"token{'s' * (len(answer) != 1)}; "
+               f"image's share of attention {cells.sum():.1%}, largest cell {cells.max():.1%}"] + notes
+    heatmap.figure(views, max(float(cells.max()), 1e-9), caption).save(args.out)
+    print("\n".join(caption))
+    if len(cells) <= 100:  # small grids in numbers too
+        for name, (_, grid) in zip(["global view", "tiles"] if model.anyres else ["image"], views):
+            print(f"{name}:\n" + "\n".join("  ".join("   .  " if np.isnan(v) else f"{v:6.1%}" for v in row)
+                                            for row in grid))
+    print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------- the command line
+
+def add_record_flags(p, image: bool) -> None:
+    p.add_argument("--data", type=Path, help="a LLaVA-format JSON / JSONL file")
+    p.add_argument("--index", type=int, help="the record's position in --data")
+    p.add_argument("--id", help="the record's id in --data")
+    p.add_argument("--image-folder", type=Path, help="where the records' image paths start")
+    if image:
+        p.add_argument("--image", type=Path, help="an image file (instead of a record's)")
+        p.add_argument("--question", help="default: the record's first question, else 'Describe the image.'")
+        p.add_argument("--model", type=Path, required=True, help="any layout llava_min.load reads")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="the weights' (attention weights are recomputed in float32 either way)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m llava_min.tools.inspect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="view", required=True)
+    labels = sub.add_parser("labels", help="what is supervised, token by token")
+    add_record_flags(labels, image=False)
+    labels.add_argument("--conversation", help="a JSON list of turns (or a record) instead of --data")
+    labels.add_argument("--model", type=Path, help="a llava-hf directory: its tokenizer, template, image tokens")
+    labels.add_argument("--tokenizer", type=Path, help="a sentencepiece tokenizer.model")
+    labels.add_argument("--template", help="default: the model's, else vicuna_v1")
+    labels.add_argument("--num-image-tokens", type=int, help=f"default: the model's, else {DEFAULT_IMAGE_TOKENS}")
+    labels.add_argument("--max-length", type=int, default=2048, help="training's cut (default 2048)")
+    labels.add_argument("--plain", action="store_true", help="supervised runs in [brackets], no colour")
+    labels.add_argument("--color", action=argparse.BooleanOptionalAction, help="ANSI colours (default: on a terminal)")
+    labels.add_argument("--html", type=Path, help="also write a self-contained HTML page here")
+    shapes = sub.add_parser("shapes", help="the tensors along Fig. 1")
+    add_record_flags(shapes, image=True)
+    attention = sub.add_parser("attention", help="a heatmap of the answer's attention on the image")
+    add_record_flags(attention, image=True)
+    attention.add_argument("--layer", type=int, help="one LLM layer (default: the mean over all)")
+    attention.add_argument("--out", type=Path, default=Path("attention.png"))
+    attention.add_argument("--max-new-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    for flag in ("num_image_tokens", "max_length", "max_new_tokens"):
+        if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    run = {"labels": run_labels, "shapes": run_shapes, "attention": run_attention}[args.view]
+    try:
+        run(args)
+    except (ValueError, OSError) as e:  # bad input (CheckpointError, ImageError and DataError are ValueErrors)
+        raise SystemExit(f"inspect: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
