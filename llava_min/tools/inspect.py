@@ -264,8 +264,9 @@ def main(argv=None) -> None:
     try:
         run(args)
     except (ValueError, OSError) as e:  # bad input (CheckpointError, ImageError and DataError are ValueErrors)
-        raise SystemExit(f"inspect: {e}") from None
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import run
+    run(main)
