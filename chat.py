@@ -133,7 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
-                   help="decode through the compiled step (CUDA graphs; about a minute to compile, then ~4x faster)")
+                   help="decode through the compiled, CUDA-graphed step (it compiles first)")
     args = p.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
         p.error("--prompt is empty: give a question, or leave --prompt out to chat")

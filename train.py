@@ -99,6 +99,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.stage is not None:
         check_stage_args(p, args)
+    elif args.lora and args.no_stage1:
+        p.error("--lora needs stage 1: an adapter is opened on the stage-1 model it was trained on")
     suffix = "" if args.world == "shapes" else f"-{args.world}"
     args.out = args.out or Path(f"runs/toy{suffix}")
     args.data_dir = args.data_dir or Path(f"data/toy{suffix}")
@@ -120,6 +122,9 @@ def check_stage_args(p, args) -> None:
         p.error(f"--stage {args.stage} needs {', '.join(missing)}"
                 + (" (or --init STAGE1_DIR for --vision and --llm)" if {"--vision", "--llm"} & set(missing)
                    and args.stage == "2" else ""))
+    if args.lora and args.stage == "2" and args.init is None:
+        p.error("--lora needs --init STAGE1_DIR: an adapter is opened on the model it was trained on, and without "
+                "stage 1 there is none to name")
     if args.stage in ("1", "2") and args.tokenizer is None:
         args.tokenizer = (args.init or args.llm) / "tokenizer.model"
         if not args.tokenizer.is_file():

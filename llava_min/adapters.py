@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoints import LLAVA_PREFIXES, append_image_token, build_llava, load, renamer
 from .configs import read_config
+from .files import read_json
 from .model.lora import LoRAConfig, add_lora, merge_lora
 from .official import named_dir, official_settings, resolve_vision_path
 from .save import hf_config, hub_key
@@ -60,7 +61,7 @@ def adapter_config(path) -> dict:
     file = Path(path) / "adapter_config.json"
     if not file.is_file():
         raise CheckpointError(f"{path} is not a LoRA adapter: it has no adapter_config.json")
-    cfg = json.loads(file.read_text())
+    cfg = read_json(file)
     if "targets" in cfg:  # llava-min's earlier format
         return cfg
     if cfg.get("peft_type") != "LORA":
@@ -168,7 +169,7 @@ def adapted_settings(model, path) -> None:
     """What stage 2 trained with that its base does not say (stage 1 crops, has one view, may use the official
     -200 placeholder): from our config.json, or the earlier format's adapter_config.json."""
     file = Path(path) / "config.json"
-    cfg = json.loads(file.read_text()) if file.is_file() else {}
+    cfg = read_json(file) if file.is_file() else {}
     if cfg.get("model_type") in ("llava", "llava_next"):
         extra = cfg.get("llava_min", {})
         pinpoints = cfg.get("image_grid_pinpoints") if cfg["model_type"] == "llava_next" else None

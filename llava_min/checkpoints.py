@@ -136,7 +136,7 @@ def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_pa
         llm_path = llm_path or named_dir(cfg.get("_name_or_path"), path)
         if llm_path is None:
             raise CheckpointError(f"{path} holds a stage-1 projector; its LLM {cfg.get('_name_or_path')!r} is not a "
-                                  "local directory or in the Hugging Face cache: pass llm_path=<LLaMA directory>")
+                                  "local directory or in the Hugging Face cache: pass --llm (llm_path=) <LLaMA directory>")
         path = llm_path
     proj_files = weight_files(projector_path or path)
     proj_cfg_file = Path(projector_path).parent / "config.json" if projector_path else None
@@ -193,10 +193,8 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
     return model.eval()
 
 
-# ---------------------------------------------------------------- a linear W in llava-hf's two-layer projector (save.IDENTITY_LAYER)
-
-                                                    # is written as W -> identity ("linear" act) -> I, exactly W
-
+# ---------------------------------------------------------------- a linear W in llava-hf's two-layer form
+# (save.IDENTITY_LAYER: W -> identity activation -> I, exactly W)
 
 def check_identity_layer(files) -> None:
     """A linear projector's second layer, written for transformers, must be the identity it stands for."""

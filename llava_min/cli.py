@@ -80,7 +80,7 @@ def existing(kind: str = "file"):
         path = Path(text)
         if not path.exists():
             raise argparse.ArgumentTypeError(f"{path} does not exist")
-        if kind == "file" and not path.is_file():
+        if kind == "file" and path.is_dir():
             raise argparse.ArgumentTypeError(f"{path} is a directory, expected a file")
         if kind == "dir" and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{path} is a file, expected a directory")

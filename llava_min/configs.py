@@ -62,6 +62,9 @@ def vision_config(d: dict) -> VisionConfig:
 def llama_config(d: dict) -> LlamaConfig:
     """A LLaMA config from transformers' config.json (Mistral's too, without a sliding window), or an
     official LLaVA config, which is one with the mm_* keys added."""
+    if "text_config" in d:
+        raise CheckpointError("a llava-hf LLaVA config where a LLaMA one belongs: its LLM is inside the LLaVA "
+                              "checkpoint (load it whole, or pass a LLaMA / Vicuna directory)")
     unsupported(d, "LLaMA config:", model_type=("llama", "mistral", "llava_llama", "llava", "llava_mistral"),
                 hidden_act=("silu",), attention_bias=(False,), mlp_bias=(False,))
     if d.get("num_key_value_heads") is None:

@@ -29,6 +29,7 @@ def atomic_dir(path, carry: Optional[Callable[[str], bool]] = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the directory it becomes is not
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")

@@ -5,6 +5,7 @@ merged (the layouts read: adapters.py).
     python -m llava_min.lora merge --base VICUNA_DIR --adapter OFFICIAL_LORA_RELEASE_DIR --out MERGED_DIR
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from .save import checkpoint_dir
 
 def save_adapter(model, out_dir, base=None, tokenizer_path=None) -> None:
     """The adapter (`adapter_state`) in peft's layout: PeftModel.from_pretrained reads it on a llava-hf base."""
+    if base is not None and Path(base).is_dir():  # relative to the adapter, as a stage-1 config names its parts
+        base = os.path.relpath(Path(base).resolve(), Path(out_dir).resolve())
     with checkpoint_dir(out_dir) as tmp:  # whole or not at all, as a full checkpoint
         write_adapter(model, tmp, base, tokenizer_path)
 
@@ -58,7 +61,7 @@ def main(argv=None):
     if finished_checkpoint(args.out) and not args.overwrite:
         merge.error(f"--out {args.out} holds a finished model: pass --overwrite to replace it, or another --out")
     trained_on = adapter_config(args.adapter).get("base_model_name_or_path")  # (a wrong --adapter fails fast)
-    if trained_on and Path(trained_on).resolve() != args.base.resolve():
+    if trained_on and (args.adapter / trained_on).resolve() != args.base.resolve():
         print(f"note: {args.adapter} was trained on {trained_on}, not on --base {args.base}", file=sys.stderr)
     model = load_adapted(args.adapter, args.base, torch.float32, vision_path=args.vision, llm_path=args.llm)  # in fp32
     merge_adapter(model)

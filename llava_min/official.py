@@ -55,7 +55,7 @@ def resolve_vision_path(cfg: dict, path, vision_path):
     found = named_dir(name, path)
     if found is None:
         raise CheckpointError(f"{path}/config.json names the vision tower {name!r}, which is not a local directory "
-                              f"or in the Hugging Face cache: pass vision_path=<CLIP directory>")
+                              f"or in the Hugging Face cache: pass --vision (vision_path=) <CLIP directory>")
     return found
 
 

@@ -101,8 +101,8 @@ def save_pretrained(module, config: dict, out_dir, rename, tokenizer_path=None, 
 def is_checkpoint_file(name: str) -> bool:
     """What a checkpoint directory's next checkpoint replaces: configs, weights, the tokenizer, and the training
     snapshot the checkpoint supersedes. Anything else there (the training log, a user's notes) is kept."""
-    return name.endswith((".json", ".safetensors", ".bin", ".model", ".pt", ".pth")) or name == SNAPSHOT or \
-        name.startswith(f".{SNAPSHOT}.")
+    return name.endswith((".safetensors", ".bin", ".model", ".pt", ".pth", ".index.json")) or \
+        name in ("config.json", "adapter_config.json", SNAPSHOT) or name.startswith(f".{SNAPSHOT}.")
 
 
 @contextmanager

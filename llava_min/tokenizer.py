@@ -12,14 +12,12 @@ behaviour of transformers 4.37, the version the official trainer pins. Only the 
 `</s>` differs.
 """
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
-from .files import InputError
+from .files import InputError, atomic_write
 
 SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2}
 SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
@@ -137,12 +135,4 @@ def train_tokenizer(corpus_path, model_path, vocab_size: int) -> None:
         normalization_rule_name="identity", input_sentence_size=1_000_000, shuffle_input_sentence=False,
         num_threads=1, minloglevel=2,
         hard_vocab_limit=False)  # a small corpus may support fewer pieces than asked
-    fd, tmp = tempfile.mkstemp(prefix=f".{model_path.name}.", dir=model_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private
-        os.replace(tmp, model_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(model_path, lambda tmp: tmp.write_bytes(model.getvalue()))

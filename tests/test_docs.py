@@ -114,3 +114,13 @@ def test_the_readme_python_snippet_runs(stand_ins):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_the_readme_model_table_counts_lines():
+    """The README's first table gives each model file's size, as nanoVLM does: it must stay true."""
+    rows = [r for r in (ROOT / "README.md").read_text().splitlines() if r.startswith("| [`llava_min/model/")]
+    assert rows
+    for row in rows:
+        files = re.findall(r"\]\((llava_min/model/\w+\.py)\)", row)
+        counts = [int(c) for c in re.findall(r"\d+", row.split("|")[2])]
+        assert counts == [len((ROOT / f).read_text().splitlines()) for f in files], row

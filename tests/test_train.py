@@ -393,8 +393,12 @@ def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
 
 @pytest.mark.parametrize("extra,adapter_lr,projector_lr", [([], 1e-2, 1e-3), (["--lr", "5e-4"], 5e-4, 1e-3),
                                                             (["--projector-lr", "2e-4"], 1e-2, 2e-4)])
-def test_lora_learning_rates_unless_given(parts, monkeypatch, extra, adapter_lr, projector_lr):
+def test_lora_learning_rates_unless_given(parts, monkeypatch, tmp_path, extra, adapter_lr, projector_lr):
     """LLaVA-1.5's LoRA recipe: 10 times the stage-2 lr for the adapters, the projector's lr unchanged."""
+    from llava_min.save import save_stage1
+    stage1 = tmp_path / "stage1"  # an untrained stage 1: the adapter's base (a LoRA stage 2 needs --init)
+    save_stage1(llava_min.build_llava(parts / "clip", parts / "lm"), stage1, parts / "clip", parts / "lm",
+                parts / "tokenizer.model")
     seen = []
 
     def record(model, stage, lr, projector_lr=None, lora=None):
@@ -402,7 +406,7 @@ def test_lora_learning_rates_unless_given(parts, monkeypatch, extra, adapter_lr,
         raise KeyboardInterrupt  # enough: the learning rates are decided
     monkeypatch.setattr(stages, "freeze_for_stage", record)
     with pytest.raises(KeyboardInterrupt):
-        train.main(["--stage", "2", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
+        train.main(["--stage", "2", "--preset", "smoke", "--init", str(stage1),
                     "--tokenizer", str(parts / "tokenizer.model"), "--data", str(parts / "data" / "instruct.json"),
                     "--image-folder", str(parts / "data" / "images"), "--out", "unused", "--lora"] + extra)
     assert seen == [(pytest.approx(adapter_lr), pytest.approx(projector_lr))]

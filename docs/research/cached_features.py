@@ -1,4 +1,4 @@
-"""Research script behind docs/toy-research.md: stage 2 on cached visual features, many variants fast.
+"""Research script behind docs/research/toy-research.md: stage 2 on cached visual features, many variants fast.
 
 The frozen vision tower's features of every image are computed once (or an oracle's are written from the
 annotation); then the projector and the LLM of a stage-1 model train on the single questions of
@@ -6,17 +6,17 @@ instruct.json's VQA records (vicuna_v1, batch 32, AdamW, clip 1.0), scored every
 teacher-forced exact answers on eval.json's short-answer questions. Not part of the package; run from the
 repository root after `python train.py` has built data/toy and runs/toy:
 
-    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --constant-lr --steps 2000
-    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --constant-lr
-    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --transform zca --constant-lr
-    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --llm DIR --constant-lr
-    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --types color \
+    PYTHONPATH=. python docs/research/cached_features.py --stage1 runs/toy/full/stage1 --constant-lr --steps 2000
+    PYTHONPATH=. python docs/research/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --constant-lr
+    PYTHONPATH=. python docs/research/cached_features.py --stage1 runs/toy/full/stage1 --transform zca --constant-lr
+    PYTHONPATH=. python docs/research/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --llm DIR --constant-lr
+    PYTHONPATH=. python docs/research/cached_features.py --stage1 runs/toy/full/stage1 --features oracle --types color \
         --constant-lr --steps 1000 --eval-every 250
-    python docs/experiments/cached_features.py --stage1 runs/toy/full/stage1 --features words --types color \
+    PYTHONPATH=. python docs/research/cached_features.py --stage1 runs/toy/full/stage1 --features words --types color \
         --constant-lr --steps 1000 --eval-every 250
 
 Each evaluation also prints "color 2+", "position 2+" and "shape 2+": those questions on images with two to four
-objects, where the answer needs the object the question names to be picked out (README, "Where it fails").
+objects, where the answer needs the object the question names to be picked out (docs/toy.md, "Where it fails").
 """
 import argparse
 import json
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-import llava_min  # noqa: E402
-from llava_min.conversation import tokenize_conversation  # noqa: E402
-from llava_min.image import load_image, preprocess  # noqa: E402
-from llava_min.model.projector import Projector  # noqa: E402
-from llava_min.toy.whiten import feature_statistics  # noqa: E402
-from llava_min.toy.world import COLORS, SHAPES, SIZES  # noqa: E402
+import llava_min
+from llava_min.conversation import tokenize_conversation
+from llava_min.image import load_image, preprocess
+from llava_min.model.projector import Projector
+from llava_min.toy.whiten import feature_statistics
+from llava_min.toy.world import COLORS, SHAPES, SIZES
 
 
 # The training questions that name an object and ask for another of its attributes (instruct.json's VQA turns

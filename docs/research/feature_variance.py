@@ -1,10 +1,10 @@
-"""What the whitened toy CLIP tokens hold at object cells (docs/toy-research.md).
+"""What the whitened toy CLIP tokens hold at object cells (docs/research/toy-research.md).
 
 The CLIP features of a world's training images (layer -2), whitened as `--whiten-features` does, then at
 each object's cell: the share of their variance that least squares explains from each group of the scene's
 facts (one-hot attributes, their combinations, the other objects, the jitter, the background tint).
 
-    python docs/experiments/feature_variance.py data/toy runs/toy/clip
+    PYTHONPATH=. python docs/research/feature_variance.py data/toy runs/toy/clip
 """
 import argparse
 import json
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-import llava_min  # noqa: E402
-from llava_min.toy.whiten import feature_statistics  # noqa: E402
-from llava_min.toy.world import COLORS, SHAPES, SIZES  # noqa: E402
-from cached_features import clip_features  # noqa: E402
+import llava_min
+from llava_min.toy.whiten import feature_statistics
+from llava_min.toy.world import COLORS, SHAPES, SIZES
+from cached_features import clip_features
 
 GROUPS = [("attributes", ["attributes"]), ("colour x shape x size", ["joint"]),
           ("attributes + colour x shape x size", ["attributes", "joint"]), ("jitter", ["jitter"]),

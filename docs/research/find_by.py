@@ -1,4 +1,4 @@
-"""Which attribute the toy model finds an object by (README, "Where it fails").
+"""Which attribute the toy model finds an object by (docs/toy.md, "Where it fails").
 
 1. Answers by the number of objects in the image, for the questions that find an object by its shape
    (colour, position) or by its colour (shape), against the chance of naming a random object's value.
@@ -6,7 +6,7 @@
    class means): at CLIP's selected layer, at the projector's output (the LLM's input) and at the
    LLM's first-layer keys.
 
-    python docs/experiments/find_by.py runs/toy/full/stage2 data/toy
+    PYTHONPATH=. python docs/research/find_by.py runs/toy/full/stage2 data/toy
 """
 import argparse
 import json
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-import llava_min  # noqa: E402
-from llava_min.eval import evaluate, is_correct  # noqa: E402
-from llava_min.image import load_image, preprocess  # noqa: E402
-from llava_min.tokenizer import Tokenizer  # noqa: E402
+import llava_min
+from llava_min.eval import evaluate, is_correct
+from llava_min.image import load_image, preprocess
+from llava_min.tokenizer import Tokenizer
 
 ATTRIBUTES = ("color", "shape", "size", "position")
 FOUND_BY = {"color": "shape", "position": "shape", "shape": "color"}  # question type -> the key it names

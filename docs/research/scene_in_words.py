@@ -1,15 +1,15 @@
-"""Can the toy LM answer the world's questions from the scene written out in words? (docs/toy-research.md)
+"""Can the toy LM answer the world's questions from the scene written out in words? (docs/research/toy-research.md)
 
 LLaVA leans on Vicuna to look things up in its context; this asks whether the toy LM can, with no image at
 all. Two commands:
 
     # a corpus.txt whose chats start with the scene in words where the image goes (same size as corpus.txt);
     # --one-question: a document per short-answer question instead (all 56,000 of instruct.json)
-    python docs/experiments/scene_in_words.py corpus data/toy /tmp/scene.txt
+    PYTHONPATH=. python docs/research/scene_in_words.py corpus data/toy /tmp/scene.txt
     python train.py --stage lm --data /tmp/scene.txt --tokenizer runs/toy/tokenizer.model --out /tmp/scene-lm \
         --epochs 20 --max-steps 1000
     # held-out short questions, scene in words + question, teacher-forced exact answers per type
-    python docs/experiments/scene_in_words.py score data/toy /tmp/scene-lm --tokenizer runs/toy/tokenizer.model
+    PYTHONPATH=. python docs/research/scene_in_words.py score data/toy /tmp/scene-lm --tokenizer runs/toy/tokenizer.model
 """
 import argparse
 import json
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-import llava_min  # noqa: E402
-from llava_min.toy.build import chat_text  # noqa: E402
+import llava_min
+from llava_min.toy.build import chat_text
 
 
 def in_words(scene: dict) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.llama import apply_rope
+from ..files import InputError
 
 
 class AttentionRecorder:
@@ -87,13 +88,13 @@ def answer_attention(model, tok, prompt: list, pixel_values, image_sizes=None, m
     end = stop_text(model.cfg.template)
     budget = min(max_new_tokens, model.cfg.text.max_position_embeddings - len(prompt))
     if budget < 1:
-        raise ValueError(f"the prompt is {len(prompt)} tokens, the model's context is "
+        raise InputError(f"the prompt is {len(prompt)} tokens, the model's context is "
                          f"{model.cfg.text.max_position_embeddings}: no room for an answer")
     new = model.generate(ids, pixel_values=pixel_values, max_new_tokens=budget, image_sizes=image_sizes,
                          stop=stop_at(tok, end))[0].tolist()
     answer = new[: answer_length(tok, new, end)]
     if not answer:
-        raise ValueError(f"the model's answer is empty (it produced {new!r}): no answer token to map")
+        raise InputError(f"the model's answer is empty (it produced {new!r}): no answer token to map")
     sequence = torch.tensor([prompt + answer[:-1]], device=device)  # the last answer token is never a query
     queries = list(range(len(prompt) - 1, len(prompt) - 1 + len(answer)))
     weights = record_attention(model, sequence, queries, pixel_values=pixel_values, image_sizes=image_sizes)

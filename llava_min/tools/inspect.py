@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..files import InputError
+
 DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5: 336 px / patch 14 = 24 x 24
 
 
@@ -25,17 +27,17 @@ def pick_record(path, index=None, rid=None) -> dict:
     """Record `index` (or the one whose id is `rid`) of a LLaVA-format JSON / JSONL file."""
     from ..data import read_records
     if not Path(path).is_file():
-        raise ValueError(f"data file {path} does not exist")
+        raise InputError(f"data file {path} does not exist")
     records = read_records(path)
     if not isinstance(records, list):
-        raise ValueError(f"{path}: not a list of records")
+        raise InputError(f"{path}: not a list of records")
     if rid is not None:
         found = [r for r in records if isinstance(r, dict) and str(r.get("id")) == rid]
         if not found:
-            raise ValueError(f"{path}: no record with id {rid!r}")
+            raise InputError(f"{path}: no record with id {rid!r}")
         return found[0]
     if not -len(records) <= index < len(records):
-        raise ValueError(f"record index {index} is out of range: {path} holds {len(records)} records")
+        raise InputError(f"record index {index} is out of range: {path} holds {len(records)} records")
     return records[index]
 
 
@@ -45,19 +47,22 @@ def chosen_record(args):
         try:
             value = json.loads(args.conversation)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--conversation is not JSON: {e}") from e
-        return value if isinstance(value, dict) else {"conversations": value}
+            raise InputError(f"--conversation is not JSON: {e}") from e
+        record = value if isinstance(value, dict) else {"conversations": value}
+        if not isinstance(record.get("conversations"), list):
+            raise InputError("--conversation is neither a list of turns nor a record with 'conversations'")
+        return record
     if args.data is None:
         return None
     if args.index is None and args.id is None:
-        raise ValueError("--data needs --index N or --id ID")
+        raise InputError("--data needs --index N or --id ID")
     return pick_record(args.data, args.index, args.id)
 
 
 def record_image(record, image_folder):
     from ..image import load_image
     if not record.get("image"):
-        raise ValueError(f"record {record['id']!r} has no image" if record.get("id") else "the record has no image")
+        raise InputError(f"record {record['id']!r} has no image" if record.get("id") else "the record has no image")
     return load_image(record["image"], image_folder=image_folder)
 
 
@@ -71,12 +76,12 @@ def labels_settings(args, record) -> tuple:
     if args.model is not None:
         raw = read_config(args.model)
         if raw.get("model_type") not in ("llava", "llava_next"):
-            raise ValueError(f"{args.model}: labels reads llava-hf configs; for this layout pass --tokenizer and "
+            raise InputError(f"{args.model}: labels reads llava-hf configs; for this layout pass --tokenizer and "
                              "--num-image-tokens")
         cfg = llava_hf_config(raw)
     tok_path = args.tokenizer or (args.model / "tokenizer.model" if args.model else None)
     if tok_path is None:
-        raise ValueError("give --tokenizer or --model (its tokenizer.model)")
+        raise InputError("give --tokenizer or --model (its tokenizer.model)")
     tok = Tokenizer(tok_path)
     template = args.template or (cfg.template if cfg else "vicuna_v1")
     image_token_id = cfg.image_token_id if cfg else -200
@@ -97,7 +102,7 @@ def run_labels(args) -> None:
     from . import labels_view as view
     record = chosen_record(args)
     if record is None:
-        raise ValueError("give --data F with --index N or --id ID, or --conversation JSON")
+        raise InputError("give --data F with --index N or --id ID, or --conversation JSON")
     tok, template, image_token_id, count = labels_settings(args, record)
     if "image" in record or args.data is not None:
         check_record(record, template)
@@ -128,15 +133,15 @@ def model_and_image(args):
     import torch
 
     from ..answer import model_pixels
-    from ..checkpoints import load
+    from ..adapters import load_model
     from ..image import load_image
     record = chosen_record(args)
     if args.image is None and record is None:
-        raise ValueError("give --image IMG, or --data F with --index N or --id ID")
+        raise InputError("give --image IMG, or --data F with --index N or --id ID")
     image = load_image(args.image) if args.image is not None else record_image(record, args.image_folder)
     if not args.model.is_dir():
-        raise ValueError(f"model directory {args.model} does not exist")
-    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        raise InputError(f"model directory {args.model} does not exist")
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)  # an adapter: on its base
     pixels = model_pixels(model, image)
     pixels = (pixels if model.anyres else pixels[None]).to(args.device)
     return model, image, pixels, record
@@ -192,7 +197,7 @@ def run_attention(args) -> None:
     size = [(image.height, image.width)] if model.anyres else None
     layers = model.cfg.text.num_hidden_layers
     if args.layer is not None and not -layers <= args.layer < layers:
-        raise ValueError(f"--layer {args.layer} is outside the model's {layers} layers (0..{layers - 1})")
+        raise InputError(f"--layer {args.layer} is outside the model's {layers} layers (0..{layers - 1})")
     answer, amap = attention_map.answer_attention(model, tok, prompt_ids(model, tok, question, image), pixels,
                                                   size, args.max_new_tokens)
     cells = amap.cells(args.layer).numpy().astype(np.float64)
@@ -263,7 +268,7 @@ def main(argv=None) -> None:
     run = {"labels": run_labels, "shapes": run_shapes, "attention": run_attention}[args.view]
     try:
         run(args)
-    except (ValueError, OSError) as e:  # bad input (CheckpointError, ImageError and DataError are ValueErrors)
+    except InputError as e:  # bad input, named (CheckpointError, ImageError and DataError are InputErrors)
         raise SystemExit(str(e)) from None
 
 
