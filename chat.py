@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from llava_min.adapters import load_model, tokenizer_file
+from llava_min.checkpoint.peft import load_model, tokenizer_file
 from llava_min.cli import existing, fraction, positive, run
 from llava_min.conversation import TEMPLATES, check_template, stop_text, tokenize_prompt
 from llava_min.conversation import cut_at, stop_at
-from llava_min.configs import read_config
+from llava_min.checkpoint.configs import read_config
 from llava_min.model.generate import generate
-from llava_min.answer import model_pixels
-from llava_min.image import load_image
+from llava_min.eval.answer import model_pixels
+from llava_min.data.image import load_image
 from llava_min.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

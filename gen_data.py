@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from llava_min.cli import existing, positive, run, writable
 from llava_min.files import only_run, write_json
-from llava_min.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human, parse_response,
+from llava_min.data.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human, parse_response,
                                 read_coco)
-from llava_min.teacher_api import ChatClient, TeacherError, run_requests
+from llava_min.data.teacher import ChatClient, TeacherError, run_requests
 from llava_min.toy.build import WorldConfig, build_world
 from llava_min.toy.world import WORLDS
 

@@ -19,19 +19,19 @@ from pathlib import Path
 import torch
 
 import llava_min
-from llava_min import stages
+from llava_min.train import stages
 from llava_min.cli import existing, fraction, positive, run, writable
 from llava_min.conversation import TEMPLATES
-from llava_min.data import LlavaDataset, collate
-from llava_min.recipes import RECIPES, Preset
-from llava_min.checkpoints import append_image_token
-from llava_min.save import finished_checkpoint, save_stage1
-from llava_min.stages import either, run_stage, settings
+from llava_min.data.dataset import LlavaDataset, collate
+from llava_min.train.recipes import RECIPES, Preset
+from llava_min.checkpoint.load import append_image_token
+from llava_min.checkpoint.save import finished_checkpoint, save_stage1
+from llava_min.train.stages import either, run_stage, settings
 from llava_min.tokenizer import Tokenizer
 from llava_min.toy.presets import TOY_PRESETS
-from llava_min.toy.stages import stage_clip, stage_lm, stage_tokenizer
+from llava_min.toy.pretrain import stage_clip, stage_lm, stage_tokenizer
 from llava_min.toy.world import WORLDS
-from llava_min.devices import leave_world, world
+from llava_min.train.devices import leave_world, world
 
 PRESETS = {**RECIPES, **TOY_PRESETS}
 

@@ -5,16 +5,16 @@ The paper's model (Fig. 1) is in llava_min/model/: clip.py (g), projector.py (W,
 training (stages, trainer), checkpoints, evaluation. The toy world (llava_min/toy/) and the tools
 (llava_min/tools/) use the method; the method never imports them.
 """
-from .adapters import load_adapted
-from .checkpoints import build_llava, load, load_llama, load_vision
+from .checkpoint.peft import load_adapted
+from .checkpoint.load import build_llava, load, load_llama, load_vision
 from .conversation import render_prompt, tokenize_conversation, tokenize_prompt
 from .model.clip import VisionConfig, VisionTower
 from .model.llama import Llama, LlamaConfig
 from .model.llava import Llava, LlavaConfig
 from .model.projector import Projector
-from .save import save_llava
+from .checkpoint.save import save_llava
 from .tokenizer import Tokenizer
-from .weights import CheckpointError
+from .checkpoint.weights import CheckpointError
 
 __all__ = ["load", "load_adapted", "load_vision", "load_llama", "build_llava", "save_llava", "Llava", "LlavaConfig",
            "Llama", "LlamaConfig", "VisionTower", "VisionConfig", "Projector", "CheckpointError", "Tokenizer",

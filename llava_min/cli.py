@@ -24,7 +24,7 @@ FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirect
 def user_message(e: BaseException):
     """The one line a user's mistake is reported with; None for anything else (a bug: its traceback is shown)."""
     from .files import InputError
-    from .teacher_api import TeacherError
+    from .data.teacher import TeacherError
     if isinstance(e, (InputError, TeacherError)):
         return str(e)
     if isinstance(e, OSError) and e.filename is not None:
@@ -34,9 +34,20 @@ def user_message(e: BaseException):
     return None
 
 
+def program_name() -> str:
+    """`train.py` for a script; `python -m llava_min.eval` for a package run with -m (argv[0] is its __main__.py)."""
+    path = Path(sys.argv[0])
+    if path.name != "__main__.py":
+        return path.name
+    parts = [path.parent]
+    while (parts[-1].parent / "__init__.py").is_file():
+        parts.append(parts[-1].parent)
+    return "python -m " + ".".join(p.name for p in reversed(parts))
+
+
 def run(main) -> None:
     """Calls `main()`; a user's mistake -> `PROG: error: ...` and exit status 1 (see the module docstring)."""
-    prog = Path(sys.argv[0]).name
+    prog = program_name()
     try:
         main()
     except KeyboardInterrupt:

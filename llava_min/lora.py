@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import (adapted_settings, adapter_config, adapter_state, apply_adapter, load_adapted,  # noqa: F401
+from .checkpoint.peft import (adapted_settings, adapter_config, adapter_state, apply_adapter, load_adapted,  # noqa: F401
                        merge_adapter, write_adapter)
-from .save import checkpoint_dir
+from .checkpoint.save import checkpoint_dir
 
 
 def save_adapter(model, out_dir, base=None, tokenizer_path=None) -> None:
@@ -34,18 +34,18 @@ def load_adapter(model, adapter_dir) -> None:
 def stored_dtype(path) -> torch.dtype:
     """The floating dtype a checkpoint's LLM is stored in; a stage-1 directory (the projector alone) is
     asked for the LLM its config names."""
-    from .official import named_dir, stage1_projector_file
-    from .configs import read_config
-    from .weights import read_tensors, weight_files
+    from .checkpoint.official import named_dir, stage1_projector_file
+    from .checkpoint.configs import read_config
+    from .checkpoint.weights import read_tensors, weight_files
     if stage1_projector_file(path) is not None:
         path = named_dir(read_config(path).get("_name_or_path"), path) or path
     return next((t.dtype for _, t, _ in read_tensors(weight_files(path)) if t.is_floating_point()), torch.float32)
 
 
 def main(argv=None):
-    from .checkpoints import append_image_token
+    from .checkpoint.load import append_image_token
     from .cli import existing, writable
-    from .save import finished_checkpoint, save_llava
+    from .checkpoint.save import finished_checkpoint, save_llava
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="base + adapter -> a plain llava-hf checkpoint")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import llava_min
-from llava_min.image import anyres_pixels
+from llava_min.data.image import anyres_pixels
 from llava_min.model.anyres import AnyRes, select_best_resolution
 from conftest import IMAGE_TOKEN, TINY_TEXT, TINY_VISION, hf_reference
 
@@ -148,7 +148,7 @@ def next_chat_dir(tmp_path_factory, tiny_tokenizer):
 def test_chat_and_eval_use_anyres(next_chat_dir):
     import chat
     from transformers import LlavaNextForConditionalGeneration
-    from llava_min.answer import answer
+    from llava_min.eval.answer import answer
     from llava_min.conversation import tokenize_prompt
     model, tok = llava_min.load(next_chat_dir), llava_min.Tokenizer(next_chat_dir / "tokenizer.model")
     model.cfg.text.eos_token_id = -1
@@ -174,7 +174,7 @@ def test_chat_and_eval_use_anyres(next_chat_dir):
 def test_dataset_gives_tiles_sizes_and_counts(tiny_tokenizer, tmp_path):
     NAMES = ("wide", "tall", "square")
     import json
-    from llava_min.data import LlavaDataset, collate
+    from llava_min.data.dataset import LlavaDataset, collate
     for name in NAMES:
         image(SIZES[name]).save(tmp_path / f"{name}.png")
     records = [{"id": n, "image": f"{n}.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},

@@ -10,7 +10,7 @@ from PIL import Image
 import chat
 from conftest import CHAT_IMAGE_TOKEN as IMAGE_TOKEN, hf_reference
 from llava_min.conversation import tokenize_prompt
-from llava_min.image import preprocess
+from llava_min.data.image import preprocess
 from llava_min.tokenizer import Tokenizer
 
 
@@ -69,7 +69,7 @@ def test_second_turn_prefills_only_new_tokens(chat_model):
 def test_reply_stops_at_the_templates_end_marker(chat_model, monkeypatch, template, marker):
     """Templates whose replies end in text, not EOS: the official CLI stops at that marker, and so do we."""
     import llava_min.model.generate as g
-    from llava_min.answer import answer
+    from llava_min.eval.answer import answer
     session = open_chat(chat_model, extra=["--template", template])
     tok = session.tok
     scripted = tok.encode(f"It is a cat.{marker}Human: And the dog?{marker}", prefix=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llava_min.cli import run
-from llava_min.weights import CheckpointError
+from llava_min.checkpoint.weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +49,7 @@ def run_catalogue(target: str, cases: list) -> list:
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
     prog = Path(target).name if target.endswith(".py") else target.rpartition(".")[2] + ".py"
+    prog = re.escape(f"python -m {target}" if (ROOT / target.replace(".", "/") / "__main__.py").is_file() else prog)
     for (argv, named), r in zip(cases, results):
         said = f"{target} {' '.join(map(str, argv))}:\n{r['stderr'][-2000:]}"
         assert "Traceback" not in r["stderr"], said

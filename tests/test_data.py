@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from llava_min.conversation import tokenize_conversation
-from llava_min.data import DataError, LlavaDataset, collate, uncounted_skips
+from llava_min.data.dataset import DataError, LlavaDataset, collate, uncounted_skips
 from llava_min.files import InputError
 from llava_min.tokenizer import Tokenizer
 

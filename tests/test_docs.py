@@ -70,8 +70,8 @@ def stand_ins(chat_model, tmp_path_factory):
     from PIL import Image
 
     import llava_min
-    from llava_min.save import save_vision
-    from llava_min.weights import read_tensors, weight_files
+    from llava_min.checkpoint.save import save_vision
+    from llava_min.checkpoint.weights import read_tensors, weight_files
     cwd = tmp_path_factory.mktemp("readme")
     shutil.copytree(chat_model, cwd / "llava-1.5-7b-hf")
     Image.open(chat_model / "cat.png").convert("RGB").save(cwd / "cat.jpg")

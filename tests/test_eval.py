@@ -6,10 +6,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llava_min import eval as ev
-from llava_min import llava_bench as lb
-from llava_min.answer import answer
-from llava_min.teacher_api import ChatClient
+from llava_min.eval import score as ev
+from llava_min.eval import llava_bench as lb
+from llava_min.eval.answer import answer
+from llava_min.data.teacher import ChatClient
 
 
 @pytest.mark.parametrize("pred,answer,ok", [

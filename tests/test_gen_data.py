@@ -8,9 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import gen_data
-from llava_min.gpt_data import (SYSTEM, MalformedResponse, build_messages, context_text, parse_response, read_coco,
+from llava_min.data.gpt_data import (SYSTEM, MalformedResponse, build_messages, context_text, parse_response, read_coco,
                                 response_type)
-from llava_min.teacher_api import ChatClient, FatalTeacherError, run_requests
+from llava_min.data.teacher import ChatClient, FatalTeacherError, run_requests
 from llava_min.toy.build import build_world
 
 KEY = "sk-test-SECRET-4711"
@@ -465,7 +465,7 @@ def test_bad_world_flags_and_a_run_with_nothing_to_train_on_exit_nonzero(tmp_pat
 
 def test_ctrl_c_sends_nothing_more_than_what_is_in_flight(tmp_path, requests, monkeypatch):
     import time
-    import llava_min.teacher_api as gd
+    import llava_min.data.teacher as gd
     sent, real_wait, calls = [], gd.wait, []
 
     def teacher(messages, meta):

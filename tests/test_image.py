@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_min.image import CLIP_MEAN, CLIP_STD, PAD_COLOR, ImageError, load_image, preprocess
+from llava_min.data.image import CLIP_MEAN, CLIP_STD, PAD_COLOR, ImageError, load_image, preprocess
 
 
 @pytest.fixture(scope="module")

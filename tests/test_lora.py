@@ -5,7 +5,7 @@ import torch
 import llava_min
 from llava_min.model.lora import LoRAConfig, add_lora, merge_lora
 from llava_min.lora import adapter_state, load_adapter, save_adapter
-from llava_min.stages import freeze_for_stage
+from llava_min.train.stages import freeze_for_stage
 from test_model import image_prompt, pixels
 
 CFG = LoRAConfig(r=4, alpha=8.0, dropout=0.0)
@@ -161,7 +161,7 @@ def test_flops_per_token_equal_what_a_step_computes(hf_llava_dir, stage, lora):
     """The MFU formula against torch's FLOP counter on one forward + backward (math attention, logits everywhere)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    from llava_min.stages import llava_flops_per_token
+    from llava_min.train.stages import llava_flops_per_token
     model = llava_min.load(hf_llava_dir)
     freeze_for_stage(model, stage, lr=1e-3, lora=CFG if lora else None)
     ids, x, labels = batch()
@@ -172,7 +172,7 @@ def test_flops_per_token_equal_what_a_step_computes(hf_llava_dir, stage, lora):
 
 
 def test_a_stage1_base_is_asked_for_its_llms_dtype(hf_clip_dir, hf_llama_dir, tmp_path):
-    from llava_min.save import save_llama, save_stage1
+    from llava_min.checkpoint.save import save_llama, save_stage1
     from llava_min.lora import stored_dtype
     save_llama(llava_min.load_llama(hf_llama_dir, dtype=torch.bfloat16), tmp_path / "llm")
     model = llava_min.build_llava(hf_clip_dir, tmp_path / "llm", dtype=torch.float32)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import llava_min
 from llava_min import CheckpointError
-from llava_min.image import anyres_pixels
+from llava_min.data.image import anyres_pixels
 from conftest import IMAGE_TOKEN, NEXT_PINPOINTS as PINPOINTS, hf_reference
 from test_anyres import image
 from test_checkpoints import official_dir, save_clip

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import llava_min
 from llava_min import CheckpointError
-from llava_min.adapters import load_adapted, merge_adapter
-from llava_min.image import anyres_pixels
+from llava_min.checkpoint.peft import load_adapted, merge_adapter
+from llava_min.data.image import anyres_pixels
 from llava_min.lora import load_adapter, main as lora_main, save_adapter
 from llava_min.model.lora import LoRAConfig, add_lora
 from conftest import IMAGE_TOKEN, hf_reference
@@ -221,8 +221,8 @@ def test_official_release_equals_the_adapter_applied_by_hand(release, tmp_path):
 
 def test_chat_and_eval_take_the_release_with_its_base(release, chat_model, tmp_path):
     import chat
-    from llava_min import eval as ev
-    from llava_min.answer import answer
+    from llava_min.eval.__main__ import main as eval_main
+    from llava_min.eval.answer import answer
     rel, vicuna, hand = release
     args = ["--model", str(rel), "--model-base", str(vicuna), "--temperature", "0", "--device", "cpu"]
     session = chat.open_chat(chat.parse_args(args))
@@ -235,7 +235,7 @@ def test_chat_and_eval_take_the_release_with_its_base(release, chat_model, tmp_p
                 "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
                for i, name in enumerate(("cat.png", "dog.png"))]
     (tmp_path / "eval.json").write_text(json.dumps(records))
-    ev.main(["--model", str(rel), "--model-base", str(vicuna), "--data", str(tmp_path / "eval.json"), "--image-folder",
+    eval_main(["--model", str(rel), "--model-base", str(vicuna), "--data", str(tmp_path / "eval.json"), "--image-folder",
              str(chat_model), "--device", "cpu", "--out", str(tmp_path / "results.json")])
     predictions = [p["prediction"] for p in json.loads((tmp_path / "results.json").read_text())["predictions"]]
     assert predictions == answer(by_hand.model, session.tok, records, chat_model)

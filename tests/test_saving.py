@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import llava_min
-import llava_min.weights
+import llava_min.checkpoint.weights
 from llava_min.lora import save_adapter
 from llava_min.model.lora import LoRAConfig, add_lora
-from llava_min.save import finished_checkpoint, save_llava
+from llava_min.checkpoint.save import finished_checkpoint, save_llava
 
 OPERATIONS = [(os, "replace"), (os, "rename"), (os, "link"), (os, "chmod"), (os, "unlink"), (os, "mkdir"),
               (os, "rmdir"), (shutil, "rmtree"), (shutil, "copyfile"), (shutil, "copy2"), (tempfile, "mkdtemp"),
-              (pathlib.Path, "write_text"), (pathlib.Path, "write_bytes"), (llava_min.weights, "save_file")]
+              (pathlib.Path, "write_text"), (pathlib.Path, "write_bytes"), (llava_min.checkpoint.weights, "save_file")]
 
 
 class Killed(BaseException):

@@ -95,7 +95,7 @@ def test_world_epochs_unless_given():
 def test_a_rerun_resumes_an_interrupted_stage(tmp_path, monkeypatch):
     """With --save-every, a stage cut short leaves a snapshot; the rerun continues it (same losses as a run
     never cut), rather than starting over or refusing."""
-    from llava_min.trainer import Trainer
+    from llava_min.train.trainer import Trainer
     common = ["--preset", "smoke", "--data-dir", str(tmp_path / "data"), "--max-steps", "3", "--save-every", "1",
               "--no-progress"]
     train.main(common + ["--out", str(tmp_path / "whole")])

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 import llava_min
-from llava_min.image import anyres_pixels
+from llava_min.data.image import anyres_pixels
 import train
-from llava_min import stages
-from llava_min.toy.stages import CaptionPairs
-from llava_min.data import LlavaDataset, collate
+from llava_min.train import stages
+from llava_min.toy.pretrain import CaptionPairs
+from llava_min.data.dataset import LlavaDataset, collate
 from llava_min.tokenizer import Tokenizer
-from llava_min.trainer import TrainConfig, Trainer
+from llava_min.train.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def fit(model, stage, parts, data="pretrain.json", steps=3, out=None, lr=1e-3, *
 
 def test_caption_pairs_name_the_file_and_record_of_a_bad_one(tmp_path):
     import json
-    from llava_min.data import DataError
+    from llava_min.data.dataset import DataError
     (tmp_path / "pretrain.json").write_text(json.dumps([{"id": "cap-7", "conversations": [{"value": "x"}]}]))
     with pytest.raises(DataError, match="pretrain.json: record cap-7: a caption pair needs 'image'"):
         CaptionPairs(tmp_path / "pretrain.json", tmp_path, tok=None, image_size=32)
@@ -163,7 +163,7 @@ def test_a_snapshot_is_neither_made_up_nor_dropped(parts, tmp_path):
 def test_a_finished_model_is_replaced_only_when_asked_and_only_once_the_new_one_is_complete(parts, tmp_path,
                                                                                             monkeypatch, capsys):
     """tests/test_saving.py kills every file operation of a save in turn; here the whole command line."""
-    import llava_min.save as ck
+    import llava_min.checkpoint.save as ck
     out = tmp_path / "out"
     stage2_in_process(parts, out)
     before = load_file(out / "model.safetensors")
@@ -196,7 +196,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(parts, tmp_path):
 def test_learning_rate_warms_up_then_follows_the_cosine(parts, tmp_path):
     import json
     import math
-    from llava_min.trainer import lr_at
+    from llava_min.train.trainer import lr_at
     assert [lr_at(s, 100, 10, 1.0) for s in (0, 4, 9, 10, 55, 100)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.5, 0.0])
     fit(stage1_model(parts), "2", parts, data="instruct.json", steps=8, out=tmp_path, lr=1e-3, warmup_ratio=0.25)
     logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -395,7 +395,7 @@ def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
                                                             (["--projector-lr", "2e-4"], 1e-2, 2e-4)])
 def test_lora_learning_rates_unless_given(parts, monkeypatch, tmp_path, extra, adapter_lr, projector_lr):
     """LLaVA-1.5's LoRA recipe: 10 times the stage-2 lr for the adapters, the projector's lr unchanged."""
-    from llava_min.save import save_stage1
+    from llava_min.checkpoint.save import save_stage1
     stage1 = tmp_path / "stage1"  # an untrained stage 1: the adapter's base (a LoRA stage 2 needs --init)
     save_stage1(llava_min.build_llava(parts / "clip", parts / "lm"), stage1, parts / "clip", parts / "lm",
                 parts / "tokenizer.model")
@@ -459,7 +459,7 @@ def test_whitened_stages_save_plain_checkpoints(parts, tmp_path):
 
 
 def test_length_grouped_order_is_the_same_samples_with_less_padding():
-    from llava_min.trainer import length_grouped
+    from llava_min.train.trainer import length_grouped
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 300, (1003,), generator=g).tolist()
     order = torch.randperm(1003, generator=g)
@@ -477,7 +477,7 @@ def test_length_grouped_order_is_the_same_samples_with_less_padding():
 
 
 def test_record_lengths_rank_the_tokenized_lengths(parts):
-    from llava_min.trainer import sample_lengths
+    from llava_min.train.trainer import sample_lengths
     tok = Tokenizer(parts / "tokenizer.model")
     ds = LlavaDataset(parts / "data" / "instruct.json", tok, parts / "data" / "images", "vicuna_v1", 4, -200,
                       image_size=32)

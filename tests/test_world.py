@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import gen_data
-from llava_min.gpt_data import build_messages
+from llava_min.data.gpt_data import build_messages
 from llava_min.toy.build import build_world, chat_text
 from llava_min.toy.rule_teacher import RuleTeacher
 from llava_min.toy.world import COLORS, sample_scene

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from llava_min import load
-from llava_min.answer import model_pixels
+from llava_min.eval.answer import model_pixels
 from llava_min.conversation import tokenize_prompt
-from llava_min.image import load_image
+from llava_min.data.image import load_image
 from llava_min.tokenizer import Tokenizer
 from llava_min.tools.attention_map import answer_attention
 

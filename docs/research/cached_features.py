@@ -30,7 +30,7 @@ import torch
 
 import llava_min
 from llava_min.conversation import tokenize_conversation
-from llava_min.image import load_image, preprocess
+from llava_min.data.image import load_image, preprocess
 from llava_min.model.projector import Projector
 from llava_min.toy.whiten import feature_statistics
 from llava_min.toy.world import COLORS, SHAPES, SIZES

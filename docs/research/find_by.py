@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import llava_min
-from llava_min.eval import evaluate, is_correct
-from llava_min.image import load_image, preprocess
+from llava_min.eval.score import evaluate, is_correct
+from llava_min.data.image import load_image, preprocess
 from llava_min.tokenizer import Tokenizer
 
 ATTRIBUTES = ("color", "shape", "size", "position")

@@ -17,12 +17,12 @@ import traceback
 
 import torch
 
-from ..checkpoints import LLAVA_PREFIXES, build_on_meta, ignore_reason, renamer
+from ..checkpoint.load import LLAVA_PREFIXES, build_on_meta, ignore_reason, renamer
 from ..model.clip import VisionConfig
 from ..model.llama import LlamaConfig
-from ..devices import peak_flops
+from ..train.devices import peak_flops
 from ..model.llava import Llava, LlavaConfig
-from ..weights import load_strict
+from ..checkpoint.weights import load_strict
 from .timing import free_memory, peak_memory, runs_on_flash, timed
 
 ROWS = ("train", "train-compiled", "prefill", "decode", "decode-compiled")
@@ -120,7 +120,7 @@ def train_row(name, device, dtype, warmup, repeats, compile=False, batch=None) -
     row["flash_ours"] = runs_on_flash(steps["ours"])
     peak = peak_flops(device)
     if peak:
-        from ..stages import llava_flops_per_token
+        from ..train.stages import llava_flops_per_token
         flops = llava_flops_per_token(ours, ids.shape[1])
         row["mfu_ours"], row["mfu_transformers"] = flops * row["ours"] / peak, flops * row["transformers"] / peak
     return row

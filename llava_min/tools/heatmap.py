@@ -8,7 +8,7 @@ feature grid is what the LLM reads. Tokens with no place in the image (CLIP's CL
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..image import anyres_tiles, square_view
+from ..data.image import anyres_tiles, square_view
 from ..model.anyres import unpad_shape
 
 INFERNO = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float64)

@@ -25,7 +25,7 @@ DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5: 336 px / patch 14 = 24 x 24
 
 def pick_record(path, index=None, rid=None) -> dict:
     """Record `index` (or the one whose id is `rid`) of a LLaVA-format JSON / JSONL file."""
-    from ..data import read_records
+    from ..data.dataset import read_records
     if not Path(path).is_file():
         raise InputError(f"data file {path} does not exist")
     records = read_records(path)
@@ -60,7 +60,7 @@ def chosen_record(args):
 
 
 def record_image(record, image_folder):
-    from ..image import load_image
+    from ..data.image import load_image
     if not record.get("image"):
         raise InputError(f"record {record['id']!r} has no image" if record.get("id") else "the record has no image")
     return load_image(record["image"], image_folder=image_folder)
@@ -70,7 +70,7 @@ def record_image(record, image_folder):
 
 def labels_settings(args, record) -> tuple:
     """(tokenizer, template, image_token_id, num_image_tokens) from the flags and the --model config."""
-    from ..configs import llava_hf_config, read_config
+    from ..checkpoint.configs import llava_hf_config, read_config
     from ..tokenizer import Tokenizer
     cfg = None
     if args.model is not None:
@@ -98,7 +98,7 @@ def labels_settings(args, record) -> tuple:
 
 def run_labels(args) -> None:
     from ..conversation import tokenize_conversation
-    from ..data import check_record, truncate
+    from ..data.dataset import check_record, truncate
     from . import labels_view as view
     record = chosen_record(args)
     if record is None:
@@ -132,9 +132,9 @@ def model_and_image(args):
     """The model of --model and the image of --image (or of the chosen record), as pixel_values."""
     import torch
 
-    from ..answer import model_pixels
-    from ..adapters import load_model
-    from ..image import load_image
+    from ..eval.answer import model_pixels
+    from ..checkpoint.peft import load_model
+    from ..data.image import load_image
     record = chosen_record(args)
     if args.image is None and record is None:
         raise InputError("give --image IMG, or --data F with --index N or --id ID")

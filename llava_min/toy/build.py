@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..conversation import render_prompt
 from ..files import only_run, same_settings, write_json, write_text
-from ..gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human,
+from ..data.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human,
                         parse_response)
 from .questions import SHORT_PROMPT, WORLD_TYPES, ask, choice_types, multiple_choice
 from .rule_teacher import RuleTeacher

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..devices import use_bf16
-from ..save import finished_checkpoint as finished
+from ..train.devices import use_bf16
+from ..checkpoint.save import finished_checkpoint as finished
 from ..files import atomic_write, same_settings, write_json
 from .build import build_world
 
@@ -174,8 +174,8 @@ def run_pipeline(args, preset, stages) -> dict:
 
 
 def evaluate_run(model_dir: Path, data: Path, args) -> dict:
-    from ..adapters import load_model
-    from ..eval import evaluate
+    from ..checkpoint.peft import load_model
+    from ..eval.score import evaluate
     from ..tokenizer import Tokenizer
     model = load_model(model_dir, dtype=torch.float32, device=args.device)  # (a LoRA stage 2: on its stage 1)
     tok = Tokenizer(model_dir / "tokenizer.model")

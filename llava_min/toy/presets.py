@@ -1,7 +1,7 @@
 """The toy presets: the synthetic world and the tiny CLIP and LLaMA that stand in for the real ones."""
 from ..model.clip import VisionConfig
 from ..model.llama import LlamaConfig
-from ..recipes import Preset, StageSettings
+from ..train.recipes import Preset, StageSettings
 
 TOY_PRESETS = {
     # The synthetic world on a laptop CPU: a 96 px CLIP with 32 px patches (9 visual tokens), a ~1M-parameter LLaMA.

@@ -9,7 +9,7 @@ paragraph) and complex reasoning (one question, answered with its steps).
 import random
 from typing import Optional
 
-from ..gpt_data import response_type
+from ..data.gpt_data import response_type
 from .questions import QA, WORLD_TYPES, ask, coin, is_are, relation_pair
 from .world import SIZES, Scene, and_list, cap, describe, listing, plural, ref, where
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import uncounted_skips
+from ..data.dataset import uncounted_skips
 
 
 def feature_statistics(features: torch.Tensor, eps: float = 1e-5) -> tuple:

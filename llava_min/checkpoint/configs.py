@@ -4,11 +4,11 @@ implement is an error that names it, never a silent approximation."""
 from dataclasses import fields
 from pathlib import Path
 
-from .model.anyres import PINPOINTS
-from .model.clip import ACTIVATIONS, VisionConfig
-from .model.llama import LlamaConfig
-from .model.llava import LlavaConfig
-from .files import read_json
+from ..model.anyres import PINPOINTS
+from ..model.clip import ACTIVATIONS, VisionConfig
+from ..model.llama import LlamaConfig
+from ..model.llava import LlavaConfig
+from ..files import read_json
 from .official import release_template
 from .weights import CheckpointError
 

@@ -1,20 +1,11 @@
-"""Evaluation the way the papers score: short answers (VQAv2 / GQA style, LLaVA-1.5 Sec. 3.2's
-response-format prompt), multiple choice (ScienceQA, LLaVA Sec. 5.2) and LLaVA-Bench's judged
-relative score (LLaVA Sec. 5.1). Greedy decoding, batched with left padding.
-
-    python -m llava_min.eval --model DIR --data eval.json --image-folder IMAGES [--blind] [--out results.json]
-    python -m llava_min.eval --model DIR --bench bench.json --image-folder IMAGES --api-base URL --judge-model M
-"""
-import argparse
-import json
+"""Scoring the way the papers score: short answers normalized as VQA does (VQAv2 / GQA style, LLaVA-1.5
+Sec. 3.2's response-format prompt) and multiple choice parsed as ScienceQA does (LLaVA Sec. 5.2)."""
 import re
 import string
 from collections import defaultdict
 
-import torch
-
 from .answer import answer, check_fields, check_items
-from .files import read_json
+from ..files import read_json
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 NUMBER_WORDS["none"] = "0"
@@ -65,7 +56,7 @@ def score(records: list, predictions: list) -> dict:
 
 def check_eval_record(r: dict) -> None:
     """What scoring and answering read: a short or multiple-choice record whose first turn is the question."""
-    from .conversation import check_turns
+    from ..conversation import check_turns
     check_fields(r, {"id": (str, int), "format": str, "answer": str, "conversations": list})
     if r["format"] not in ("short", "choice"):
         raise ValueError(f"format {r['format']!r}, expected 'short' or 'choice'")
@@ -96,56 +87,3 @@ def print_table(scores: dict, blind=None) -> None:
         for kind, s in kinds.items():
             b = f"{blind.get(fmt, {}).get(kind, {}).get('accuracy', float('nan')):>8.1f}" if blind else ""
             print(f"{fmt:<8}{kind:<12}{s['accuracy']:>10.1f}{b}{s['n']:>7}")
-
-
-def main(argv=None):
-    from .adapters import load_model, tokenizer_file
-    from .conversation import check_template
-    from .llava_bench import llava_bench
-    from .teacher_api import ChatClient
-    from .tokenizer import Tokenizer
-    from .cli import existing, positive, writable
-    from .files import atomic_write
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=existing("dir"), required=True)
-    p.add_argument("--model-base", type=existing("dir"), help="MODEL is a LoRA adapter: the model it goes on")
-    p.add_argument("--data", type=existing(), help="eval.json: short-answer and multiple-choice records")
-    p.add_argument("--bench", type=existing(), help="LLaVA-Bench style bench.json, scored by a judge")
-    p.add_argument("--image-folder", type=existing("dir"))
-    p.add_argument("--blind", action="store_true", help="also answer without the image, to see how much it looks")
-    p.add_argument("--batch-size", type=positive(), default=32)
-    p.add_argument("--limit", type=positive())
-    p.add_argument("--api-base", default="https://api.openai.com/v1")
-    p.add_argument("--judge-model", default="gpt-4o-mini")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=writable(), help="write the results as JSON here")
-    args = p.parse_args(argv)
-    if not args.data and not args.bench:
-        p.error("give --data and/or --bench")
-    model = load_model(args.model, args.model_base, device=args.device)
-    try:
-        check_template(model.cfg.template)
-    except ValueError as e:
-        raise SystemExit(f"{args.model}: {e}")
-    tok = Tokenizer(tokenizer_file(args.model, args.model_base))
-    results = {}
-    if args.data:
-        results.update(evaluate(model, tok, args.data, args.image_folder, batch_size=args.batch_size, limit=args.limit,
-                                progress=True))
-        if args.blind:
-            results["blind_scores"] = evaluate(model, tok, args.data, args.image_folder, blind=True,
-                                               batch_size=args.batch_size, limit=args.limit)["scores"]
-        print_table(results["scores"], results.get("blind_scores"))
-    if args.bench:
-        judge = ChatClient(args.api_base, args.judge_model, temperature=0.2)  # as the official eval_gpt_review
-        results.update(llava_bench(model, tok, args.bench, args.image_folder, judge))
-        for category, s in results["llava_bench"].items():
-            print(f"LLaVA-Bench {category:<14} relative {s['relative']:>6.1f}  (model {s['model']}, reference "
-                  f"{s['reference']}, n {s['n']})")
-    if args.out:
-        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
-
-
-if __name__ == "__main__":
-    from .cli import run
-    run(main)

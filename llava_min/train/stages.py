@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .conversation import IGNORE_INDEX
+from ..conversation import IGNORE_INDEX
 from .recipes import StageSettings
 from .trainer import TrainConfig, Trainer
 
@@ -32,7 +32,7 @@ def freeze_for_stage(model, stage: str, lr: float, projector_lr: float = None, l
         if not trained:
             continue
         if part == "language_model" and lora is not None:
-            from .model.lora import add_lora
+            from ..model.lora import add_lora
             module.requires_grad_(False)
             groups.append({"params": add_lora(module, lora), "lr": lr, "name": "lora"})
             continue

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import LLAVA_PREFIXES, append_image_token, build_llava, load, renamer
+from .load import LLAVA_PREFIXES, append_image_token, build_llava, load, renamer
 from .configs import read_config
-from .files import read_json
-from .model.lora import LoRAConfig, add_lora, merge_lora
+from ..files import read_json
+from ..model.lora import LoRAConfig, add_lora, merge_lora
 from .official import named_dir, official_settings, resolve_vision_path
 from .save import hf_config, hub_key
 from .weights import CheckpointError, read_tensors, save_safetensors

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from ..data import DataError, bad_records, check_record, checked_records, record_id
-from ..image import ImageError, load_image, preprocess
+from ..data.dataset import DataError, bad_records, check_record, checked_records, record_id
+from ..data.image import ImageError, load_image, preprocess
 from ..model.clip import VisionTower
 from ..model.llama import Llama
-from ..save import save_llama, save_vision
-from ..recipes import Preset
-from ..stages import either, num_targets, run_stage, settings
+from ..checkpoint.save import save_llama, save_vision
+from ..train.recipes import Preset
+from ..train.stages import either, num_targets, run_stage, settings
 from ..tokenizer import Tokenizer, train_tokenizer
 from .contrastive import ContrastiveCLIP
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .conversation import IGNORE_INDEX, IMAGE, TEMPLATES, check_turns, tokenize_conversation
-from .files import InputError
+from ..conversation import IGNORE_INDEX, IMAGE, TEMPLATES, check_turns, tokenize_conversation
+from ..files import InputError
 from .image import MAX_PIXELS, ImageError, anyres_pixels, check_image_folder, find_image, load_image, preprocess
 
 

@@ -6,8 +6,8 @@ repository) and LLaVA-NeXT's stage 2 on AnyRes tiles; the toy presets live in ll
 from dataclasses import dataclass
 from typing import Optional
 
-from .model.clip import VisionConfig
-from .model.llama import LlamaConfig
+from ..model.clip import VisionConfig
+from ..model.llama import LlamaConfig
 
 
 @dataclass

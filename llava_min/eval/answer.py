@@ -2,7 +2,7 @@
 and the checks that name a bad evaluation item before any answer is computed."""
 import torch
 
-from .files import InputError
+from ..files import InputError
 
 
 def question_turn(record: dict, blind: bool) -> list:
@@ -29,9 +29,9 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
     """Greedy answers to each record's first question, batched with left padding."""
     from tqdm import tqdm
 
-    from .conversation import stop_text, tokenize_prompt
-    from .conversation import cut_at, stop_at
-    from .image import load_image
+    from ..conversation import stop_text, tokenize_prompt
+    from ..conversation import cut_at, stop_at
+    from ..data.image import load_image
     cfg, device = model.cfg, next(model.parameters()).device
     template = template or cfg.template
     end = stop_text(template)
@@ -67,7 +67,7 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
 
 def model_pixels(model, image):
     """The pixel_values an image becomes for this model: AnyRes tiles, or one (padded or cropped) view."""
-    from .image import anyres_pixels, preprocess
+    from ..data.image import anyres_pixels, preprocess
     if model.anyres is not None:
         return anyres_pixels(image, model.anyres)
     return preprocess(image, size=model.cfg.vision.image_size, aspect=model.cfg.image_aspect_ratio)
@@ -80,7 +80,7 @@ def decode_until_eos(tok, ids: list) -> str:
 def check_items(items, path, image_folder, check, images: bool = True) -> None:
     """Before any answer is generated (or any judge paid): `check(item)` on each, and (`images`) its
     image exists. The error (an InputError) names the file and the item."""
-    from .image import check_image_folder, find_image
+    from ..data.image import check_image_folder, find_image
     if not isinstance(items, list):
         raise InputError(f"{path}: not a JSON list")
     if images and any(isinstance(item, dict) and "image" in item for item in items):

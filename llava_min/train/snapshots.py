@@ -7,8 +7,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from .files import InputError, atomic_dir, recover_dir
-from .weights import load_safetensors, save_safetensors
+from ..files import InputError, atomic_dir, recover_dir
+from ..checkpoint.weights import load_safetensors, save_safetensors
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
 

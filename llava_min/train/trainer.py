@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from tqdm import tqdm
 
 from .devices import peak_flops, shard, to_device, use_bf16, world
-from .files import SNAPSHOT, InputError, atomic_write
+from ..files import SNAPSHOT, InputError, atomic_write
 from .snapshots import FULL, Snapshots
 
 

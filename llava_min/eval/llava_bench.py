@@ -4,8 +4,8 @@ official eval_gpt_review_bench.py and summarize_gpt_review.py compute it."""
 from collections import defaultdict
 
 from .answer import answer, check_fields, check_items
-from .files import read_json
-from .teacher_api import FatalTeacherError, TeacherError
+from ..files import read_json
+from ..data.teacher import FatalTeacherError, TeacherError
 
 
 JUDGE_RULE = ("Two AI assistants answered the user's question about an image. You cannot see the image; the "

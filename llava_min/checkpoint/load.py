@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 
 from .configs import clip_vision_config, llama_config, llava_hf_config, read_config
-from .files import read_json
-from .model.clip import VisionTower
-from .model.llama import Llama
-from .model.llava import Llava, LlavaConfig
+from ..files import read_json
+from ..model.clip import VisionTower
+from ..model.llama import Llama
+from ..model.llava import Llava, LlavaConfig
 from .official import (IMAGE_NEWLINE, OFFICIAL_PROJECTOR, TUNED_TOWER, TUNED_TOWER_PREFIXES, is_multimodal_part,
                        named_dir, official_settings, resolve_vision_path, stage1_projector_file)
 from .save import IDENTITY_LAYER, identity_layer

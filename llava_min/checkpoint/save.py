@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 
 from .configs import SELECT_STRATEGY, read_config
-from .files import SNAPSHOT, atomic_dir, recover_dir
-from .model.clip import VisionConfig, VisionTower
-from .model.llama import Llama, LlamaConfig
-from .model.llava import Llava, LlavaConfig
+from ..files import SNAPSHOT, atomic_dir, recover_dir
+from ..model.clip import VisionConfig, VisionTower
+from ..model.llama import Llama, LlamaConfig
+from ..model.llava import Llava, LlavaConfig
 from .weights import CheckpointError, save_safetensors
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .files import InputError
-from .model.anyres import AnyRes, fit_size, select_best_resolution
+from ..files import InputError
+from ..model.anyres import AnyRes, fit_size, select_best_resolution
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
