@@ -9,6 +9,7 @@ conversation, `/quit` leaves. The KV cache carries over between turns: a new tur
 tokens that are new, never the history.
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,8 +21,7 @@ from llava_min.conversation import TEMPLATES, check_template, stop_text, tokeniz
 from llava_min.conversation import cut_at, stop_at
 from llava_min.checkpoint.configs import read_config
 from llava_min.model.generate import generate
-from llava_min.eval.answer import model_pixels
-from llava_min.data.image import load_image
+from llava_min.data.image import ImageSettings, image_input, load_image
 from llava_min.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,7 +42,7 @@ class Chat:
         self.generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
         self.max_len = model.cfg.text.max_position_embeddings
         self.cache = model.new_cache(1, self.max_len)
-        self.pixel_values, self.image_size, self.prefilled = None, None, 0
+        self.image, self.prefilled = None, 0  # the image as the model takes it (data.image.ImageInput)
         self.clear()
 
     def clear(self) -> None:
@@ -51,18 +51,15 @@ class Chat:
 
     def set_image(self, path) -> None:
         """A new image starts a new conversation (raises ImageError with the file named)."""
-        image = load_image(path)
-        pixels = model_pixels(self.model, image)
+        view = image_input(load_image(path), ImageSettings.of(self.model.cfg))
         param = next(self.model.parameters())
-        self.pixel_values = (pixels if self.model.anyres else pixels[None]).to(param.device, param.dtype)
-        self.image_size = (image.height, image.width)
+        self.image = dataclasses.replace(view, pixel_values=view.pixel_values.to(param.device, param.dtype))
         self.clear()
 
     def prompt_ids(self, turns) -> list:
-        has_image = self.pixel_values is not None
-        count = self.model.image_token_count(self.image_size) if has_image else 0
+        count = self.image.num_tokens if self.image is not None else 0
         return tokenize_prompt(turns, self.tok, self.template, num_image_tokens=count,
-                               image_token_id=self.model.cfg.image_token_id, has_image=has_image)
+                               image_token_id=self.model.cfg.image_token_id, has_image=self.image is not None)
 
     def reuse(self, ids: list) -> int:
         """How many leading tokens of `ids` the cache already holds (never splitting the image)."""
@@ -105,8 +102,8 @@ class Chat:
         generate(self.model, new, budget, temperature=self.temperature, top_p=self.top_p,
                  eos_id=self.model.cfg.text.eos_token_id, generator=self.generator, cache=self.cache,
                  on_token=on_token, compile=self.compile, stop=stop_at(self.tok, end),
-                 pixel_values=self.pixel_values if has_image else None,
-                 image_sizes=[self.image_size] if has_image and self.model.anyres else None)
+                 pixel_values=self.image.pixel_values if has_image else None,
+                 image_sizes=[self.image.size] if has_image else None)
         self.cached_ids = ids + reply_ids[:-1]  # the last sampled token was never fed back
         show(text)  # what was held back, if the budget ended the reply
         reply = text.strip()

@@ -53,7 +53,7 @@ def test_item_matches_the_conversation_tokenizer(tmp_path, tok, folder):
     ids, labels = tokenize_conversation(GOOD["conversations"], tok, "vicuna_v1", N_IMAGE, tok.vocab_size)
     assert item["id"] == "good" and item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
     assert item["input_ids"].dtype == item["labels"].dtype == torch.long
-    assert item["pixel_values"].shape == (3, 16, 16) and item["pixel_values"].dtype == torch.float32
+    assert item["pixel_values"].shape == (1, 3, 16, 16) and item["pixel_values"].dtype == torch.float32
 
 
 def test_item_and_collate(tmp_path, tok, folder):
@@ -65,7 +65,7 @@ def test_item_and_collate(tmp_path, tok, folder):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, T)
     assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
     assert batch["pixel_values"].shape == (2, 3, 16, 16)  # only the records with an image, in record order
-    assert torch.equal(batch["pixel_values"][1], items[2]["pixel_values"])
+    assert torch.equal(batch["pixel_values"][1:], items[2]["pixel_values"])
     for row, it in enumerate(items):  # right padding: real tokens first, pads after, never supervised
         n = len(it["input_ids"])
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (T - n)
@@ -175,7 +175,7 @@ def test_images_of_every_kind_load(tmp_path, tok, folder):
     for name, img in [("p.png", Image.new("P", (9, 7))), ("l.png", Image.new("L", (9, 7))),
                       ("c.jpg", Image.new("CMYK", (9, 7))), ("deep.png", Image.fromarray(np.zeros((7, 9), np.uint16)))]:
         img.save(folder / name)
-        assert dataset(tmp_path, [with_image(name)], tok, folder)[0]["pixel_values"].shape == (3, 16, 16)
+        assert dataset(tmp_path, [with_image(name)], tok, folder)[0]["pixel_values"].shape == (1, 3, 16, 16)
 
 
 def test_skip_mode_counts_every_reason_and_drops(tmp_path, tok, folder):
@@ -228,7 +228,7 @@ def test_real_tokenizer_record(tmp_path, llama_tokenizer_path, folder):
     ds = dataset(tmp_path, [GOOD, TEXT_ONLY], tok, folder, num_image_tokens=576, image_token_id=-200,
                  image_size=336, image_aspect="pad")
     item = ds[0]
-    assert (item["input_ids"] == -200).sum() == 576 and item["pixel_values"].shape == (3, 336, 336)
+    assert (item["input_ids"] == -200).sum() == 576 and item["pixel_values"].shape == (1, 3, 336, 336)
     replies = item["labels"][item["labels"] != -100].tolist()
     assert replies[-1] == tok.eos_id and tok.decode(replies) == "There are 2 circles."
 

@@ -192,3 +192,49 @@ def test_paths_must_stay_inside_the_image_folder(tmp_path):
     (folder / "loop_b.png").symlink_to(folder / "loop_a.png")
     with pytest.raises(ImageError, match="image path 'loop_a.png' cannot be resolved in the image folder"):
         load_image("loop_a.png", image_folder=folder)
+
+
+# ---------------------------------------------------------------- the one path from an image to the model
+
+def tiny_llava(select_feature="patch", aspect="crop", pinpoints=None):
+    from llava_min import LlamaConfig, Llava, LlavaConfig, VisionConfig
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=28, patch_size=7),
+                      text=LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2),
+                      select_feature=select_feature, image_aspect_ratio=aspect, image_grid_pinpoints=pinpoints)
+    return Llava(cfg).eval()
+
+
+@pytest.mark.parametrize("setting", ["plain", "crop", "pad", "cls_patch", "anyres"])
+def test_image_input_is_what_the_models_embedding_splices(setting):
+    """Every setting a model takes images in: the pixels the one path gives are the preprocessing's (itself
+    held to transformers above and in test_anyres.py), and their visual tokens fill exactly the image
+    positions of a prompt expanded by its count, image by image in a batch of different sizes."""
+    from llava_min.data.image import ImageSettings, anyres_pixels, image_input
+    grids = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+    model = tiny_llava("cls_patch" if setting == "cls_patch" else "patch", "pad" if setting == "pad" else "crop",
+                       grids if setting == "anyres" else None)
+    sizes = [(40, 40)] if setting == "plain" else [(30, 100), (90, 25), (41, 77)]  # (width, height)
+    images = [random_image(w, h, seed=k) for k, (w, h) in enumerate(sizes)]
+    views = [image_input(img, ImageSettings.of(model.cfg)) for img in images]
+    for img, view in zip(images, views):
+        assert view.size == (img.height, img.width)
+        expected = anyres_pixels(img, model.anyres) if setting == "anyres" else \
+            preprocess(img, 28, model.cfg.image_aspect_ratio)[None]
+        assert torch.equal(view.pixel_values, expected)
+        assert view.num_tokens == model.image_token_count(view.size)
+    if setting == "anyres":  # the count follows the image's size
+        assert len({v.num_tokens for v in views}) == len(views)
+    else:  # one view: 4 x 4 patches (and CLS)
+        assert [v.num_tokens for v in views] == [16 + (setting == "cls_patch")] * len(views)
+    pixels, image_sizes = torch.cat([v.pixel_values for v in views]), [v.size for v in views]
+    with torch.no_grad():
+        features = model.image_features(pixels, image_sizes)
+        assert [len(f) for f in features] == [v.num_tokens for v in views]
+        ids = torch.tensor([[1, 5] + [model.cfg.image_token_id] * sum(v.num_tokens for v in views) + [7]])
+        embeds = model.embed(ids, pixels, image_sizes)
+        torch.testing.assert_close(embeds[0, 2:-1], torch.cat(features), atol=0, rtol=0)
+        with pytest.raises(ValueError, match="image tokens"):
+            model.embed(ids[:, 1:-2], pixels, image_sizes)  # one image token short

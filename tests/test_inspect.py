@@ -166,12 +166,12 @@ def table(out: str) -> dict:
 
 def test_shapes_are_the_real_tensors(capsys, model_336, tmp_path):
     from llava_min import load
-    from llava_min.eval.answer import model_pixels
+    from llava_min.data.image import ImageSettings, image_input
     image = picture(tmp_path / "a.png", 50, 30)
     got = table(run(capsys, "shapes", "--model", model_336, "--image", image, "--question", "What is 12?"))
     model = load(model_336, dtype=torch.float32)
     tok = Tokenizer(model_336 / "tokenizer.model")
-    pixels = model_pixels(model, Image.open(image).convert("RGB"))[None]
+    pixels = image_input(Image.open(image).convert("RGB"), ImageSettings.of(model.cfg)).pixel_values
     ids = torch.tensor([tokenize_prompt([{"from": "human", "value": "<image>\nWhat is 12?"}], tok,
                                         image_token_id=model.cfg.image_token_id)])
     with torch.no_grad():
@@ -231,8 +231,9 @@ def test_attention_map_and_png(capsys, model_336, tmp_path):
     prompt = tokenize_prompt([{"from": "human", "value": "<image>\nWhat is it?\nSay it."}], tok,
                              image_token_id=model.cfg.image_token_id)
     image = Image.open(image_path).convert("RGB")
-    from llava_min.eval.answer import model_pixels
-    answer, amap = attention_map.answer_attention(model, tok, prompt, model_pixels(model, image)[None],
+    from llava_min.data.image import ImageSettings, image_input
+    answer, amap = attention_map.answer_attention(model, tok, prompt,
+                                                  image_input(image, ImageSettings.of(model.cfg)).pixel_values,
                                                   max_new_tokens=3)
     w = amap.weights  # [layers, heads, answer tokens, T]
     assert w.shape == (2, 4, len(answer), len(prompt) + len(answer) - 1) and len(answer) == 3

@@ -148,11 +148,15 @@ def test_nothing_left_after_skipping_is_said_so(parts, tmp_path):
 
 def test_a_snapshot_is_neither_made_up_nor_dropped(parts, tmp_path):
     """--resume without a snapshot, or a fresh start over an unfinished run's snapshot, is an error; a
-    finished run removes its snapshot (the checkpoint supersedes it), and a crash's temporary copy goes."""
-    with pytest.raises(FileNotFoundError, match="--resume: no snapshot in"):
+    finished run removes its snapshot (the checkpoint supersedes it), and a crash's temporary copy goes. Both
+    errors are the user's (an InputError: one line from the command line, see test_cli_errors.py)."""
+    from llava_min.files import InputError
+    from llava_min.train.snapshots import SnapshotError
+    assert issubclass(SnapshotError, InputError)
+    with pytest.raises(SnapshotError, match="--resume: no snapshot in"):
         stage2_in_process(parts, tmp_path / "typo", "--resume")
     stage2_in_process(parts, tmp_path / "out", "--stop-after", "2")
-    with pytest.raises(FileExistsError, match="snapshot of an unfinished run \\(step 2\\): pass --resume"):
+    with pytest.raises(SnapshotError, match="snapshot of an unfinished run \\(step 2\\): pass --resume"):
         stage2_in_process(parts, tmp_path / "out")
     (tmp_path / "out" / ".resume.k3j2x1ab").mkdir()  # what a kill in the middle of writing a snapshot leaves
     stage2_in_process(parts, tmp_path / "out", "--resume", "--save-every", "1")

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from llava_min import load
-from llava_min.eval.answer import model_pixels
 from llava_min.conversation import tokenize_prompt
-from llava_min.data.image import load_image
+from llava_min.data.image import ImageSettings, image_input, load_image
 from llava_min.tokenizer import Tokenizer
 from llava_min.tools.attention_map import answer_attention
 
@@ -46,10 +45,10 @@ def main():
             continue
         objects = scenes[record["image"]]
         target = named_object(record, objects)
-        image = load_image(record["image"], image_folder=args.data / "images")
+        view = image_input(load_image(record["image"], image_folder=args.data / "images"), ImageSettings.of(model.cfg))
         prompt = tokenize_prompt(record["conversations"][:1], tok, model.cfg.template,
-                                 num_image_tokens=model.num_image_tokens, image_token_id=model.cfg.image_token_id)
-        answer, amap = answer_attention(model, tok, prompt, model_pixels(model, image)[None], max_new_tokens=8)
+                                 num_image_tokens=view.num_tokens, image_token_id=model.cfg.image_token_id)
+        answer, amap = answer_attention(model, tok, prompt, view.pixel_values, max_new_tokens=8)
         right = tok.decode(answer).strip() == record["answer"]
         occupied.append(len({o["row"] * 3 + o["col"] for o in objects}))
         for layer in layers:

@@ -12,7 +12,7 @@ import torch
 
 from .configs import SELECT_STRATEGY, read_config
 from ..files import SNAPSHOT, atomic_dir, recover_dir
-from ..model.clip import VisionConfig, VisionTower
+from ..model.clip import VisionConfig, VisionTower, num_features
 from ..model.llama import Llama, LlamaConfig
 from ..model.llava import Llava, LlavaConfig
 from .weights import CheckpointError, save_safetensors
@@ -74,7 +74,7 @@ def hf_config(cfg: LlavaConfig) -> dict:
         "vision_feature_layer": cfg.select_layer, "vision_feature_select_strategy": strategy,
         "projector_hidden_act": "linear" if cfg.projector_type == "linear" else "gelu",  # linear: see IDENTITY_LAYER
         "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,
-        "image_seq_length": cfg.vision.num_patches + (cfg.select_feature == "cls_patch"),
+        "image_seq_length": num_features(cfg.vision, cfg.select_feature),
         "llava_min": {"projector_type": cfg.projector_type, "image_aspect_ratio": cfg.image_aspect_ratio,
                       "template": cfg.template},
     }

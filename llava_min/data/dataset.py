@@ -7,6 +7,7 @@ tokens when it is read. Bad records either stop the run (`on_error="raise"`: one
 first few and counting them all) or are skipped and counted with their reasons (`"skip"`); a record is
 never trained on silently, and never with a loss of 0.
 """
+import dataclasses
 import json
 from collections import Counter
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ from tqdm import tqdm
 
 from ..conversation import IGNORE_INDEX, IMAGE, TEMPLATES, check_turns, tokenize_conversation
 from ..files import InputError
-from .image import MAX_PIXELS, ImageError, anyres_pixels, check_image_folder, find_image, load_image, preprocess
+from .image import (MAX_PIXELS, ImageError, ImageInput, ImageSettings, check_image_folder, find_image, image_input,
+                    load_image)
 
 
 class DataError(InputError):
@@ -138,10 +140,10 @@ def truncate(ids: list, labels: list, max_length: int, image_token_id: int) -> t
 # ---------------------------------------------------------------- the dataset
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """Records -> dict(id, input_ids, labels, pixel_values); None for a record skipped at read time.
+    """Records -> dict(id, input_ids, labels, pixel_values, image_size); None for a record skipped at read time.
 
-    `num_image_tokens` is an int, or a function of the PIL image giving its count (the hook AnyRes needs:
-    its token count depends on the image size). `skipped` counts skips by reason and `skip_log` keeps
+    The image settings are the model's (those of `ImageSettings.of(model.cfg)`); `num_image_tokens` is an
+    int, or a function of the PIL image giving its count. `skipped` counts skips by reason and `skip_log` keeps
     their messages; with DataLoader workers the read-time skips are counted in the workers, and what
     reaches the trainer is collate's `num_skipped`."""
 
@@ -156,8 +158,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise ValueError(f"image_aspect must be 'crop' or 'pad', got {image_aspect!r}")
         self.tok, self.image_folder, self.template = tok, image_folder, template
         self.num_image_tokens, self.image_token_id = num_image_tokens, image_token_id
-        self.image_size, self.image_aspect, self.max_length = image_size, image_aspect, max_length
-        self.on_error, self.max_pixels, self.anyres = on_error, max_pixels, anyres  # AnyRes: tiles, sized counts
+        self.max_length, self.on_error, self.max_pixels, self.anyres = max_length, on_error, max_pixels, anyres
+        self.images = ImageSettings(image_size, image_aspect, anyres, 0 if callable(num_image_tokens) else
+                                    num_image_tokens)
         self.skipped, self.skip_log = Counter(), []  # reason -> count; the full messages
         # (id, record) of the records that passed the checks; the others stop the run, or are dropped here
         self.records, bad = checked_records(data_path, image_folder, lambda r: check_record(r, template), progress)
@@ -186,11 +189,6 @@ class LlavaDataset(torch.utils.data.Dataset):
         return [sum(len(turn["value"].split()) for turn in record["conversations"])
                 + (fixed if record.get("image") else 0) for _, record in self.records]
 
-    def image_tokens(self, image) -> int:
-        if self.anyres is not None:
-            return self.anyres.num_tokens((image.height, image.width))
-        return self.num_image_tokens(image) if callable(self.num_image_tokens) else self.num_image_tokens
-
     def tokens(self, record, num_image_tokens: int) -> tuple:
         """(input_ids, labels) truncated to max_length; raises ValueError when that breaks the sample."""
         ids, labels = tokenize_conversation(record["conversations"], self.tok, self.template, num_image_tokens,
@@ -203,27 +201,29 @@ class LlavaDataset(torch.utils.data.Dataset):
         except ImageError as e:
             raise ValueError(f"bad image: {e}") from e
 
-    def pixels(self, record, image) -> torch.Tensor:
+    def view(self, record, image) -> ImageInput:
+        """The image as the model takes it: pixels, size and visual-token count."""
         try:
-            if self.anyres is not None:
-                return anyres_pixels(image, self.anyres)
-            return preprocess(image, size=self.image_size, aspect=self.image_aspect)
+            view = image_input(image, self.images)
         except ImageError as e:
             raise ValueError(f"bad image: {record['image']}: {e}") from e
+        if callable(self.num_image_tokens):  # a count that depends on the image
+            return dataclasses.replace(view, num_tokens=self.num_image_tokens(image))
+        return view
 
     def __getitem__(self, i):
         rid, record = self.records[i]
         try:
             image = self.load(record) if record.get("image") else None
-            ids, labels = self.tokens(record, self.image_tokens(image) if image is not None else 0)
-            pixel_values = self.pixels(record, image) if image is not None else None
+            view = self.view(record, image) if image is not None else None
+            ids, labels = self.tokens(record, view.num_tokens if view is not None else 0)
         except ValueError as e:
             self.fail(rid, str(e))
             return None
         item = {"id": rid, "input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": pixel_values}
-        if self.anyres is not None and image is not None:
-            item["image_size"] = (image.height, image.width)
+                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": None}
+        if view is not None:
+            item["pixel_values"], item["image_size"] = view.pixel_values, view.size
         return item
 
 
@@ -241,8 +241,9 @@ def uncounted_skips(dataset):
 
 
 def collate(items: list, pad_id: int = 0) -> dict:
-    """Right padding (labels -100 on pads) and an attention mask; the images of the batch stacked in
-    record order (None when no record has one). Skipped records (None) are dropped and counted."""
+    """Right padding (labels -100 on pads) and an attention mask; the images' views of the batch one after
+    the other in record order, with their sizes (None when no record has one). Skipped records (None) are
+    dropped and counted."""
     kept = [it for it in items if it is not None]
     width = max((len(it["input_ids"]) for it in kept), default=0)
     ids = torch.full((len(kept), width), pad_id, dtype=torch.long)
@@ -253,7 +254,7 @@ def collate(items: list, pad_id: int = 0) -> dict:
         ids[row, :n], labels[row, :n], mask[row, :n] = it["input_ids"], it["labels"], 1
     images = [it["pixel_values"] for it in kept if it["pixel_values"] is not None]
     sizes = [it["image_size"] for it in kept if "image_size" in it]
-    pixels = (torch.cat(images) if sizes else torch.stack(images)) if images else None  # AnyRes: own tile counts
+    pixels = torch.cat(images) if images else None
     batch = {"ids": [it["id"] for it in kept], "input_ids": ids, "labels": labels, "attention_mask": mask,
              "pixel_values": pixels, "num_skipped": len(items) - len(kept)}
     if sizes:

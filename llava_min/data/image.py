@@ -1,4 +1,5 @@
-"""Images in: safe loading, and CLIP's preprocessing X_v -> pixel_values (CLIPImageProcessor; the official llava/mm_utils.py).
+"""Images in: safe loading, CLIP's preprocessing X_v -> pixel_values (CLIPImageProcessor; the official
+llava/mm_utils.py), and `image_input`, the one path from an image to what the model takes.
 
 CLIP's processor: RGB, resize the shortest side to `size` (bicubic, Pillow), center crop, /255,
 normalize with CLIP's mean and std. LLaVA-1.5's `pad` mode first pastes the image centred on a square
@@ -9,7 +10,9 @@ Transparency is composited on white, as transformers' `convert_to_rgb` does (the
 `.convert("RGB")` would keep whatever colour hides under transparent pixels, often black).
 """
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,6 +20,8 @@ from PIL import Image
 
 from ..files import InputError
 from ..model.anyres import AnyRes, fit_size, select_best_resolution
+from ..model.clip import num_features
+from ..model.llava import anyres_of
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -182,3 +187,38 @@ def anyres_tiles(img: Image.Image, anyres: AnyRes) -> list:
 def anyres_pixels(img: Image.Image, anyres: AnyRes) -> torch.Tensor:
     """pixel_values [1 + tiles, 3, tile, tile] for one image."""
     return torch.stack([normalize(t) for t in anyres_tiles(img, anyres)])
+
+
+# ---------------------------------------------------------------- the model's input
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How a model takes an image: the encoder's input side, how one view is squared ("crop": CLIP's
+    center crop, "pad": LLaVA-1.5's), AnyRes tiles instead of one view (None: one view), and the
+    visual tokens of one view."""
+    image_size: int = 336
+    aspect: str = "crop"
+    anyres: Optional[AnyRes] = None
+    view_tokens: int = 576
+
+    @classmethod
+    def of(cls, cfg) -> "ImageSettings":
+        """The settings of a model's LlavaConfig (`model.cfg`)."""
+        return cls(cfg.vision.image_size, cfg.image_aspect_ratio, anyres_of(cfg), num_features(cfg.vision,
+                                                                                               cfg.select_feature))
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    pixel_values: torch.Tensor  # [views, 3, S, S]: one view, or AnyRes's global view then its tiles
+    size: tuple  # the image's (height, width): AnyRes merges the tiles by it (the model's image_sizes)
+    num_tokens: int  # the visual tokens the model splices in for it: what `<image>` expands to
+
+
+def image_input(image: Image.Image, settings: ImageSettings) -> ImageInput:
+    """X_v as the model takes it. A batch's pixel_values are its images' concatenated (torch.cat), with
+    their sizes in order; the token count is the model's (`Llava.image_token_count`)."""
+    size = (image.height, image.width)
+    if settings.anyres is not None:
+        return ImageInput(anyres_pixels(image, settings.anyres), size, settings.anyres.num_tokens(size))
+    return ImageInput(preprocess(image, settings.image_size, settings.aspect)[None], size, settings.view_tokens)

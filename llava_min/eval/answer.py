@@ -31,24 +31,22 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
 
     from ..conversation import stop_text, tokenize_prompt
     from ..conversation import cut_at, stop_at
-    from ..data.image import load_image
+    from ..data.image import ImageSettings, image_input, load_image
     cfg, device = model.cfg, next(model.parameters()).device
-    template = template or cfg.template
+    template, settings = template or cfg.template, ImageSettings.of(cfg)
     end = stop_text(template)
     answers = []
     for start in tqdm(range(0, len(records), batch_size), disable=not progress,
                       desc="eval, blind" if blind else "eval"):
         chunk = records[start: start + batch_size]
-        rows, images, sizes = [], [], []
+        rows, views = [], []
         for record in chunk:
             has_image = "image" in record and not blind
-            image = load_image(record["image"], image_folder=image_folder) if has_image else None
-            count = model.image_token_count((image.height, image.width)) if image else 0
-            rows.append(tokenize_prompt(question_turn(record, blind), tok, template, num_image_tokens=count,
+            view = image_input(load_image(record["image"], image_folder=image_folder), settings) if has_image else None
+            rows.append(tokenize_prompt(question_turn(record, blind), tok, template,
+                                        num_image_tokens=view.num_tokens if view else 0,
                                         image_token_id=cfg.image_token_id, has_image=has_image))
-            if image is not None:
-                images.append(model_pixels(model, image))
-                sizes.append((image.height, image.width))
+            views += [view] if view else []
         context = cfg.text.max_position_embeddings
         for record, row in zip(chunk, rows):
             if len(row) >= context:
@@ -57,20 +55,11 @@ def answer(model, tok, records: list, image_folder=None, blind=False, batch_size
         budget = min(max_new_tokens, context - max(len(r) for r in rows))  # the answers stay inside the context
         ids, mask = left_pad(rows, tok.pad_id)
         dtype = next(model.vision_tower.parameters()).dtype
-        pixels = (torch.cat if model.anyres else torch.stack)(images).to(device, dtype) if images else None
+        pixels = torch.cat([v.pixel_values for v in views]).to(device, dtype) if views else None
         out = model.generate(ids.to(device), pixel_values=pixels, attention_mask=mask.to(device),
-                             max_new_tokens=budget, image_sizes=sizes if model.anyres else None,
-                             stop=stop_at(tok, end))
+                             max_new_tokens=budget, image_sizes=[v.size for v in views], stop=stop_at(tok, end))
         answers += [cut_at(decode_until_eos(tok, row), end).strip() for row in out.tolist()]
     return answers
-
-
-def model_pixels(model, image):
-    """The pixel_values an image becomes for this model: AnyRes tiles, or one (padded or cropped) view."""
-    from ..data.image import anyres_pixels, preprocess
-    if model.anyres is not None:
-        return anyres_pixels(image, model.anyres)
-    return preprocess(image, size=model.cfg.vision.image_size, aspect=model.cfg.image_aspect_ratio)
 
 
 def decode_until_eos(tok, ids: list) -> str:

@@ -2,7 +2,7 @@
 
 1. choose the grid resolution that keeps the most of the image (`select_best_resolution`);
 2. resize the image to fit it, pad the rest black, cut it into tiles of the encoder's size, and add a
-   global view: the whole image squeezed to one tile (image.anyres_pixels: pixels are not the model's);
+   global view: the whole image squeezed to one tile (data/image.py: pixels are not the model's);
 3. encode every tile; put the tiles' features back on one (channels, rows, cols) grid, drop the rows or
    columns that only saw padding (`unpad`), append a learned `image_newline` vector to every row so the
    LLM knows where rows end, and flatten; the global view's features go first.

@@ -36,6 +36,11 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
+def num_features(cfg: VisionConfig, select_feature: str = "patch") -> int:
+    """Feature vectors g gives per image: one per patch, plus the CLS token for "cls_patch"."""
+    return cfg.num_patches + (select_feature == "cls_patch")
+
+
 class VisionEmbeddings(nn.Module):
     """Image -> [CLS, patch_1, ..., patch_N] + position embeddings."""
 
@@ -121,7 +126,7 @@ class VisionTower(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Visual tokens per image: what `<image>` expands to."""
-        return self.cfg.num_patches + (self.select_feature == "cls_patch")
+        return num_features(self.cfg, self.select_feature)
 
     def hidden_states(self, pixel_values: torch.Tensor, num_blocks: int) -> torch.Tensor:
         x = self.pre_layrnorm(self.embeddings(pixel_values))

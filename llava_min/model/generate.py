@@ -1,7 +1,10 @@
 """Autoregressive decoding with a KV cache: greedy, or temperature + top-p (nucleus) sampling.
 
-Works for any model whose forward is `logits, _ = model(input_ids, attention_mask=..., cache=...)`
-(`Llama` and `Llava`). Batches are left-padded, so every row's next token sits in the last column.
+The loop is the paper's (`generate`): prefill the prompt and its image, then sample one token, append it,
+and feed it back, until every row has ended. Beside it, as gpt-fast does, the compiled step
+(`CompiledStep`): the same step with static shapes, replayed as a CUDA graph. Works for any model whose
+forward is `logits, _ = model(input_ids, attention_mask=..., cache=...)` (`Llama` and `Llava`). Batches
+are left-padded, so every row's next token sits in the last column.
 """
 from typing import Callable, Optional, Sequence, Union
 
@@ -22,6 +25,74 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id: Union[int, Sequence[int]] = 2, generator=None, cache=None,
+             on_token: Optional[Callable[[torch.Tensor], None]] = None, compile: bool = False,
+             stop: Optional[Callable[[list], bool]] = None, **model_kwargs) -> torch.Tensor:
+    """New token ids [B, n <= max_new_tokens]; a row that has ended repeats `eos_id` (the first, when a
+    config lists several end tokens).
+
+    Pass `cache` (from `model.new_cache`) to continue a conversation: only `input_ids` (the new tokens)
+    are prefilled and the cache keeps everything for the next call. `on_token` sees each step's tokens
+    [B] as they come (for streaming). `stop(row_ids)`, if given, sees each row's new tokens after every
+    step; True ends the row (a template's text end marker). `compile=True` decodes every token after the
+    first through `CompiledStep` (batches without padding; others decode eagerly).
+    """
+    attention_mask, cache, compiled = setup(model, input_ids.shape, max_new_tokens, attention_mask, cache, compile)
+    logits, _ = model(input_ids, attention_mask=attention_mask, cache=cache, **model_kwargs)  # prefill
+    prefilled = cache.length
+    step = CompiledStep(model, cache) if compiled else EagerStep(model, cache, attention_mask)
+    ends = Ends(eos_id, stop, len(input_ids), input_ids.device, lazy=compiled and on_token is None)
+    last, new = logits[:, -1], []
+    for i in range(max_new_tokens):  # sample one token per row, append it, feed it back
+        token = ends.after_the_end(sample(last, temperature, top_p, generator))
+        new.append(token)
+        if on_token is not None:
+            on_token(token)
+        if ends.all_ended(token, i) or i == max_new_tokens - 1:
+            break
+        last = step(token)
+    tokens = until_all_finished(torch.stack(new, dim=1), ends.eos)
+    cache.length = prefilled + tokens.shape[1] - 1  # the last token is never fed (steps past it are dropped)
+    return tokens
+
+
+class EagerStep:
+    """One token per row through the model, its keys and values appended to the cache; the next logits."""
+
+    def __init__(self, model, cache, attention_mask: Optional[torch.Tensor]):
+        self.model, self.cache, self.attention_mask = model, cache, attention_mask
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if self.attention_mask is not None:  # left padding: every row's new token is real
+            self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(token), 1)], dim=1)
+        return self.model(token[:, None], attention_mask=self.attention_mask, cache=self.cache)[0][:, -1]
+
+
+# ---------------------------------------------------------------- the compiled step (gpt-fast's recipe)
+
+class CompiledStep:
+    """`EagerStep` with static shapes: the token goes to cache slot `input_pos` (a [1] tensor on the
+    device, advanced in place: no host-to-device copy, which would wait for the GPU), attending over the
+    whole preallocated cache with a mask (`Llama.decode_step`), through `compiled_decode_step`."""
+
+    def __init__(self, model, cache):
+        for t in cache.k + cache.v:  # fixed addresses: the CUDA graph writes the cache in place, no copy in
+            torch._dynamo.mark_static_address(t)
+        self.model, self.cache = model, cache
+        self.input_pos = torch.tensor([cache.length], device=cache.k[0].device)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if self.cache.length >= self.cache.max_len:  # checked here: an out-of-range slot would fault in the graph
+            raise ValueError(f"KV cache holds {self.cache.max_len} tokens; this step needs {self.cache.length + 1}")
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: the graph may reuse them
+        last = compiled_decode_step(self.model)(token[:, None], self.input_pos, self.cache).clone()
+        self.cache.length += 1
+        self.input_pos += 1
+        return last
 
 
 def compiled_decode_step(model) -> Callable:
@@ -46,66 +117,33 @@ def static_cache(model, batch_size: int, length: int, multiple: int = 256):
     return cache
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: Union[int, Sequence[int]] = 2, generator=None, cache=None,
-             on_token: Optional[Callable[[torch.Tensor], None]] = None, compile: bool = False,
-             stop: Optional[Callable[[list], bool]] = None, **model_kwargs) -> torch.Tensor:
-    """New token ids [B, n <= max_new_tokens]; a row that has finished repeats `eos_id` (the first, when
-    a config lists several end tokens).
+# ---------------------------------------------------------------- the loop's bookkeeping
 
-    Pass `cache` (from `model.new_cache`) to continue a conversation: only `input_ids` (the new
-    tokens) are prefilled and the cache keeps everything for the next call. `on_token` sees each
-    step's tokens [B] as they come (for streaming). `compile=True` runs every token after the first
-    through `compiled_decode_step` (batches without padding; others decode eagerly). `stop(row_ids)`, if
-    given, sees each row's new tokens after every step; True ends the row (a template's text end marker).
-    """
-    B, T = input_ids.shape
-    eos = torch.tensor(eos_id, device=input_ids.device).reshape(-1)  # for isin, on the device
-    fill = eos_id if isinstance(eos_id, int) else eos_id[0]  # on the host: no wait for the GPU per token
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: skip mask tensors for every step (one check, not one per step)
-    compiled = compile and attention_mask is None and max_new_tokens > 1
-    if cache is None:
-        cache = static_cache(model, B, T + max_new_tokens) if compiled else model.new_cache(B, T + max_new_tokens)
-    if compiled:  # fixed addresses: the CUDA graph writes the cache in place instead of copying it in
-        for t in cache.k + cache.v:
-            torch._dynamo.mark_static_address(t)
-    if attention_mask is not None and cache.length:
-        raise ValueError("left-padded batches start from an empty cache")
-    logits, _ = model(input_ids, attention_mask=attention_mask, cache=cache, **model_kwargs)
-    prefilled = cache.length
-    input_pos = torch.tensor([prefilled], device=input_ids.device) if compiled else None
-    # Reading `finished` waits for the GPU. The compiled path, when nobody streams the tokens, looks every
-    # 16 steps instead, so the CPU queues the next graphs while the GPU runs (no idle gap between tokens).
-    check_every = 16 if compiled and on_token is None and stop is None else 1
-    last = logits[:, -1]
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    out, rows = [], [[] for _ in range(B)]  # rows: each row's tokens so far, for `stop`
-    for step in range(max_new_tokens):
-        token = sample(last, temperature, top_p, generator)
-        token = token.masked_fill(finished, fill)
-        out.append(token)
-        if on_token is not None:
-            on_token(token)
-        finished |= torch.isin(token, eos)
-        if stop is not None:
-            for row, t in zip(rows, token.tolist()):
+class Ends:
+    """Which rows have ended: on an end token (any of `eos_id`), or when `stop(row_ids)` says so.
+
+    Reading `finished` waits for the GPU. `lazy` (the compiled path, when nobody streams the tokens)
+    looks every 16 steps instead, so the CPU queues the next graphs while the GPU runs (no idle gap
+    between tokens); the tokens past the end are cut off afterwards (`until_all_finished`)."""
+
+    def __init__(self, eos_id, stop, batch_size: int, device, lazy: bool = False):
+        self.eos = torch.tensor(eos_id, device=device).reshape(-1)  # for isin, on the device
+        self.fill = eos_id if isinstance(eos_id, int) else eos_id[0]  # on the host: no wait for the GPU per token
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.stop, self.rows = stop, [[] for _ in range(batch_size)]
+        self.look_every = 16 if lazy and stop is None else 1  # `stop` reads every token on the host anyway
+
+    def after_the_end(self, token: torch.Tensor) -> torch.Tensor:
+        """A row that has ended repeats the end token."""
+        return token.masked_fill(self.finished, self.fill)
+
+    def all_ended(self, token: torch.Tensor, step: int) -> bool:
+        self.finished |= torch.isin(token, self.eos)
+        if self.stop is not None:
+            for row, t in zip(self.rows, token.tolist()):
                 row.append(t)
-            finished |= torch.tensor([stop(row) for row in rows], device=finished.device)
-        if step == max_new_tokens - 1 or (step % check_every == check_every - 1 and bool(finished.all())):
-            break
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        if compiled:
-            last = decode_compiled(model, token, cache, input_pos)
-        else:
-            last = model(token[:, None], attention_mask=attention_mask, cache=cache)[0][:, -1]
-    tokens = until_all_finished(torch.stack(out, dim=1), eos)
-    cache.length = prefilled + tokens.shape[1] - 1  # the last token is never fed (steps past it are dropped)
-    return tokens
+            self.finished |= torch.tensor([self.stop(row) for row in self.rows], device=self.finished.device)
+        return step % self.look_every == self.look_every - 1 and bool(self.finished.all())
 
 
 def until_all_finished(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
@@ -114,13 +152,18 @@ def until_all_finished(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     return tokens[:, : int(done[0]) + 1] if len(done) else tokens
 
 
-def decode_compiled(model, token: torch.Tensor, cache, input_pos: torch.Tensor) -> torch.Tensor:
-    """One compiled step at slot `input_pos` (a [1] tensor on the device, advanced here in place: no
-    host-to-device copy, which would wait for the GPU)."""
-    if cache.length >= cache.max_len:  # checked here: an out-of-range slot would fault inside the graph
-        raise ValueError(f"KV cache holds {cache.max_len} tokens; this step needs {cache.length + 1}")
-    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: the graph may reuse them
-    last = compiled_decode_step(model)(token[:, None], input_pos, cache).clone()
-    cache.length += 1
-    input_pos += 1
-    return last
+def setup(model, shape: tuple, max_new_tokens: int, attention_mask, cache, compile: bool) -> tuple:
+    """(attention_mask, cache, compiled): the mask, None when nothing is padded (then no mask tensors at
+    every step); the given cache (a conversation goes on), else a new one, the static one for the compiled
+    step; whether that step decodes (batches without padding, more than one token)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # one check, not one per step
+    compiled = compile and attention_mask is None and max_new_tokens > 1
+    B, T = shape
+    if cache is None:
+        cache = static_cache(model, B, T + max_new_tokens) if compiled else model.new_cache(B, T + max_new_tokens)
+    if attention_mask is not None and cache.length:
+        raise ValueError("left-padded batches start from an empty cache")
+    return attention_mask, cache, compiled

@@ -31,6 +31,13 @@ class LlavaConfig:
     image_grid_pinpoints: Optional[list] = None  # AnyRes (LLaVA-NeXT): tile grids as (height, width); None: one view
 
 
+def anyres_of(cfg: LlavaConfig) -> Optional[AnyRes]:
+    """The AnyRes tiling a config asks for: tiles of the encoder's size on its grids (None: one view)."""
+    if not cfg.image_grid_pinpoints:
+        return None
+    return AnyRes(cfg.vision.image_size, cfg.vision.patch_size, [tuple(p) for p in cfg.image_grid_pinpoints])
+
+
 class Llava(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
@@ -47,7 +54,7 @@ class Llava(nn.Module):
         if self.cfg.select_feature != "patch":
             raise ValueError("AnyRes needs select_feature 'patch' (the tiles' features form a grid)")
         self.cfg.image_grid_pinpoints = [list(p) for p in pinpoints]
-        self.anyres = AnyRes(self.cfg.vision.image_size, self.cfg.vision.patch_size, [tuple(p) for p in pinpoints])
+        self.anyres = anyres_of(self.cfg)
         w = self.projector.linear_1.weight
         self.image_newline = nn.Parameter(torch.randn(self.cfg.text.hidden_size, device=w.device, dtype=w.dtype)
                                           / self.cfg.text.hidden_size ** 0.5)

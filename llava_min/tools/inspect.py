@@ -87,12 +87,11 @@ def labels_settings(args, record) -> tuple:
     image_token_id = cfg.image_token_id if cfg else -200
     count = args.num_image_tokens
     if count is None and cfg is not None:
-        count = cfg.vision.num_patches + (cfg.select_feature == "cls_patch")  # as VisionTower.num_tokens
-        if cfg.image_grid_pinpoints and record.get("image"):  # AnyRes: the count depends on the image's size
-            from ..model.anyres import AnyRes
-            image = record_image(record, args.image_folder)
-            anyres = AnyRes(cfg.vision.image_size, cfg.vision.patch_size, [tuple(p) for p in cfg.image_grid_pinpoints])
-            count = anyres.num_tokens((image.height, image.width))
+        from ..data.image import ImageSettings, image_input
+        settings = ImageSettings.of(cfg)
+        count = settings.view_tokens
+        if settings.anyres and record.get("image"):  # AnyRes: the count depends on the image's size
+            count = image_input(record_image(record, args.image_folder), settings).num_tokens
     return tok, template, image_token_id, DEFAULT_IMAGE_TOKENS if count is None else count
 
 
@@ -129,12 +128,14 @@ def run_labels(args) -> None:
 # ---------------------------------------------------------------- shapes and attention
 
 def model_and_image(args):
-    """The model of --model and the image of --image (or of the chosen record), as pixel_values."""
+    """The model of --model, the image of --image (or of the chosen record), and that image as the model
+    takes it (data.image.ImageInput, its pixels on --device)."""
+    import dataclasses
+
     import torch
 
-    from ..eval.answer import model_pixels
     from ..checkpoint.peft import load_model
-    from ..data.image import load_image
+    from ..data.image import ImageSettings, image_input, load_image
     record = chosen_record(args)
     if args.image is None and record is None:
         raise InputError("give --image IMG, or --data F with --index N or --id ID")
@@ -142,17 +143,15 @@ def model_and_image(args):
     if not args.model.is_dir():
         raise InputError(f"model directory {args.model} does not exist")
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)  # an adapter: on its base
-    pixels = model_pixels(model, image)
-    pixels = (pixels if model.anyres else pixels[None]).to(args.device)
-    return model, image, pixels, record
+    view = image_input(image, ImageSettings.of(model.cfg))
+    return model, image, dataclasses.replace(view, pixel_values=view.pixel_values.to(args.device)), record
 
 
-def prompt_ids(model, tok, question: str, image) -> list:
-    """The question about `image` in the model's template, the assistant's turn left open."""
+def prompt_ids(model, tok, question: str, view) -> list:
+    """The question about the image (`view`, an ImageInput) in the model's template, the assistant's turn open."""
     from ..conversation import tokenize_prompt
     return tokenize_prompt([{"from": "human", "value": "<image>\n" + question}], tok, model.cfg.template,
-                           num_image_tokens=model.image_token_count((image.height, image.width)),
-                           image_token_id=model.cfg.image_token_id)
+                           num_image_tokens=view.num_tokens, image_token_id=model.cfg.image_token_id)
 
 
 def question_of(args, record) -> str:
@@ -168,11 +167,11 @@ def run_shapes(args) -> None:
     import torch
 
     from . import shapes_view as view
-    model, image, pixels, record = model_and_image(args)
-    ids = torch.tensor([prompt_ids(model, tokenizer_of(args.model), question_of(args, record), image)],
+    model, image, given, record = model_and_image(args)
+    ids = torch.tensor([prompt_ids(model, tokenizer_of(args.model), question_of(args, record), given)],
                        device=args.device)
-    seen = view.trace(model, ids, pixels, [(image.height, image.width)] if model.anyres else None)
-    print(view.format_table(view.rows(model, image, seen, ids, pixels)))
+    seen = view.trace(model, ids, given.pixel_values, [given.size])
+    print(view.format_table(view.rows(model, image, seen, ids, given.pixel_values)))
 
 
 def tokenizer_of(model_dir):
@@ -192,14 +191,13 @@ def run_attention(args) -> None:
     import numpy as np
 
     from . import attention_map, heatmap
-    model, image, pixels, record = model_and_image(args)
+    model, image, given, record = model_and_image(args)
     tok, question = tokenizer_of(args.model), question_of(args, record)
-    size = [(image.height, image.width)] if model.anyres else None
     layers = model.cfg.text.num_hidden_layers
     if args.layer is not None and not -layers <= args.layer < layers:
         raise InputError(f"--layer {args.layer} is outside the model's {layers} layers (0..{layers - 1})")
-    answer, amap = attention_map.answer_attention(model, tok, prompt_ids(model, tok, question, image), pixels,
-                                                  size, args.max_new_tokens)
+    answer, amap = attention_map.answer_attention(model, tok, prompt_ids(model, tok, question, given),
+                                                  given.pixel_values, [given.size], args.max_new_tokens)
     cells = amap.cells(args.layer).numpy().astype(np.float64)
     views, notes = heatmap.panels(model, image, cells)
     which = f"layer {args.layer % layers}" if args.layer is not None else f"mean of {layers} layers"

@@ -76,8 +76,7 @@ def image_features(model, dataset, num_images: int, batch_size: int = 64) -> tor
         for i in range(len(dataset)):
             item = dataset[i]
             if item is not None and item.get("pixel_values") is not None:
-                pixels = item["pixel_values"]
-                views += list(pixels) if pixels.dim() == 4 else [pixels]  # AnyRes: every tile is a view
+                views += list(item["pixel_values"])  # [views, 3, S, S]: AnyRes's tiles are views too
             if len(views) >= num_images:
                 break
     if not views:

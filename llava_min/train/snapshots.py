@@ -1,6 +1,10 @@
 """Resumable snapshots of a training run: the trained weights, the optimizer, the step and every process's
-random generators, written atomically; a resumed run must share the interrupted run's settings."""
+random generators, written atomically; a resumed run must share the interrupted run's settings (its
+`resume_signature`)."""
+import hashlib
 import random
+import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,79 +17,109 @@ from ..checkpoint.weights import load_safetensors, save_safetensors
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
 
 
-class Snapshots:
-    """Trainer's snapshot methods (`state_dir`, `model`, `optimizer`, `step`, ... are the trainer's)."""
+class SnapshotError(InputError):
+    """A snapshot that does not fit this run: none to resume, an unfinished one a fresh start would drop,
+    or one of a run with other settings; the message names the directory."""
 
-    def find_snapshot(self) -> None:
+
+def resume_signature(cfg, total_steps: int, samples: int, lrs: list, settings: dict) -> dict:
+    """What a resumed run must share with its snapshot to go on as the interrupted run would have: the stage,
+    its data and their order (the file's digest, samples, batch sizes, seed, grouping), the schedule (steps,
+    peak learning rates per parameter group, warmup, decay, clipping), and the stage's own `settings` (what
+    trains and how: LoRA, AnyRes, the template, ...). `cfg`: the run's TrainConfig."""
+    return {"stage": cfg.name, "data_sha256": digest(cfg.data_file) if cfg.data_file else None,
+            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+            "group_by_length": cfg.group_by_length, "total_steps": total_steps, "samples": samples, "lr": lrs,
+            "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio, "clip_grad": cfg.clip_grad, **settings}
+
+
+def digest(path) -> str:
+    """The training file's SHA-256 (its first 16 hex digits): a resumed run must read the snapshot's data."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class Snapshots:
+    """The snapshot of one run in `directory` (OUT/resume). `signature`: the run's `resume_signature`;
+    `trainable`: the names of the parameters it trains (all a snapshot keeps of the model). Under torchrun
+    every process takes part in `save` and `load`; rank 0 alone writes."""
+
+    def __init__(self, directory, signature: dict, trainable: list, rank: int = 0, world_size: int = 1,
+                 device=torch.device("cpu")):
+        self.directory, self.signature, self.trainable = Path(directory), signature, trainable
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+
+    def exists(self) -> bool:
+        return (self.directory / "state.pt").is_file()
+
+    def check_start(self, resume: bool) -> None:
         """--resume needs a snapshot; a fresh start must not silently drop an interrupted run's."""
         if self.rank == 0:
-            recover_dir(self.state_dir)
+            recover_dir(self.directory)
         if self.world_size > 1:
             dist.barrier()
-        found = (self.state_dir / "state.pt").is_file()
-        if self.cfg.resume and not found:
-            raise FileNotFoundError(f"--resume: no snapshot in {self.state_dir} (one is written every --save-every "
-                                    "steps and when --stop-after ends a run; a finished run removes it)")
-        if not self.cfg.resume and found:
-            step = torch.load(self.state_dir / "state.pt", weights_only=True)["step"]
-            raise FileExistsError(f"{self.state_dir} holds the snapshot of an unfinished run (step {step}): pass "
-                                  "--resume to continue it, or remove it to start over")
+        if resume and not self.exists():
+            raise SnapshotError(f"--resume: no snapshot in {self.directory} (one is written every --save-every "
+                                "steps and when --stop-after ends a run; a finished run removes it)")
+        if not resume and self.exists():
+            step = torch.load(self.directory / "state.pt", weights_only=True)["step"]
+            raise SnapshotError(f"{self.directory} holds the snapshot of an unfinished run (step {step}): pass "
+                                "--resume to continue it, or remove it to start over")
 
-    def signature(self) -> dict:
-        """What a resumed run must share with its snapshot: the data and its order, the schedule, what trains."""
-        c = self.cfg
-        return {"batch_size": c.batch_size, "grad_accum": c.grad_accum, "seed": c.seed,
-                "group_by_length": c.group_by_length, "total_steps": self.total_steps, "samples": len(self.dataset),
-                "lr": [g["peak_lr"] for g in self.optimizer.param_groups], "weight_decay": c.weight_decay,
-                "warmup_ratio": c.warmup_ratio, "clip_grad": c.clip_grad, **self.settings}
-
-    def check_signature(self, saved: dict) -> None:
-        ours = self.signature()
-        diff = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v]
-        if diff:
-            raise InputError(f"{self.state_dir}: this run's settings differ from the interrupted run's ("
-                             + "; ".join(diff) + "): resume with the same settings, or start over in another --out")
-
-    def save_state(self) -> None:
-        """Trained weights, optimizer, schedule position, RNG: everything a resumed run needs."""
-        model_state = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
+    def save(self, model, optimizer, step: int, skipped: int) -> None:
+        """Trained weights, optimizer, schedule position, RNG: everything a resumed run needs. `skipped`:
+        the records this process has skipped so far."""
+        model_state = get_model_state_dict(model, options=FULL)  # collective under FSDP
         optim_state = None  # before the first update there is none, and asking for it would make some (a step of 1)
-        if self.optimizer.state:
-            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
-        mine = {"rng": self.rng_state(), "skipped": self.skipped}
+        if optimizer.state:
+            optim_state = get_optimizer_state_dict(model, optimizer, options=FULL)
+        mine = {"rng": self.rng_state(), "skipped": skipped}
         each = [mine]
         if self.world_size > 1:  # every process draws its own dropout masks and skips its own records
             each = [None] * self.world_size
             dist.all_gather_object(each, mine)
         if self.rank == 0:
-            with atomic_dir(self.state_dir) as tmp:
-                save_safetensors({n: model_state[n] for n in self.trainable_names}, tmp / "trainable.safetensors")
-                torch.save({"step": self.step, "optimizer": optim_state, "skipped": [e["skipped"] for e in each],
-                            "rng": [e["rng"] for e in each], "settings": self.signature()}, tmp / "state.pt")
+            with atomic_dir(self.directory) as tmp:
+                save_safetensors({n: model_state[n] for n in self.trainable}, tmp / "trainable.safetensors")
+                torch.save({"step": step, "optimizer": optim_state, "skipped": [e["skipped"] for e in each],
+                            "rng": [e["rng"] for e in each], "settings": self.signature}, tmp / "state.pt")
         if self.world_size > 1:
             dist.barrier()
 
-    def load_state(self) -> None:
-        state = torch.load(self.state_dir / "state.pt", weights_only=True)
+    def load(self, model, optimizer) -> tuple:
+        """Restores the trained weights, the optimizer and this process's generators; (step, skipped)."""
+        state = torch.load(self.directory / "state.pt", weights_only=True)
         self.check_signature(state["settings"])
-        saved = load_safetensors(self.state_dir / "trainable.safetensors")
-        if set(saved) != set(self.trainable_names):
-            raise InputError(f"{self.state_dir}: snapshot holds {sorted(set(saved) ^ set(self.trainable_names))[:4]}"
-                             "... which this run does not train (different stage or flags?)")
-        set_model_state_dict(self.model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
+        saved = load_safetensors(self.directory / "trainable.safetensors")
+        if set(saved) != set(self.trainable):
+            raise SnapshotError(f"{self.directory}: snapshot holds {sorted(set(saved) ^ set(self.trainable))[:4]}"
+                                "... which this run does not train (different stage or flags?)")
+        set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
         if state["optimizer"] is not None:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
-        self.step = state["step"]
         if len(state["rng"]) != self.world_size:
-            raise InputError(f"{self.state_dir}: snapshot of {len(state['rng'])} processes, this run has "
-                             f"{self.world_size}")
-        self.skipped = state["skipped"][self.rank]
+            raise SnapshotError(f"{self.directory}: snapshot of {len(state['rng'])} processes, this run has "
+                                f"{self.world_size}")
         rng = state["rng"][self.rank]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        return state["step"], state["skipped"][self.rank]
+
+    def check_signature(self, saved: dict) -> None:
+        diff = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in self.signature.items() if saved.get(k) != v]
+        if diff:
+            raise SnapshotError(f"{self.directory}: this run's settings differ from the interrupted run's ("
+                                + "; ".join(diff) + "): resume with the same settings, or start over in another --out")
+
+    def remove(self) -> None:
+        """A finished run's checkpoint supersedes its snapshot."""
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def rng_state(self) -> dict:
         """This process's generators: CPU torch, Python, and the GPU's when it has one."""

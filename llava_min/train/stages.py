@@ -4,7 +4,6 @@ Stage 1 (feature alignment) trains only the projection W, with CLIP and the LLM 
 (end-to-end fine-tuning) trains W and the LLM, CLIP still frozen.
 """
 import dataclasses
-import hashlib
 import math
 from typing import Optional
 
@@ -108,15 +107,6 @@ def settings(args, preset_stage: StageSettings) -> StageSettings:
     return dataclasses.replace(preset_stage, **overrides)
 
 
-def digest(path) -> str:
-    """The training file's SHA-256 (its first 16 hex digits): a resumed run must read the snapshot's data."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------- one stage from the command line
 
 def run_stage(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSettings, save, flops=0.0,
@@ -126,8 +116,8 @@ def run_stage(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: St
                       batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
                       save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
                       fsdp=args.fsdp, group_by_length=group_by_length, bf16=args.bf16, progress=not args.no_progress,
-                      name=f"stage {args.stage}" if args.stage in ("1", "2") else args.stage or "")
-    chosen = {"stage": args.stage, "data_sha256": digest(args.data), **(chosen or {})}
+                      name=f"stage {args.stage}" if args.stage in ("1", "2") else args.stage or "",
+                      data_file=str(args.data))
     trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
     losses = trainer.fit(save)
     base = getattr(dataset, "dataset", dataset)  # (under a Subset)

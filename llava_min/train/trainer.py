@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from .devices import peak_flops, shard, to_device, use_bf16, world
 from ..files import SNAPSHOT, InputError, atomic_write
-from .snapshots import FULL, Snapshots
+from .snapshots import FULL, Snapshots, resume_signature
 
 
 @dataclass
@@ -49,7 +48,8 @@ class TrainConfig:
     bf16: Optional[bool] = None  # bf16 autocast (fp32 weights); None: where the hardware has it (use_bf16)
     stop_after: Optional[int] = None  # leave after this many steps, as if interrupted (tests, time limits)
     progress: bool = True
-    name: str = ""  # the progress bar's label (the stage)
+    name: str = ""  # the stage: the progress bar's label, and part of the resume signature
+    data_file: Optional[str] = None  # the training file: a resumed run must read the same (resume_signature)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -83,18 +83,17 @@ def length_grouped(order: torch.Tensor, lengths: list, batch: int, generator: to
     return torch.cat([batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()] + [order[n:]])
 
 
-class Trainer(Snapshots):
+class Trainer:
     def __init__(self, model, param_groups: list, dataset, collate: Callable, loss_fn: Callable, count_fn: Callable,
                  cfg: TrainConfig, device="cpu", flops_per_token: float = 0.0, settings: Optional[dict] = None):
-        """`settings`: the caller's choices a resumed run must share with its snapshot (data, what trains)."""
+        """`settings`: the stage's own choices a resumed run must share with its snapshot (`resume_signature`)."""
         self.model, self.dataset, self.collate, self.cfg = model, dataset, collate, cfg
-        self.settings = settings or {}
         self.loss_fn, self.count_fn = loss_fn, count_fn
         self.device = torch.device(device)
         self.bf16 = use_bf16(self.device, cfg.bf16)
         self.rank, self.world_size = world()
         names = {id(p): n for n, p in model.named_parameters()}
-        self.trainable_names = [names[id(p)] for g in param_groups for p in g["params"]]
+        trainable = [names[id(p)] for g in param_groups for p in g["params"]]
         self.ddp, self.fsdp = None, cfg.fsdp and self.world_size > 1
         fused = self.device.type == "cuda"
         if self.fsdp:  # sharding replaces the parameters: find the trained ones again by name
@@ -117,7 +116,10 @@ class Trainer(Snapshots):
         self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
         self.lengths = sample_lengths(dataset) if cfg.group_by_length else None
         self.step, self.skipped = 0, 0
-        self.state_dir = Path(cfg.out_dir) / SNAPSHOT
+        signature = resume_signature(cfg, self.total_steps, len(dataset),
+                                     [g["peak_lr"] for g in self.optimizer.param_groups], settings or {})
+        self.snapshots = Snapshots(Path(cfg.out_dir) / SNAPSHOT, signature, trainable, self.rank, self.world_size,
+                                   self.device)
         self.log_file = Path(cfg.out_dir) / "metrics.jsonl"
 
     # ------------------------------------------------------------ data order
@@ -185,7 +187,7 @@ class Trainer(Snapshots):
             return float("nan"), None
         loss = loss_sum / total
         if not torch.isfinite(loss):
-            saved = "the last snapshot in {} is intact".format(self.state_dir) if self.state_dir.is_dir() else \
+            saved = f"the last snapshot in {self.snapshots.directory} is intact" if self.snapshots.exists() else \
                 "no snapshot was saved (--save-every N makes them)"
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: stopping; {saved}. "
                                      "Lower --lr or check the data.")
@@ -202,9 +204,9 @@ class Trainer(Snapshots):
         """Runs to `total_steps` (or `stop_after`), calls `save()` at the end; returns the step losses."""
         torch.manual_seed(self.cfg.seed + self.rank)
         random.seed(self.cfg.seed + self.rank)
-        self.find_snapshot()
+        self.snapshots.check_start(self.cfg.resume)
         if self.cfg.resume:
-            self.load_state()
+            self.step, self.skipped = self.snapshots.load(self.model, self.optimizer)
         self.trim_log()
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not self.cfg.progress,
@@ -225,7 +227,7 @@ class Trainer(Snapshots):
             losses.append(loss)
             self.log(loss, grad_norm, tokens, dt, bar)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
-                self.save_state()
+                self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)
         bar.close()
         self.skipped_total = self.skipped_in_all()  # (a collective: before rank 0 alone saves)
         if self.step >= self.total_steps:
@@ -234,9 +236,9 @@ class Trainer(Snapshots):
                 self.model.state_dict = lambda *args, **kwargs: state  # what the stage's save() reads
             if self.rank == 0:
                 save()
-                shutil.rmtree(self.state_dir, ignore_errors=True)  # the checkpoint supersedes the snapshot
+                self.snapshots.remove()
         else:
-            self.save_state()  # interrupted on purpose: leave a resumable snapshot
+            self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)  # interrupted on purpose
         return losses
 
     def skipped_in_all(self) -> int:
