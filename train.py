@@ -25,7 +25,7 @@ from llava_min.conversation import TEMPLATES
 from llava_min.data.dataset import LlavaDataset, collate
 from llava_min.train.recipes import RECIPES, Preset
 from llava_min.checkpoint.load import append_image_token
-from llava_min.checkpoint.save import finished_checkpoint, save_stage1
+from llava_min.checkpoint.save import finished_checkpoint, save_adapter, save_stage1
 from llava_min.train.stages import either, run_stage, settings
 from llava_min.tokenizer import Tokenizer
 from llava_min.toy.presets import TOY_PRESETS
@@ -167,7 +167,7 @@ def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
 
 
 def lora_config(args):
-    from llava_min.model.lora import LoRAConfig
+    from llava_min.model.low_rank import LoRAConfig
     return LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
 
 
@@ -251,7 +251,6 @@ def stage_2(args, preset: Preset):
         tile = model.cfg.vision.image_size
         model.use_anyres([(h * tile, w * tile) for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))])
     if args.lora:  # the adapter (LoRA + projector) alone; `python -m llava_min.lora merge` makes a full model
-        from llava_min.lora import save_adapter
         save = lambda: save_adapter(model, args.out, base=args.init, tokenizer_path=tokenizer)  # noqa: E731
     else:
         save = lambda: llava_min.save_llava(model, args.out, tokenizer)  # noqa: E731

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import llava_min
-from llava_min.model.lora import LoRAConfig, add_lora, merge_lora
-from llava_min.lora import adapter_state, load_adapter, save_adapter
+from llava_min.model.low_rank import LoRAConfig, add_lora, merge_lora
+from llava_min.checkpoint.peft import load_adapter
+from llava_min.checkpoint.save import adapter_state, save_adapter
 from llava_min.train.stages import freeze_for_stage
 from test_model import image_prompt, pixels
 
@@ -47,7 +48,7 @@ def test_only_lora_and_projector_change(hf_llava_dir):
 
 def test_an_adapted_layer_is_w_plus_alpha_over_r_b_a():
     """LoRA written out: h = W x + (alpha / r) B A x."""
-    from llava_min.model.lora import LoRALinear
+    from llava_min.model.low_rank import LoRALinear
     base = torch.nn.Linear(12, 8)
     layer = LoRALinear(base, CFG).eval()
     with torch.no_grad():
@@ -126,7 +127,7 @@ def test_memory_estimate_counts_what_the_modules_hold():
 def test_memory_estimate_counts_what_an_adapter_saves_for_backward():
     """The LoRA term of the activation estimate, against the tensors one adapted layer saves (bf16 base)."""
     from llava_min.model.llama import LlamaConfig
-    from llava_min.model.lora import LoRALinear
+    from llava_min.model.low_rank import LoRALinear
     from llava_min.tools.memory import activation_bytes_per_token_layer
     text = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=4)
@@ -178,3 +179,4 @@ def test_a_stage1_base_is_asked_for_its_llms_dtype(hf_clip_dir, hf_llama_dir, tm
     model = llava_min.build_llava(hf_clip_dir, tmp_path / "llm", dtype=torch.float32)
     save_stage1(model, tmp_path / "stage1", hf_clip_dir, tmp_path / "llm")  # the projector alone, in fp32
     assert stored_dtype(tmp_path / "stage1") == torch.bfloat16
+
