@@ -74,8 +74,9 @@ def parse_args(argv=None):
                    help="stages 1 and 2: batches of records of similar length, less padding (default: the preset's)")
     p.add_argument("--anyres", action="store_true", help="stage 2: AnyRes tiles + row-end tokens (LLaVA-NeXT)")
     p.add_argument("--lora", action="store_true", help="stage 2: LoRA adapters instead of the full LLM")
-    p.add_argument("--lora-r", type=positive(int), default=128)
-    p.add_argument("--lora-alpha", type=positive(float), default=256.0)
+    p.add_argument("--lora-r", type=positive(int), default=128, help="the adapters' rank (LLaVA-1.5's LoRA: 128)")
+    p.add_argument("--lora-alpha", type=positive(float),
+                   help="updates scale by alpha / r (default: 2 x --lora-r, LLaVA-1.5's 256 for r 128)")
     p.add_argument("--lora-dropout", type=positive(float, zero_ok=True), default=0.05)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: fail fast or skip")
     p.add_argument("--num-workers", type=positive(int, zero_ok=True),
@@ -105,6 +106,7 @@ def parse_args(argv=None):
     args.out = args.out or Path(f"runs/toy{suffix}")
     args.data_dir = args.data_dir or Path(f"data/toy{suffix}")
     args.num_workers = either(args.num_workers, 4 if torch.device(args.device).type == "cuda" else 0)
+    args.lora_alpha = either(args.lora_alpha, 2.0 * args.lora_r)  # the recipe's ratio (finetune_lora.sh: 128, 256)
     return args
 
 

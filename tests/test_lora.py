@@ -180,3 +180,20 @@ def test_a_stage1_base_is_asked_for_its_llms_dtype(hf_clip_dir, hf_llama_dir, tm
     save_stage1(model, tmp_path / "stage1", hf_clip_dir, tmp_path / "llm")  # the projector alone, in fp32
     assert stored_dtype(tmp_path / "stage1") == torch.bfloat16
 
+
+@pytest.mark.parametrize("flags,r,alpha", [(["--lora-r", "4"], 4, 8.0), (["--lora-r", "4", "--lora-alpha", "16"], 4, 16.0),
+                                           (["--preset", "llava-v1.5-7b"], 128, 256.0)])
+def test_lora_alpha_defaults_to_twice_the_rank(hf_llava_dir, tmp_path, flags, r, alpha):
+    """LLaVA-1.5's LoRA (finetune_lora.sh: r 128, alpha 256) scales updates by 2; a smaller --lora-r alone keeps
+    that scaling, an explicit --lora-alpha wins, and the adapter's config records both."""
+    import json
+    import train
+    from llava_min.model.low_rank import LoRALinear
+    lora = train.lora_config(train.parse_args(["--lora"] + flags))
+    assert (lora.r, lora.alpha) == (r, alpha)
+    model = llava_min.load(hf_llava_dir)
+    freeze_for_stage(model, "2", lr=1e-3, lora=lora)
+    assert {m.scaling for m in model.modules() if isinstance(m, LoRALinear)} == {alpha / r}
+    save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (r, alpha)
