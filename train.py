@@ -25,7 +25,7 @@ from llava_min.conversation import TEMPLATES
 from llava_min.data.dataset import LlavaDataset, collate
 from llava_min.train.recipes import RECIPES, Preset
 from llava_min.checkpoint.load import append_image_token
-from llava_min.checkpoint.save import finished_checkpoint, save_stage1
+from llava_min.checkpoint.save import finished_checkpoint, save_adapter, save_stage1
 from llava_min.train.stages import either, run_stage, settings
 from llava_min.tokenizer import Tokenizer
 from llava_min.toy.presets import TOY_PRESETS
@@ -74,8 +74,9 @@ def parse_args(argv=None):
                    help="stages 1 and 2: batches of records of similar length, less padding (default: the preset's)")
     p.add_argument("--anyres", action="store_true", help="stage 2: AnyRes tiles + row-end tokens (LLaVA-NeXT)")
     p.add_argument("--lora", action="store_true", help="stage 2: LoRA adapters instead of the full LLM")
-    p.add_argument("--lora-r", type=positive(int), default=128)
-    p.add_argument("--lora-alpha", type=positive(float), default=256.0)
+    p.add_argument("--lora-r", type=positive(int), default=128, help="the adapters' rank (LLaVA-1.5's LoRA: 128)")
+    p.add_argument("--lora-alpha", type=positive(float),
+                   help="updates scale by alpha / r (default: 2 x --lora-r, LLaVA-1.5's 256 for r 128)")
     p.add_argument("--lora-dropout", type=positive(float, zero_ok=True), default=0.05)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: fail fast or skip")
     p.add_argument("--num-workers", type=positive(int, zero_ok=True),
@@ -105,6 +106,7 @@ def parse_args(argv=None):
     args.out = args.out or Path(f"runs/toy{suffix}")
     args.data_dir = args.data_dir or Path(f"data/toy{suffix}")
     args.num_workers = either(args.num_workers, 4 if torch.device(args.device).type == "cuda" else 0)
+    args.lora_alpha = either(args.lora_alpha, 2.0 * args.lora_r)  # the recipe's ratio (finetune_lora.sh: 128, 256)
     return args
 
 
@@ -167,7 +169,7 @@ def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
 
 
 def lora_config(args):
-    from llava_min.model.lora import LoRAConfig
+    from llava_min.model.low_rank import LoRAConfig
     return LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
 
 
@@ -251,7 +253,6 @@ def stage_2(args, preset: Preset):
         tile = model.cfg.vision.image_size
         model.use_anyres([(h * tile, w * tile) for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))])
     if args.lora:  # the adapter (LoRA + projector) alone; `python -m llava_min.lora merge` makes a full model
-        from llava_min.lora import save_adapter
         save = lambda: save_adapter(model, args.out, base=args.init, tokenizer_path=tokenizer)  # noqa: E731
     else:
         save = lambda: llava_min.save_llava(model, args.out, tokenizer)  # noqa: E731

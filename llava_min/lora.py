@@ -1,51 +1,32 @@
-"""LoRA adapters on disk: saved alone (LoRA + projector tensors) in peft's layout, loaded back on their base,
-merged (the layouts read: adapters.py).
+"""Merging a LoRA adapter into its base: a plain llava-hf checkpoint (adapters are read in checkpoint/peft.py and
+written in checkpoint/save.py).
 
     python -m llava_min.lora merge --base STAGE1_OR_BASE_DIR --adapter ADAPTER_DIR --out MERGED_DIR
     python -m llava_min.lora merge --base VICUNA_DIR --adapter OFFICIAL_LORA_RELEASE_DIR --out MERGED_DIR
 """
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import torch
 
-from .checkpoint.peft import (adapted_settings, adapter_config, adapter_state, apply_adapter, load_adapted,  # noqa: F401
-                       merge_adapter, write_adapter)
-from .checkpoint.save import checkpoint_dir
-
-
-def save_adapter(model, out_dir, base=None, tokenizer_path=None) -> None:
-    """The adapter (`adapter_state`) in peft's layout: PeftModel.from_pretrained reads it on a llava-hf base."""
-    if base is not None and Path(base).is_dir():  # relative to the adapter, as a stage-1 config names its parts
-        base = os.path.relpath(Path(base).resolve(), Path(out_dir).resolve())
-    with checkpoint_dir(out_dir) as tmp:  # whole or not at all, as a full checkpoint
-        write_adapter(model, tmp, base, tokenizer_path)
-
-
-def load_adapter(model, adapter_dir) -> None:
-    """Adds LoRA to a base model and loads an adapter strictly (every tensor, every shape): ours, peft's, or
-    llava-min's earlier format, with the settings stage 2 trained with."""
-    adapted_settings(model, adapter_dir)
-    apply_adapter(model, adapter_dir)
+from .checkpoint.configs import read_config
+from .checkpoint.load import append_image_token
+from .checkpoint.official import named_dir, stage1_projector_file
+from .checkpoint.peft import adapter_config, load_adapted, merge_adapter
+from .checkpoint.save import finished_checkpoint, save_llava
+from .checkpoint.weights import read_tensors, weight_files
+from .cli import existing, run, writable
 
 
 def stored_dtype(path) -> torch.dtype:
     """The floating dtype a checkpoint's LLM is stored in; a stage-1 directory (the projector alone) is
     asked for the LLM its config names."""
-    from .checkpoint.official import named_dir, stage1_projector_file
-    from .checkpoint.configs import read_config
-    from .checkpoint.weights import read_tensors, weight_files
     if stage1_projector_file(path) is not None:
         path = named_dir(read_config(path).get("_name_or_path"), path) or path
     return next((t.dtype for _, t, _ in read_tensors(weight_files(path)) if t.is_floating_point()), torch.float32)
 
 
 def main(argv=None):
-    from .checkpoint.load import append_image_token
-    from .cli import existing, writable
-    from .checkpoint.save import finished_checkpoint, save_llava
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="base + adapter -> a plain llava-hf checkpoint")
@@ -74,5 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run
     run(main)

@@ -192,8 +192,8 @@ def test_eval(chat_model, tmp_path):
 
 def test_lora_merge(chat_model, tmp_path):
     import llava_min
-    from llava_min.lora import save_adapter
-    from llava_min.model.lora import LoRAConfig, add_lora
+    from llava_min.checkpoint.save import save_adapter
+    from llava_min.model.low_rank import LoRAConfig, add_lora
     model = llava_min.load(chat_model)
     add_lora(model.language_model, LoRAConfig(r=2, alpha=4.0, dropout=0.0))
     adapter, misfit = tmp_path / "adapter", tmp_path / "misfit"

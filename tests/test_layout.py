@@ -83,7 +83,7 @@ def test_no_import_cycles():
 
 def test_the_model_folder_shows_fig_1():
     names = {p.stem for p in (PACKAGE / "model").glob("*.py")}
-    assert {"clip", "projector", "llama", "llava", "anyres", "lora"} <= names
+    assert {"clip", "projector", "llama", "llava", "anyres", "low_rank"} <= names
 
 
 def test_modules_stay_small():

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import llava_min
-from llava_min.model.lora import LoRAConfig, add_lora, merge_lora
-from llava_min.lora import adapter_state, load_adapter, save_adapter
+from llava_min.model.low_rank import LoRAConfig, add_lora, merge_lora
+from llava_min.checkpoint.peft import load_adapter
+from llava_min.checkpoint.save import adapter_state, save_adapter
 from llava_min.train.stages import freeze_for_stage
 from test_model import image_prompt, pixels
 
@@ -47,7 +48,7 @@ def test_only_lora_and_projector_change(hf_llava_dir):
 
 def test_an_adapted_layer_is_w_plus_alpha_over_r_b_a():
     """LoRA written out: h = W x + (alpha / r) B A x."""
-    from llava_min.model.lora import LoRALinear
+    from llava_min.model.low_rank import LoRALinear
     base = torch.nn.Linear(12, 8)
     layer = LoRALinear(base, CFG).eval()
     with torch.no_grad():
@@ -126,7 +127,7 @@ def test_memory_estimate_counts_what_the_modules_hold():
 def test_memory_estimate_counts_what_an_adapter_saves_for_backward():
     """The LoRA term of the activation estimate, against the tensors one adapted layer saves (bf16 base)."""
     from llava_min.model.llama import LlamaConfig
-    from llava_min.model.lora import LoRALinear
+    from llava_min.model.low_rank import LoRALinear
     from llava_min.tools.memory import activation_bytes_per_token_layer
     text = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=4)
@@ -178,3 +179,21 @@ def test_a_stage1_base_is_asked_for_its_llms_dtype(hf_clip_dir, hf_llama_dir, tm
     model = llava_min.build_llava(hf_clip_dir, tmp_path / "llm", dtype=torch.float32)
     save_stage1(model, tmp_path / "stage1", hf_clip_dir, tmp_path / "llm")  # the projector alone, in fp32
     assert stored_dtype(tmp_path / "stage1") == torch.bfloat16
+
+
+@pytest.mark.parametrize("flags,r,alpha", [(["--lora-r", "4"], 4, 8.0), (["--lora-r", "4", "--lora-alpha", "16"], 4, 16.0),
+                                           (["--preset", "llava-v1.5-7b"], 128, 256.0)])
+def test_lora_alpha_defaults_to_twice_the_rank(hf_llava_dir, tmp_path, flags, r, alpha):
+    """LLaVA-1.5's LoRA (finetune_lora.sh: r 128, alpha 256) scales updates by 2; a smaller --lora-r alone keeps
+    that scaling, an explicit --lora-alpha wins, and the adapter's config records both."""
+    import json
+    import train
+    from llava_min.model.low_rank import LoRALinear
+    lora = train.lora_config(train.parse_args(["--lora"] + flags))
+    assert (lora.r, lora.alpha) == (r, alpha)
+    model = llava_min.load(hf_llava_dir)
+    freeze_for_stage(model, "2", lr=1e-3, lora=lora)
+    assert {m.scaling for m in model.modules() if isinstance(m, LoRALinear)} == {alpha / r}
+    save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (r, alpha)

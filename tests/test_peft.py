@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 import llava_min
 from llava_min import CheckpointError
 from llava_min.checkpoint.peft import load_adapted, merge_adapter
+from llava_min.checkpoint.save import save_adapter
 from llava_min.data.image import anyres_pixels
-from llava_min.lora import load_adapter, main as lora_main, save_adapter
-from llava_min.model.lora import LoRAConfig, add_lora
+from llava_min.lora import main as lora_main
+from llava_min.model.low_rank import LoRAConfig, add_lora
 from conftest import IMAGE_TOKEN, hf_reference
 from test_anyres import image
 from test_checkpoints import official_dir, save_clip
@@ -129,20 +130,16 @@ def test_peft_adapter_applies_and_merges(peft_adapter, hf_llava_dir, tmp_path, n
         torch.testing.assert_close(merged(input_ids=image_prompt(16), pixel_values=pixels(1)).logits, expected, **TOL)
 
 
-def test_the_earlier_adapter_format_is_still_read(hf_llava_dir, tmp_path):
+def test_an_adapter_that_is_not_peft_s_is_refused_by_name(hf_llava_dir, tmp_path):
+    """llava-min's earlier format (llava-min's names, `alpha` and `targets`) is no longer read: never half-read."""
     model = trained_ours(hf_llava_dir, anyres=False)
     (tmp_path / "old").mkdir()
     state = {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("projector.")}
     save_file(state, tmp_path / "old" / "adapter.safetensors")
     (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(
-        {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(LLM_LAYERS), "base": str(hf_llava_dir),
-         "image_grid_pinpoints": None, "image_aspect_ratio": "crop", "template": "llava_v1"}))
-    again = llava_min.load(hf_llava_dir)
-    load_adapter(again, tmp_path / "old")
-    assert again.cfg.template == "llava_v1" and again.cfg.image_aspect_ratio == "crop"
-    ids, x = image_prompt(16), pixels(1)
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids, pixel_values=x)[0], model(ids, pixel_values=x)[0], atol=0, rtol=0)
+        {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(LLM_LAYERS), "base": str(hf_llava_dir)}))
+    with pytest.raises(CheckpointError, match="adapter_config.json: peft_type None is not supported"):
+        load_adapted(tmp_path / "old", hf_llava_dir)
 
 
 @pytest.mark.parametrize("key,value", [("use_dora", True), ("use_rslora", True), ("peft_type", "IA3"),

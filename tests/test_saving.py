@@ -12,9 +12,8 @@ import torch
 
 import llava_min
 import llava_min.checkpoint.weights
-from llava_min.lora import save_adapter
-from llava_min.model.lora import LoRAConfig, add_lora
-from llava_min.checkpoint.save import finished_checkpoint, save_llava
+from llava_min.model.low_rank import LoRAConfig, add_lora
+from llava_min.checkpoint.save import finished_checkpoint, save_adapter, save_llava
 
 OPERATIONS = [(os, "replace"), (os, "rename"), (os, "link"), (os, "chmod"), (os, "unlink"), (os, "mkdir"),
               (os, "rmdir"), (shutil, "rmtree"), (shutil, "copyfile"), (shutil, "copy2"), (tempfile, "mkdtemp"),

@@ -365,7 +365,8 @@ def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
 
 def test_lora_stage2_saves_an_adapter_that_resumes_and_merges(parts, tmp_path):
     import json
-    from llava_min.lora import load_adapter, main as lora_main
+    from llava_min.checkpoint.peft import load_adapter
+    from llava_min.lora import main as lora_main
     stage1 = tmp_path / "stage1"
     train.main(["--stage", "1", "--preset", "smoke", "--vision", str(parts / "clip"), "--llm", str(parts / "lm"),
                 "--tokenizer", str(parts / "tokenizer.model"), "--data", str(parts / "data" / "pretrain.json"),

@@ -8,7 +8,8 @@ Layouts read:
 - official LLaVA (`liuhaotian/llava-v1.5-*`, `llava-v1.6-*`): Vicuna keys + `model.mm_projector.*` (1.6: +
   `model.image_newline` and the tuned tower); CLIP comes from the directory that `mm_vision_tower` names (or
   `vision_path`); a stage-1 `mm_projector.bin` goes on top of CLIP + Vicuna. See official.py.
-LoRA adapters (peft's, the official LoRA release) go on top of these: adapters.py. Written by save.py.
+The key names of every layout: names.py. LoRA adapters (peft's, the official LoRA release) go on top of these:
+peft.py. Written by save.py.
 """
 from pathlib import Path
 from typing import Optional
@@ -20,45 +21,11 @@ from ..files import read_json
 from ..model.clip import VisionTower
 from ..model.llama import Llama
 from ..model.llava import Llava, LlavaConfig
-from .official import (IMAGE_NEWLINE, OFFICIAL_PROJECTOR, TUNED_TOWER, TUNED_TOWER_PREFIXES, is_multimodal_part,
-                       named_dir, official_settings, resolve_vision_path, stage1_projector_file)
-from .save import IDENTITY_LAYER, identity_layer
+from .names import (CLIP, IDENTITY_LAYER, LLAMA, LLAVA_HF, OFFICIAL, TRANSFORMERS, identity_layer, ignore_reason,
+                    part_of, reader)
+from .official import (is_multimodal_part, named_dir, official_settings, resolve_vision_path,
+                       stage1_projector_file)
 from .weights import CheckpointError, load_strict, materialize, read_tensors, tensor_names, weight_files
-
-# Checkpoint key prefix -> llava-min name prefix, first match wins.
-LLAVA_PREFIXES = [
-    ("model.image_newline", "image_newline"), ("image_newline", "image_newline"),  # LLaVA-NeXT's row-end vector
-    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # official, when the tower was tuned
-    ("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
-    ("vision_tower.vision_model.", "vision_tower."), ("vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector."),
-    ("model.mm_projector.0.", "projector.linear_1."), ("model.mm_projector.2.", "projector.linear_2."),
-    ("model.mm_projector.", "projector.linear_1."),  # LLaVA v1's single linear layer
-    ("model.language_model.model.", "language_model."), ("model.language_model.", "language_model."),
-    ("language_model.model.", "language_model."), ("language_model.", "language_model."),
-    ("lm_head.", "language_model.lm_head."), ("model.", "language_model."),
-]
-VISION_PREFIXES = [("vision_model.", ""), ("", "")]
-LLAMA_PREFIXES = [("model.", ""), ("", "")]
-
-
-def ignore_reason(key: str) -> Optional[str]:
-    if key.endswith("position_ids"):
-        return "a buffer of positions 0..N, recomputed"
-    if key.endswith("rotary_emb.inv_freq"):
-        return "RoPE frequencies, recomputed from rope_theta"
-    if key.startswith(("text_model.", "text_projection", "visual_projection", "logit_scale")):
-        return "CLIP's text tower and contrastive head, unused by LLaVA"
-    return None
-
-
-def renamer(prefixes):
-    def rename(key: str) -> Optional[str]:
-        for old, new in prefixes:
-            if key.startswith(old):
-                return (new + key[len(old):]).replace("encoder.layers.", "layers.")
-        return None
-    return rename
 
 
 def default_dtype(device) -> torch.dtype:
@@ -70,9 +37,10 @@ def build_on_meta(cls, *args):
         return cls(*args)
 
 
-def load_into(module, files, prefixes, dtype, device, keep=lambda key: True, allow_missing=()) -> list:
-    """Strictly loads the kept tensors of `files` into `module`; returns the ignored keys with reasons."""
-    return load_strict(module, read_tensors(files, keep), renamer(prefixes), ignore_reason, dtype, device, allow_missing)
+def load_into(module, files, rename, dtype, device, keep=lambda key: True, allow_missing=()) -> list:
+    """Strictly loads the kept tensors of `files` into `module` (`rename`: names.reader); returns the ignored keys
+    with reasons."""
+    return load_strict(module, read_tensors(files, keep), rename, ignore_reason, dtype, device, allow_missing)
 
 
 # ---------------------------------------------------------------- CLIP and LLaMA on their own
@@ -81,14 +49,14 @@ def load_into(module, files, prefixes, dtype, device, keep=lambda key: True, all
 def load_vision(path, select_layer: int = -2, select_feature: str = "patch", dtype=None, device="cpu") -> VisionTower:
     """A CLIP directory (full CLIPModel or vision-only) -> VisionTower; features = vision(pixel_values)."""
     model = build_on_meta(VisionTower, clip_vision_config(path), select_layer, select_feature)
-    model.ignored_keys = load_into(model, weight_files(path), VISION_PREFIXES, dtype or default_dtype(device), device)
+    model.ignored_keys = load_into(model, weight_files(path), reader(CLIP), dtype or default_dtype(device), device)
     return model.eval()
 
 
 def load_llama(path, dtype=None, device="cpu") -> Llama:
     """A LLaMA / Vicuna directory -> Llama; logits, loss = llm(input_ids, labels=...)."""
     model = build_on_meta(Llama, llama_config(read_config(path)))
-    model.ignored_keys = load_into(model, weight_files(path), LLAMA_PREFIXES, dtype or default_dtype(device), device)
+    model.ignored_keys = load_into(model, weight_files(path), reader(LLAMA), dtype or default_dtype(device), device)
     model.tie_weights()
     return model.eval()
 
@@ -109,8 +77,8 @@ def build_llava(vision_path, llm_path, projector_type="mlp2x_gelu", select_layer
                       select_layer=select_layer, select_feature=select_feature,
                       image_token_id=text.vocab_size if image_token_id is None else image_token_id, **cfg_kwargs)
     model = build_on_meta(Llava, cfg)
-    model.ignored_keys = (load_into(model.vision_tower, weight_files(vision_path), VISION_PREFIXES, dtype, device)
-                          + load_into(model.language_model, weight_files(llm_path), LLAMA_PREFIXES, dtype, device,
+    model.ignored_keys = (load_into(model.vision_tower, weight_files(vision_path), reader(CLIP), dtype, device)
+                          + load_into(model.language_model, weight_files(llm_path), reader(LLAMA), dtype, device,
                                       keep=lambda k: not is_multimodal_part(k)))
     materialize(model.projector, device, dtype)
     model.language_model.tie_weights()
@@ -145,7 +113,7 @@ def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_pa
     vision_path = resolve_vision_path(proj_cfg, Path(projector_path).parent if projector_path else path, vision_path)
     model = build_llava(vision_path, path, dtype=dtype, device=device, **settings)
     if projector_path is not None:  # a projector file holds the projector and nothing else
-        load_into(model.projector, proj_files, OFFICIAL_PROJECTOR, dtype, device)
+        load_into(model.projector, proj_files, reader(OFFICIAL, part="projector"), dtype, device)
     else:  # a whole checkpoint's files hold the LLM too
         load_multimodal_parts(model, proj_files, dtype, device)
     return model
@@ -154,14 +122,15 @@ def load_official(path, cfg: dict, dtype, device, vision_path=None, projector_pa
 def load_multimodal_parts(model: Llava, files, dtype, device) -> None:
     """What an official checkpoint adds to CLIP + LLM: the projector, AnyRes's row-end vector (1.6), and the
     vision tower where 1.6 tuned it (its tensors replace CLIP's, as the official from_pretrained does)."""
-    def load_part(module, rules, start, **kwargs):
-        load_into(module, files, rules, dtype, device, keep=lambda k: k.startswith(start), **kwargs)
-    load_part(model.projector, OFFICIAL_PROJECTOR, "model.mm_projector.")
+    read = reader(OFFICIAL)
+    in_part = lambda part: lambda key: part_of(read(key)) == part  # noqa: E731
+    load_into(model.projector, files, reader(OFFICIAL, part="projector"), dtype, device, keep=in_part("projector"))
     if model.anyres is not None:
-        load_part(model, [(IMAGE_NEWLINE, "image_newline")], IMAGE_NEWLINE,
+        load_into(model, files, read, dtype, device, keep=in_part("image_newline"),
                   allow_missing=("vision_tower.", "projector.", "language_model."))
-    if any(k.startswith(TUNED_TOWER) for k in tensor_names(files)):
-        load_part(model.vision_tower, TUNED_TOWER_PREFIXES, TUNED_TOWER)
+    if any(in_part("vision_tower")(k) for k in tensor_names(files)):
+        load_into(model.vision_tower, files, reader(OFFICIAL, part="vision_tower"), dtype, device,
+                  keep=in_part("vision_tower"))
 
 
 def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, llm_path=None) -> Llava:
@@ -179,7 +148,7 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
         if model.cfg.projector_type == "linear":
             keep = lambda key: IDENTITY_LAYER not in key  # noqa: E731
             check_identity_layer(files)
-        model.ignored_keys = load_into(model, files, LLAVA_PREFIXES, dtype, device, keep=keep)
+        model.ignored_keys = load_into(model, files, reader(LLAVA_HF, TRANSFORMERS), dtype, device, keep=keep)
         if model.cfg.projector_type == "linear":
             model.ignored_keys += [(k, "the identity layer that stands for a linear projector in llava-hf's form")
                                    for k in tensor_names(files) if IDENTITY_LAYER in k]
@@ -194,7 +163,7 @@ def load(path, dtype=None, device="cpu", vision_path=None, projector_path=None, 
 
 
 # ---------------------------------------------------------------- a linear W in llava-hf's two-layer form
-# (save.IDENTITY_LAYER: W -> identity activation -> I, exactly W)
+# (names.IDENTITY_LAYER: W -> identity activation -> I, exactly W)
 
 def check_identity_layer(files) -> None:
     """A linear projector's second layer, written for transformers, must be the identity it stands for."""

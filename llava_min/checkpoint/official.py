@@ -5,20 +5,17 @@
 - 1.6 / LLaVA-NeXT (`liuhaotian/llava-v1.6-*`): the same plus AnyRes (`image_aspect_ratio: "anyres"`,
   `mm_patch_merge_type: "spatial_unpad"`, `image_grid_pinpoints` as (width, height) pairs), the row-end
   vector `model.image_newline`, and the vision tower it fine-tuned (`model.vision_tower.vision_tower.*`).
-The conventions are converted here, where they enter: the model keeps (height, width) throughout.
+The conventions are converted here, where they enter: the model keeps (height, width) throughout. The key
+names are names.OFFICIAL.
 """
 import os
 from pathlib import Path
 from typing import Optional
 
+from .names import OFFICIAL, PEFT_PREFIX, ours, part_of
 from .weights import CheckpointError, tensor_names
 
 PROJECTOR_NAMES = ("mm_projector.safetensors", "mm_projector.bin")
-OFFICIAL_PROJECTOR = [("model.mm_projector.0.", "linear_1."), ("model.mm_projector.2.", "linear_2."),
-                      ("model.mm_projector.", "linear_1.")]
-TUNED_TOWER = "model.vision_tower.vision_tower."  # CLIPVisionTower.vision_tower, saved when 1.6 tuned it
-TUNED_TOWER_PREFIXES = [(TUNED_TOWER + "vision_model.", ""), (TUNED_TOWER, "")]
-IMAGE_NEWLINE = "model.image_newline"
 
 
 def local_dir(name, base) -> Optional[Path]:
@@ -64,18 +61,15 @@ def stage1_projector_file(path) -> Optional[Path]:
     return next((Path(path) / n for n in PROJECTOR_NAMES if (Path(path) / n).is_file()), None)
 
 
-def is_official_projector(key: str) -> bool:
-    return key.startswith("model.mm_projector.")
-
-
 def is_multimodal_part(key: str) -> bool:
     """A tensor of an official checkpoint that is not the LLM's: the projector, the tuned tower, the row-end vector."""
-    return is_official_projector(key) or key.startswith(TUNED_TOWER) or key == IMAGE_NEWLINE
+    return part_of(ours(key, OFFICIAL)) not in (None, "language_model")
 
 
 def official_projector_type(files) -> str:
-    # (a LoRA release's non_lora_trainables.bin puts peft's "base_model.model." before the name)
-    return "mlp2x_gelu" if any("model.mm_projector.2." in k for k in tensor_names(files)) else "linear"
+    # (a LoRA release's non_lora_trainables.bin puts peft's prefix before the name)
+    names = [ours(k.removeprefix(PEFT_PREFIX), OFFICIAL) or "" for k in tensor_names(files)]
+    return "mlp2x_gelu" if any(n.startswith("projector.linear_2.") for n in names) else "linear"
 
 
 def official_aspect(value: str) -> str:

@@ -1,5 +1,6 @@
 """llava-min models -> llava-hf directories (the hub's key names, which transformers 4.x and 5.x both
-load), CLIP and LLaMA directories, and stage 1's projector in the official stage-1 release layout."""
+load), CLIP and LLaMA directories, stage 1's projector in the official stage-1 release layout, and LoRA
+adapters in peft's layout. The key names: names.py."""
 import json
 import os
 import shutil
@@ -8,13 +9,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .configs import SELECT_STRATEGY, read_config
 from ..files import SNAPSHOT, atomic_dir, recover_dir
 from ..model.clip import VisionConfig, VisionTower, num_features
 from ..model.llama import Llama, LlamaConfig
 from ..model.llava import Llava, LlavaConfig
+from .names import CLIP, HF_PARTS, LLAMA, LLAVA_HF, OFFICIAL, identity_layer, peft_key, writer
+from .peft import PEFT_WEIGHTS, PLAIN_LORA
 from .weights import CheckpointError, save_safetensors
 
 
@@ -28,30 +29,8 @@ def save_stage1(model: Llava, out_dir, vision_path, llm_path, tokenizer_path=Non
               "mm_vision_select_layer": cfg.select_layer, "mm_vision_select_feature": cfg.select_feature,
               "image_aspect_ratio": cfg.image_aspect_ratio, "mm_use_im_start_end": False,
               "image_token_index": cfg.image_token_id}
-    rename = lambda k: "model.mm_" + k.replace("linear_1", "0").replace("linear_2", "2")  # noqa: E731
-    save_pretrained(model.projector, config, out_dir, lambda k: rename("projector." + k), tokenizer_path,
+    save_pretrained(state(model.projector, writer(OFFICIAL, part="projector")), config, out_dir, tokenizer_path,
                     weights_name="mm_projector.safetensors")
-
-
-IDENTITY_LAYER = "multi_modal_projector.linear_2."  # llava-hf has only Linear -> act -> Linear: a linear W
-
-
-def identity_layer(dim: int, dtype=torch.float32) -> dict:
-    return {IDENTITY_LAYER + "weight": torch.eye(dim, dtype=dtype),
-            IDENTITY_LAYER + "bias": torch.zeros(dim, dtype=dtype)}
-
-
-def hub_key(name: str) -> str:
-    """llava-min name -> the llava-hf hub name (which transformers 4.x and 5.x both load)."""
-    if name.startswith("vision_tower."):
-        return "vision_tower." + vision_key(name[len("vision_tower."):])
-    if name == "image_newline":
-        return name
-    if name.startswith("projector."):
-        return "multi_modal_projector." + name[len("projector."):]
-    if name.startswith("language_model.lm_head."):
-        return name
-    return "language_model.model." + name[len("language_model."):]
 
 
 def hf_text_config(cfg: LlamaConfig) -> dict:
@@ -72,7 +51,7 @@ def hf_config(cfg: LlavaConfig) -> dict:
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", **anyres,
         "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
         "vision_feature_layer": cfg.select_layer, "vision_feature_select_strategy": strategy,
-        "projector_hidden_act": "linear" if cfg.projector_type == "linear" else "gelu",  # linear: see IDENTITY_LAYER
+        "projector_hidden_act": "linear" if cfg.projector_type == "linear" else "gelu",  # names.IDENTITY_LAYER
         "multimodal_projector_bias": True, "tie_word_embeddings": cfg.text.tie_word_embeddings,
         "image_seq_length": num_features(cfg.vision, cfg.select_feature),
         "llava_min": {"projector_type": cfg.projector_type, "image_aspect_ratio": cfg.image_aspect_ratio,
@@ -80,15 +59,15 @@ def hf_config(cfg: LlavaConfig) -> dict:
     }
 
 
-def vision_key(name: str) -> str:
-    return "vision_model." + (("encoder." + name) if name.startswith("layers.") else name)
-
-
-def save_pretrained(module, config: dict, out_dir, rename, tokenizer_path=None, extra_files: Optional[dict] = None,
-                    weights_name="model.safetensors", extra_tensors: Optional[dict] = None):
-    """`config.json` + `model.safetensors` (+ `tokenizer.model`), written whole or not at all (`checkpoint_dir`)."""
+def state(module, rename) -> dict:
+    """The module's tensors under a layout's names (`rename`: names.writer), a tied head left out."""
     tied = module.tied_names() if hasattr(module, "tied_names") else {}
-    tensors = {rename(k): v for k, v in module.state_dict().items() if k not in tied} | (extra_tensors or {})
+    return {rename(k): v for k, v in module.state_dict().items() if k not in tied}
+
+
+def save_pretrained(tensors: dict, config: dict, out_dir, tokenizer_path=None, extra_files: Optional[dict] = None,
+                    weights_name="model.safetensors"):
+    """`config.json` + `model.safetensors` (+ `tokenizer.model`), written whole or not at all (`checkpoint_dir`)."""
     with checkpoint_dir(out_dir) as tmp:
         save_safetensors(tensors, tmp / weights_name)
         if tokenizer_path is not None:
@@ -124,13 +103,12 @@ def finished_checkpoint(path, recover: bool = True) -> Optional[Path]:
 
 def save_vision(tower: VisionTower, out_dir) -> None:
     """A CLIP vision directory (`CLIPVisionModel` layout) that `load_vision` and transformers read."""
-    save_pretrained(tower, hf_vision_config(tower.cfg), out_dir, vision_key)
+    save_pretrained(state(tower, writer(CLIP)), hf_vision_config(tower.cfg), out_dir)
 
 
 def save_llama(llm: Llama, out_dir, tokenizer_path=None) -> None:
     """A LLaMA directory (`LlamaForCausalLM` layout)."""
-    rename = lambda k: k if k.startswith("lm_head.") else "model." + k  # noqa: E731
-    save_pretrained(llm, hf_text_config(llm.cfg), out_dir, rename, tokenizer_path)
+    save_pretrained(state(llm, writer(LLAMA)), hf_text_config(llm.cfg), out_dir, tokenizer_path)
 
 
 def save_llava(model: Llava, out_dir, tokenizer_path=None, extra_files: Optional[dict] = None) -> None:
@@ -139,5 +117,48 @@ def save_llava(model: Llava, out_dir, tokenizer_path=None, extra_files: Optional
         raise CheckpointError(f"{out_dir}: the image placeholder {model.cfg.image_token_id} has no row in the "
                               "vocabulary, which llava-hf needs: call append_image_token(model) first")
     linear = model.projector.linear_2 is None
-    extra = identity_layer(model.cfg.text.hidden_size, model.projector.linear_1.weight.dtype) if linear else None
-    save_pretrained(model, hf_config(model.cfg), out_dir, hub_key, tokenizer_path, extra_files, extra_tensors=extra)
+    extra = identity_layer(model.cfg.text.hidden_size, model.projector.linear_1.weight.dtype) if linear else {}
+    save_pretrained(state(model, writer(LLAVA_HF)) | extra, hf_config(model.cfg), out_dir, tokenizer_path, extra_files)
+
+
+# ---------------------------------------------------------------- LoRA adapters in peft's layout
+
+
+def adapter_state(model) -> dict:
+    """What an adapter checkpoint holds: every LoRA tensor, the (fully trained) projector, and AnyRes's row-end
+    vector when the model has one (stage 2 trains it too)."""
+    return {k: v for k, v in model.state_dict().items()
+            if ".lora_" in k or k.startswith("projector.") or k == "image_newline"}
+
+
+def target_modules(model) -> str:
+    """peft's target_modules as a regular expression: the adapted layers by name, part by part (a list of
+    names would reach CLIP's q_proj too), in either of transformers' namings."""
+    patterns = []
+    for part, hf_part in HF_PARTS.items():
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in getattr(model, part).named_modules() if hasattr(m, "lora_A")})
+        if leaves:
+            patterns.append(rf".*{hf_part}\.(.*\.)?({'|'.join(leaves)})")
+    return "|".join(f"(?:{p})" for p in patterns)
+
+
+def peft_adapter_config(model, base) -> dict:
+    """peft's adapter_config.json: r and lora_alpha (the scaling is alpha / r), the layers, what trains fully."""
+    cfg = next(getattr(model, p).lora_config for p in HF_PARTS if hasattr(getattr(model, p), "lora_config"))
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base) if base else None,
+            "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": target_modules(model),
+            # fully trained: the projector (stage 2 trains it) and AnyRes's row-end vector; peft wraps modules
+            # only, and loads the vector's tensor by its name
+            "modules_to_save": ["multi_modal_projector"] + (["image_newline"] if model.anyres is not None else []),
+            "inference_mode": True, "init_lora_weights": True, "revision": None, "layers_pattern": None, **PLAIN_LORA}
+
+
+def save_adapter(model, out_dir, base=None, tokenizer_path=None) -> None:
+    """The adapter (`adapter_state`) in peft's layout, which PeftModel.from_pretrained reads on a llava-hf base,
+    plus our config.json (the adapted model's llava-hf config: what a stage-1 base cannot say, the template and
+    AnyRes's grids) and tokenizer.model; whole or not at all, as a full checkpoint."""
+    if base is not None and Path(base).is_dir():  # relative to the adapter, as a stage-1 config names its parts
+        base = os.path.relpath(Path(base).resolve(), Path(out_dir).resolve())
+    peft_config = json.dumps(peft_adapter_config(model, base), indent=2).encode()
+    save_pretrained({peft_key(k): v for k, v in adapter_state(model).items()}, hf_config(model.cfg), out_dir,
+                    tokenizer_path, {"adapter_config.json": peft_config}, weights_name=PEFT_WEIGHTS[0])

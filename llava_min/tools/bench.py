@@ -17,7 +17,8 @@ import traceback
 
 import torch
 
-from ..checkpoint.load import LLAVA_PREFIXES, build_on_meta, ignore_reason, renamer
+from ..checkpoint.load import build_on_meta
+from ..checkpoint.names import LLAVA_HF, TRANSFORMERS, ignore_reason, reader
 from ..model.clip import VisionConfig
 from ..model.llama import LlamaConfig
 from ..train.devices import peak_flops
@@ -69,7 +70,7 @@ def build_pair(name: str, train: bool, device, dtype):
         theirs = LlavaForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
     ours = build_on_meta(Llava, ours_cfg)
     tensors = ((k, v.detach().clone(), "transformers") for k, v in theirs.state_dict().items())
-    load_strict(ours, tensors, renamer(LLAVA_PREFIXES), ignore_reason, dtype, device)
+    load_strict(ours, tensors, reader(TRANSFORMERS, LLAVA_HF), ignore_reason, dtype, device)
     return ours, theirs
 
 

@@ -31,7 +31,7 @@ def freeze_for_stage(model, stage: str, lr: float, projector_lr: float = None, l
         if not trained:
             continue
         if part == "language_model" and lora is not None:
-            from ..model.lora import add_lora
+            from ..model.low_rank import add_lora
             module.requires_grad_(False)
             groups.append({"params": add_lora(module, lora), "lr": lr, "name": "lora"})
             continue
