@@ -234,12 +234,24 @@ def encode_spans(parts: list, tok, num_image_tokens: int, image_token_id: int) -
     return ids, labels
 
 
+def check_markers(tok, template: str) -> None:
+    """The template's special tokens (`</s>`, ChatML's `<|im_end|>`, ...) must be tokens of the tokenizer: spelled
+    as text they are not what the model was trained on (e.g. chatml_direct, Yi's template, on a LLaMA tokenizer)."""
+    t = TEMPLATES[check_template(template)]
+    text = t.system + t.sep + t.sep2 + "".join(t.roles)
+    missing = [m for m in ("<s>", "</s>", "<|im_start|>", "<|im_end|>") if m in text and m not in tok.special]
+    if missing:
+        raise ValueError(f"the {template} template needs {' and '.join(missing)} as tokens, and this tokenizer "
+                         "spells them as text: the template belongs to another model")
+
+
 def tokenize_conversation(conversations: list, tok, template: str = "vicuna_v1", num_image_tokens: int = 576,
                           image_token_id: int = -200, has_image=None) -> tuple:
     """input_ids and labels (list[int] each, equal length): labels are -100 except on the replies and
     their end markers. The ids equal the official tokenizer_image_token of `render_prompt(...)`."""
     turns = check_turns(conversations)
     has_image = image_in(turns, has_image)
+    check_markers(tok, template)
     ids, labels = encode_spans(spans(place_image(turns, has_image), template), tok, num_image_tokens, image_token_id)
     expected = num_image_tokens if has_image else 0
     if ids.count(image_token_id) != expected:  # an image id inside the vocabulary that the text also produced

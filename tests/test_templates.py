@@ -8,6 +8,7 @@ and loaded from `llava/conversation.py` alone, which needs only the standard lib
 import importlib.util
 import io
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,13 @@ def test_chatml_tokens_are_single_ids(chatml):
     assert "</s>" not in tok.special  # LLaMA's names mean nothing to this tokenizer
     for text in ["<|im_start|>system\nAnswer the questions.<|im_end|>", "a<|im_end|> b", " <|im_start|>x", "<|im_end|>"]:
         assert tok.encode(text) == reference(text), text
+
+
+def test_a_template_whose_special_tokens_the_tokenizer_lacks_is_named(chatml, tiny_tokenizer):
+    with pytest.raises(ValueError, match=re.escape("chatml_direct template needs <|im_start|> and <|im_end|> as")):
+        tokenize_conversation(RECORD, Tokenizer(tiny_tokenizer), "chatml_direct")
+    with pytest.raises(ValueError, match="mistral_instruct template needs </s> as tokens"):
+        tokenize_conversation(RECORD, chatml[0], "mistral_instruct")
 
 
 def test_a_tokenizer_without_llamas_special_ids_is_refused(tmp_path):
