@@ -13,6 +13,9 @@ leading "▁" on every piece), and the placeholder becomes `num_image_tokens` co
 
 What is supervised, per template (official `llava/train/train.py`):
 - vicuna_v1, llava_v1 (`preprocess_v1`): each reply with its leading space and its `</s>`.
+- mistral_instruct, llava_llama_2 (`preprocess_llama_2`): each reply with its leading space and " </s>";
+  llava_llama_2's `<s>` before a later `[INST]` belongs to the user's turn, so it is masked.
+- chatml_direct (`preprocess_mpt`): each reply and its `<|im_end|>`.
 - plain (`preprocess_plain`): the caption and its "\\n"; BOS and the image tokens are masked.
 - llava_v0: each reply and its `###`, rendered like the official `conv_llava_v0` template (the one chat
   uses). The official trainer renders v0 differently (`_add_speaker_and_signal`: "{system}\\n\\n###
@@ -22,8 +25,6 @@ What is supervised, per template (official `llava/train/train.py`):
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional
-
-from .tokenizer import SPECIAL_RE
 
 IGNORE_INDEX = -100  # the label of a token the loss skips (PyTorch's cross_entropy default ignore_index)
 
@@ -35,8 +36,9 @@ ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
 class Template:
     system: str
     roles: tuple  # (user, assistant)
-    sep: str  # after the system prompt and after each user turn
+    sep: str  # after the system prompt and after each user turn (llama_2: before each user turn)
     sep2: str  # after each reply: the end marker the model learns to emit
+    style: str = "two"  # how turns are joined: the official SeparatorStyle (TWO, LLAMA_2, MPT)
 
 
 _ANSWERS = "an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the"
@@ -48,13 +50,22 @@ TEMPLATES = {
                          " ", "</s>"),
     "llava_v0": Template(f"A chat between a curious human and {_ANSWERS} human's questions.", ("Human", "Assistant"),
                          "###", "###"),
+    # LLaVA-1.6 Mistral-7B: `[INST] ... [/INST]` with no system text; the official sep is "", its sep2 "</s>"
+    "mistral_instruct": Template("", ("USER", "ASSISTANT"), "", "</s>", "llama_2"),
+    # LLaVA-1.6 34B (Nous-Hermes-2-Yi): ChatML; `<|im_end|>` ends the system text, each turn and each reply
+    "chatml_direct": Template("<|im_start|>system\nAnswer the questions.",
+                              ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>", "<|im_end|>", "mpt"),
+    # LLaVA's LLaMA-2-chat models: the system text in `<<SYS>>` inside the first `[INST]`
+    "llava_llama_2": Template("You are a helpful language and vision assistant. You are able to understand the visual "
+                              "content that the user provides, and assist the user with a variety of tasks using "
+                              "natural language.", ("USER", "ASSISTANT"), "<s>", "</s>", "llama_2"),
 }
 
 
 # ---------------------------------------------------------------- turns
 
 def check_template(template: str) -> str:
-    """A template this module renders; the error names the others (e.g. LLaVA-1.6 Mistral's mistral_instruct)."""
+    """A template this module renders; the error names the ones it knows."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} (a conversation template "
                          "llava-min has not implemented)")
@@ -103,14 +114,19 @@ def place_image(turns: list, has_image: bool) -> list:
 # ---------------------------------------------------------------- the renderer
 
 def spans(turns: list, template: str) -> list:
-    """The rendered conversation as (text, supervised) spans. A conversation that ends with the user's
-    turn is left open for the assistant ("... ASSISTANT:")."""
+    """The rendered conversation as (text, supervised) spans, as the official `Conversation.get_prompt`
+    renders it. A conversation that ends with the user's turn is left open for the assistant ("... ASSISTANT:")."""
     t = TEMPLATES[check_template(template)]
     if template == "plain":  # stage 1: the human text is only the image
         if len(turns) > 2:
             raise ValueError(f"the plain template takes one human turn and one reply, got {len(turns)} turns")
         image = IMAGE if turns[0][1].startswith(IMAGE) else ""
         return [(image, False)] + [(text + t.sep2, True) for _, text in turns[1:]]
+    return STYLES[t.style](turns, t)
+
+
+def two_spans(turns: list, t: Template) -> list:
+    """SeparatorStyle.TWO (and SINGLE, where sep2 is sep): "{system} USER: {q} ASSISTANT: {a}</s>USER: ..."."""
     out = [(t.system + t.sep, False)]
     for role, text in turns:
         if role == 0:
@@ -118,6 +134,37 @@ def spans(turns: list, template: str) -> list:
         else:
             out.append((f" {text}{t.sep2}", True))  # Table 2: the reply and its end marker are predicted
     return out
+
+
+def llama_2_spans(turns: list, t: Template) -> list:
+    """SeparatorStyle.LLAMA_2: "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] ...": the
+    system block (if any text) opens the first user turn, `sep` opens every later one, and an empty message
+    renders nothing at all. The reply's " </s>" is predicted."""
+    if not turns[0][1]:
+        raise ValueError("empty first turn: the LLaMA-2 templates wrap the first message (the official code asserts one)")
+    out = []
+    for i, (role, text) in enumerate(turns):
+        if text and role == 0:
+            system = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n" if i == 0 and t.system else ""
+            out.append((("" if i == 0 else t.sep) + f"[INST] {system}{text} [/INST]", False))
+        elif text:
+            out.append((f" {text} {t.sep2}", True))
+    return out
+
+
+def mpt_spans(turns: list, t: Template) -> list:
+    """SeparatorStyle.MPT: "{system}<|im_end|><|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n{a}<|im_end|>";
+    an empty message leaves its role's header alone. The reply's `<|im_end|>` is predicted."""
+    out = [(t.system + t.sep, False)]
+    for role, text in turns:
+        if role == 0:  # the user's turn, then the assistant's header (an open prompt ends there)
+            out.append((t.roles[0] + (text + t.sep if text else "") + t.roles[1], False))
+        elif text:
+            out.append((text + t.sep, True))
+    return out
+
+
+STYLES = {"two": two_spans, "llama_2": llama_2_spans, "mpt": mpt_spans}
 
 
 def image_in(turns: list, has_image) -> bool:
@@ -147,7 +194,7 @@ def check_junction(tok, left: str, right: str) -> None:
     """Raises if sentencepiece would put one piece across the end of `left` and the start of `right`
     (two spans of one chunk). A piece never crosses a special token, nor goes from a non-space into a
     space, so only the word glued across the junction is tokenized to check."""
-    before, after = SPECIAL_RE.split(left)[-1], SPECIAL_RE.split(right)[0]
+    before, after = tok.special_re.split(left)[-1], tok.special_re.split(right)[0]
     i = len(before)  # a: the last word of `before` with the spaces in front of it (or its trailing spaces)
     while i and not before[i - 1].isspace():
         i -= 1
@@ -187,12 +234,24 @@ def encode_spans(parts: list, tok, num_image_tokens: int, image_token_id: int) -
     return ids, labels
 
 
+def check_markers(tok, template: str) -> None:
+    """The template's special tokens (`</s>`, ChatML's `<|im_end|>`, ...) must be tokens of the tokenizer: spelled
+    as text they are not what the model was trained on (e.g. chatml_direct, Yi's template, on a LLaMA tokenizer)."""
+    t = TEMPLATES[check_template(template)]
+    text = t.system + t.sep + t.sep2 + "".join(t.roles)
+    missing = [m for m in ("<s>", "</s>", "<|im_start|>", "<|im_end|>") if m in text and m not in tok.special]
+    if missing:
+        raise ValueError(f"the {template} template needs {' and '.join(missing)} as tokens, and this tokenizer "
+                         "spells them as text: the template belongs to another model")
+
+
 def tokenize_conversation(conversations: list, tok, template: str = "vicuna_v1", num_image_tokens: int = 576,
                           image_token_id: int = -200, has_image=None) -> tuple:
     """input_ids and labels (list[int] each, equal length): labels are -100 except on the replies and
     their end markers. The ids equal the official tokenizer_image_token of `render_prompt(...)`."""
     turns = check_turns(conversations)
     has_image = image_in(turns, has_image)
+    check_markers(tok, template)
     ids, labels = encode_spans(spans(place_image(turns, has_image), template), tok, num_image_tokens, image_token_id)
     expected = num_image_tokens if has_image else 0
     if ids.count(image_token_id) != expected:  # an image id inside the vocabulary that the text also produced
@@ -210,8 +269,14 @@ def tokenize_prompt(conversations: list, tok, template: str = "vicuna_v1", num_i
 
 
 def stop_at(tok, text: Optional[str]) -> Optional[Callable[[list], bool]]:
-    """A `stop` for `generate`: the decoded row holds `text` (None: EOS alone ends a row)."""
-    return None if text is None else (lambda ids: text in tok.decode(ids))
+    """A `stop` for `generate`: the decoded row holds `text`, or, where `text` is one of the tokenizer's
+    special tokens (ChatML's `<|im_end|>`, which decoding leaves out), the row's last id is its id.
+    None: EOS alone ends a row."""
+    if text is None:
+        return None
+    if text in tok.special:
+        return lambda ids, end=tok.special[text]: bool(ids) and ids[-1] == end
+    return lambda ids: text in tok.decode(ids)
 
 
 def cut_at(reply: str, text: Optional[str]) -> str:

@@ -10,6 +10,10 @@ Note: the released LLaVA-1.5 weights were trained with transformers 4.31, whose 
 gave `</s>`, `US`, `ER` there instead (it stripped the "▁" off `▁US`); we follow the later, settled
 behaviour of transformers 4.37, the version the official trainer pins. Only the token after each
 `</s>` differs.
+
+The special tokens are the model's own pieces that are not text (unknown, control and user-defined:
+LLaMA's `<unk>`, `<s>`, `</s>`; Yi's `<|startoftext|>`, `<|endoftext|>`, ChatML's `<|im_start|>`,
+`<|im_end|>`), each one id, as transformers' slow tokenizer splits out its added tokens.
 """
 import io
 import re
@@ -19,8 +23,7 @@ import sentencepiece as spm
 
 from .files import InputError, atomic_write
 
-SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2}
-SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
+NOT_TEXT = {2, 3, 4}  # sentencepiece ModelProto.SentencePiece.Type: UNKNOWN, CONTROL, USER_DEFINED
 
 
 # ---------------------------------------------------------------- add_dummy_prefix = false, by hand
@@ -45,28 +48,46 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out + bytes([value]))
 
 
-def without_dummy_prefix(model_proto: bytes) -> bytes:
-    """The serialized sentencepiece model with `normalizer_spec.add_dummy_prefix` set to false."""
-    out, i = bytearray(), 0
-    while i < len(model_proto):
-        key, j = _varint(model_proto, i)
+def _fields(message: bytes):
+    """(key, start, value start, end) of each field of a serialized protobuf message."""
+    i = 0
+    while i < len(message):
+        key, j = _varint(message, i)
         wire = key & 7
         if wire == 0:
-            _, end = _varint(model_proto, j)
+            _, end = _varint(message, j)
         elif wire == 2:
-            length, j = _varint(model_proto, j)
+            length, j = _varint(message, j)
             end = j + length
         elif wire in (1, 5):
             end = j + (8 if wire == 1 else 4)
         else:
             raise ValueError(f"not a sentencepiece model: protobuf wire type {wire}")
+        yield key, i, j, end
+        i = end
+
+
+def without_dummy_prefix(model_proto: bytes) -> bytes:
+    """The serialized sentencepiece model with `normalizer_spec.add_dummy_prefix` set to false."""
+    out = bytearray()
+    for key, start, j, end in _fields(model_proto):
         if key == (3 << 3 | 2):  # normalizer_spec
             spec = model_proto[j:end] + b"\x18\x00"  # field 3 (add_dummy_prefix), varint 0
             out += b"\x1a" + _encode_varint(len(spec)) + spec
         else:
-            out += model_proto[i:end]
-        i = end
+            out += model_proto[start:end]
     return bytes(out)
+
+
+def piece_types(model_proto: bytes) -> list:
+    """The type of each piece (ModelProto field 1, the pieces; their field 3, the type, NORMAL = 1 if absent)."""
+    types = []
+    for key, _, j, end in _fields(model_proto):
+        if key == (1 << 3 | 2):
+            piece = model_proto[j:end]
+            fields = {k: v for k, _, v, _ in _fields(piece)}
+            types.append(_varint(piece, fields[3 << 3])[0] if (3 << 3) in fields else 1)
+    return types
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -90,9 +111,12 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor()
         self.sp.LoadFromSerializedProto(without_dummy_prefix(proto))
         self.vocab_size = self.sp.vocab_size()
-        for text, i in SPECIAL.items():
-            if self.sp.id_to_piece(i) != text:
-                raise ValueError(f"{path}: id {i} is {self.sp.id_to_piece(i)!r}, LLaMA's convention needs {text!r}")
+        self.special = {self.sp.id_to_piece(i): i for i, t in enumerate(piece_types(proto)) if t in NOT_TEXT}
+        for name, i in (("unk", 0), ("bos", 1), ("eos", 2)):
+            if i not in self.special.values():
+                raise ValueError(f"{path}: id {i} is {self.sp.id_to_piece(i)!r}, LLaMA's convention needs {name} there")
+        longest_first = sorted(self.special, key=len, reverse=True)  # `<|im_end|>` before a piece it contains
+        self.special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     def encode_text(self, text: str, dummy_prefix: bool) -> list:
         """Sentencepiece on text without special tokens, with or without the leading "▁"."""
@@ -103,9 +127,9 @@ class Tokenizer:
         """transformers' slow LlamaTokenizer(legacy=False): "▁" before the text, none after a special
         token. `prefix=False` is for text that continues earlier text (a span of a longer prompt)."""
         ids = [self.bos_id] if bos else []
-        for i, part in enumerate(SPECIAL_RE.split(text)):
-            if part in SPECIAL:
-                ids.append(SPECIAL[part])
+        for i, part in enumerate(self.special_re.split(text)):
+            if part in self.special:
+                ids.append(self.special[part])
             elif part:
                 ids += self.encode_text(part, dummy_prefix=prefix and i == 0)
         return ids + ([self.eos_id] if eos else [])
@@ -113,7 +137,8 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """The text of `ids`. Special tokens and ids outside the vocabulary (image tokens) are left
         out, and the "▁" that encoding put in front of the text is dropped again."""
-        text = self.sp.decode([int(i) for i in ids if 2 < int(i) < self.vocab_size])
+        special = set(self.special.values())
+        text = self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in special])
         return text.removeprefix(" ")
 
     def id_to_piece(self, i: int) -> str:

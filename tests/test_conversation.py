@@ -228,7 +228,8 @@ def test_malformed_conversations(turns, message):
 
 
 def test_template_errors():
-    assert set(TEMPLATES) == {"plain", "vicuna_v1", "llava_v1", "llava_v0"}
+    assert set(TEMPLATES) == {"plain", "vicuna_v1", "llava_v1", "llava_v0", "mistral_instruct", "chatml_direct",
+                              "llava_llama_2"}
     with pytest.raises(ValueError, match="unknown template 'chatml'; known: plain, vicuna_v1"):
         render_prompt(RECORD, "chatml")
     with pytest.raises(ValueError, match="plain template takes one human turn and one reply, got 6"):

@@ -61,7 +61,7 @@ def tok_path(request, tiny_tokenizer):
     return request.getfixturevalue("llama_tokenizer_path") if request.param == "llama" else tiny_tokenizer
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("template", sorted(set(TEMPLATES) - {"chatml_direct"}))  # ChatML's tokens: not in these
 @pytest.mark.parametrize("image", [True, False])
 def test_labels_plain_marks_are_the_labels(capsys, tok_path, template, image):
     tok = Tokenizer(tok_path)

@@ -84,9 +84,7 @@ def test_without_a_tuned_tower_clip_comes_from_the_directory_named(next_dir, ten
     assert_logits_equal_transformers(llava_min.load(path), next_dir, [SIZES["odd"], SIZES["tie-wide"]])
 
 
-def test_mistral_build_loads_and_names_the_template_llava_min_lacks(official16, next_dir, tiny_tokenizer, tmp_path,
-                                                                     capsys):
-    import chat
+def test_mistral_build_loads_and_chats(official16, next_dir, tiny_tokenizer, tmp_path, monkeypatch):
     path = shutil.copytree(official16, tmp_path / "llava-v1.6-mistral")
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, "model_type": "llava_mistral",
@@ -95,9 +93,55 @@ def test_mistral_build_loads_and_names_the_template_llava_min_lacks(official16, 
     model = llava_min.load(path)
     assert model.cfg.template == "mistral_instruct"
     assert_logits_equal_transformers(model, next_dir, [SIZES["wide"]])
+    with_vocab(path, 448)  # room for the tiny tokenizer's ids
     shutil.copy(tiny_tokenizer, path / "tokenizer.model")
-    with pytest.raises(SystemExit, match="mistral_instruct.*not implemented"):
-        chat.open_chat(chat.parse_args(["--model", str(path), "--device", "cpu"]))
+    answers_through_chat_and_eval(path, "[INST] <image>\nWhat is it? [/INST]", "</s>", monkeypatch)
+
+
+def test_34b_build_chats_and_stops_at_im_end(official16, tmp_path, monkeypatch):
+    from test_templates import train_chatml_tokenizer
+    path = with_vocab(shutil.copytree(official16, tmp_path / "llava-v1.6-34b"), 64000)  # Yi's vocabulary
+    assert llava_min.load(path).cfg.template == "chatml_direct"
+    train_chatml_tokenizer(path)
+    answers_through_chat_and_eval(path, "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n"
+                                  "<image>\nWhat is it?<|im_end|><|im_start|>assistant\n", "<|im_end|>", monkeypatch)
+
+
+def with_vocab(path, size):
+    """An official directory whose vocabulary is `size` tokens (random rows appended)."""
+    tensors = torch.load(path / "pytorch_model.bin", weights_only=True)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[key] = torch.cat([tensors[key], torch.randn(size - len(tensors[key]), tensors[key].shape[1])])
+    torch.save(tensors, path / "pytorch_model.bin")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "vocab_size": size}))
+    return path
+
+
+def answers_through_chat_and_eval(path, prompt, end, monkeypatch):
+    """chat.py and `python -m llava_min.eval` on the checkpoint's own template: the prompt is the official one, and
+    a scripted reply ends at the template's end marker (what follows it is never generated)."""
+    import chat
+    import llava_min.model.generate as g
+    from llava_min.conversation import render_prompt
+    from llava_min.eval.__main__ import main as evaluate
+    image(SIZES["wide"], 0).save(path / "x.png")
+    session = chat.open_chat(chat.parse_args(["--model", str(path), "--device", "cpu"]))
+    assert render_prompt([{"from": "human", "value": "What is it?"}], session.template, has_image=True) == prompt
+    tok = session.tok
+    scripted = tok.encode("The red circle.", prefix=False) + tok.encode(end + "The blue", prefix=False)
+    monkeypatch.setattr(g, "sample", lambda logits, *a, **k: torch.full(logits.shape[:1], next(feed)))
+    feed = iter(scripted + [5] * 64)
+    session.set_image(path / "x.png")
+    assert session.ask("What is it?") == "The red circle."
+    assert "blue" not in tok.decode(session.cached_ids)  # generation ended at the marker
+    feed = iter(scripted + [5] * 64)
+    record = {"id": "q", "image": "x.png", "format": "short", "answer": "the red circle",
+              "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
+    (path / "eval.json").write_text(json.dumps([record]))
+    evaluate(["--model", str(path), "--data", str(path / "eval.json"), "--image-folder", str(path), "--device", "cpu",
+              "--out", str(path / "results.json")])
+    assert json.loads((path / "results.json").read_text())["scores"]["short"]["overall"]["accuracy"] == 100.0
 
 
 @pytest.mark.parametrize("key,value,message", [
