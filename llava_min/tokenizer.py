@@ -17,7 +17,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .files import InputError, atomic_write
+from .errors import TokenizerError
+from .files import atomic_write
 
 SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2}
 SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
@@ -71,10 +72,6 @@ def without_dummy_prefix(model_proto: bytes) -> bytes:
 
 # ---------------------------------------------------------------- the tokenizer
 
-class TokenizerError(InputError):
-    """A tokenizer file that cannot be read; the message names it."""
-
-
 class Tokenizer:
     unk_id, bos_id, eos_id = 0, 1, 2
     pad_id = 0  # LLaMA has no pad token; training pads with unk (always masked, never attended)
@@ -92,7 +89,8 @@ class Tokenizer:
         self.vocab_size = self.sp.vocab_size()
         for text, i in SPECIAL.items():
             if self.sp.id_to_piece(i) != text:
-                raise ValueError(f"{path}: id {i} is {self.sp.id_to_piece(i)!r}, LLaMA's convention needs {text!r}")
+                raise TokenizerError(f"{path}: id {i} is {self.sp.id_to_piece(i)!r}, LLaMA's convention needs "
+                                     f"{text!r}")
 
     def encode_text(self, text: str, dummy_prefix: bool) -> list:
         """Sentencepiece on text without special tokens, with or without the leading "▁"."""
