@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .errors import DataError, OptionError
 from .tokenizer import SPECIAL_RE
 
 IGNORE_INDEX = -100  # the label of a token the loss skips (PyTorch's cross_entropy default ignore_index)
@@ -56,8 +57,8 @@ TEMPLATES = {
 def check_template(template: str) -> str:
     """A template this module renders; the error names the others (e.g. LLaVA-1.6 Mistral's mistral_instruct)."""
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} (a conversation template "
-                         "llava-min has not implemented)")
+        raise OptionError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} (a conversation template "
+                          "llava-min has not implemented)")
     return template
 
 
@@ -69,23 +70,23 @@ def stop_text(template: str):
 
 
 def check_turns(conversations) -> list:
-    """(role, text) pairs, role 0 = human, 1 = assistant. Raises ValueError("<what is wrong>: <detail>")
+    """(role, text) pairs, role 0 = human, 1 = assistant. Raises DataError("<what is wrong>: <detail>")
     unless the turns alternate human, gpt, human, ... and every value is text."""
     if not isinstance(conversations, list):
-        raise ValueError(f"bad conversations: a {type(conversations).__name__}, expected a list of turns")
+        raise DataError(f"bad conversations: a {type(conversations).__name__}, expected a list of turns")
     if not conversations:
-        raise ValueError("empty conversation: no turns")
+        raise DataError("empty conversation: no turns")
     turns = []
     for i, turn in enumerate(conversations):
         role, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
         if role not in ROLES:
-            raise ValueError(f"unknown role: turn {i} is from {role!r} (expected human/gpt or user/assistant)")
+            raise DataError(f"unknown role: turn {i} is from {role!r} (expected human/gpt or user/assistant)")
         if not isinstance(value, str):
-            raise ValueError(f"not text: turn {i} has a {type(value).__name__} value")
+            raise DataError(f"not text: turn {i} has a {type(value).__name__} value")
         if ROLES[role] != i % 2:
             expected = "gpt" if i % 2 else "human"
-            raise ValueError(f"roles out of order: turn {i} is from {role!r} where a {expected} turn belongs "
-                             "(turns alternate human, gpt, human, ...)")
+            raise DataError(f"roles out of order: turn {i} is from {role!r} where a {expected} turn belongs "
+                            "(turns alternate human, gpt, human, ...)")
         turns.append((ROLES[role], value))
     return turns
 
@@ -108,7 +109,7 @@ def spans(turns: list, template: str) -> list:
     t = TEMPLATES[check_template(template)]
     if template == "plain":  # stage 1: the human text is only the image
         if len(turns) > 2:
-            raise ValueError(f"the plain template takes one human turn and one reply, got {len(turns)} turns")
+            raise DataError(f"the plain template takes one human turn and one reply, got {len(turns)} turns")
         image = IMAGE if turns[0][1].startswith(IMAGE) else ""
         return [(image, False)] + [(text + t.sep2, True) for _, text in turns[1:]]
     out = [(t.system + t.sep, False)]
@@ -159,7 +160,7 @@ def check_junction(tok, left: str, right: str) -> None:
     if a == left:  # the word starts the chunk, which has the leading "▁"
         a = " " + a
     if tok.encode(a + b, prefix=False) != tok.encode(a, prefix=False) + tok.encode(b, prefix=False):
-        raise ValueError(f"tokenization mismatch: the tokenizer merges {a!r} and {b!r} across a label boundary")
+        raise DataError(f"tokenization mismatch: the tokenizer merges {a!r} and {b!r} across a label boundary")
 
 
 def encode_spans(parts: list, tok, num_image_tokens: int, image_token_id: int) -> tuple:
@@ -196,8 +197,8 @@ def tokenize_conversation(conversations: list, tok, template: str = "vicuna_v1",
     ids, labels = encode_spans(spans(place_image(turns, has_image), template), tok, num_image_tokens, image_token_id)
     expected = num_image_tokens if has_image else 0
     if ids.count(image_token_id) != expected:  # an image id inside the vocabulary that the text also produced
-        raise ValueError(f"image token collision: id {image_token_id} appears {ids.count(image_token_id)} times, "
-                         f"expected {expected}; the text produces it too, use an id the tokenizer never emits")
+        raise DataError(f"image token collision: id {image_token_id} appears {ids.count(image_token_id)} times, "
+                        f"expected {expected}; the text produces it too, use an id the tokenizer never emits")
     return ids, labels
 
 
