@@ -22,6 +22,7 @@ from llava_min.conversation import cut_at, stop_at
 from llava_min.checkpoint.configs import read_config
 from llava_min.model.generate import generate
 from llava_min.data.image import ImageSettings, image_input, load_image
+from llava_min.errors import ImageError, InputError, OptionError
 from llava_min.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +79,7 @@ class Chat:
         turns = self.turns + [{"from": "human", "value": text}]
         ids = self.prompt_ids(turns)
         if len(ids) + 1 > self.max_len:
-            raise ValueError(f"the conversation is {len(ids)} tokens, the model's context is {self.max_len}: /clear")
+            raise InputError(f"the conversation is {len(ids)} tokens, the model's context is {self.max_len}: /clear")
         k = self.reuse(ids)
         self.cache.length = k
         new = torch.tensor([ids[k:]], device=self.cache.k[0].device)
@@ -146,7 +147,7 @@ def open_chat(args) -> Chat:
                        vision_path=args.vision, llm_path=args.llm)
     try:
         template = check_template(args.template or model.cfg.template)
-    except ValueError as e:
+    except OptionError as e:  # a template the checkpoint names but llava-min lacks: say which checkpoint
         sys.exit(f"{args.model}: {e}")
     return Chat(model, Tokenizer(tokenizer), template, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                 args.compile)
@@ -155,7 +156,7 @@ def open_chat(args) -> Chat:
 def say(chat: Chat, text: str) -> None:
     try:
         chat.ask(text, stream=lambda piece: print(piece, end="", flush=True))
-    except ValueError as e:
+    except InputError as e:
         print(f"[{e}]", end="")
     print()
 
@@ -172,7 +173,7 @@ def command(chat: Chat, line: str) -> bool:
         try:
             chat.set_image(Path(arg.strip()).expanduser())
             print(f"[new conversation about {arg.strip()}]")
-        except (OSError, ValueError) as e:
+        except (OSError, ImageError) as e:
             print(f"[{e}]")
     else:
         print("[commands: /image PATH, /clear, /quit]")
@@ -197,14 +198,14 @@ def main(argv=None):
     if args.image is not None:
         try:
             chat.set_image(args.image)
-        except (OSError, ValueError) as e:
+        except (OSError, ImageError) as e:
             if args.prompt is not None:
                 sys.exit(str(e))
             print(f"[{e}] (chatting without an image; /image PATH to add one)")
     if args.prompt is not None:
         try:
             chat.ask(args.prompt, stream=lambda piece: print(piece, end="", flush=True))
-        except ValueError as e:  # a prompt past the context: no answer, so not a success
+        except InputError as e:  # a prompt past the context: no answer, so not a success
             sys.exit(str(e))
         print()
         return

@@ -4,10 +4,11 @@ and a non-zero exit; an unexpected internal error keeps its traceback. A command
     if __name__ == "__main__":
         run(main)  # main(argv=None) parses sys.argv itself; main stays callable (and raising) from Python
 
-A user's mistake is: the project's own errors, whose messages name the file or setting (InputError, and
-CheckpointError, DataError, ImageError, TokenizerError built on it; TeacherError), `SystemExit("message")`, and
-the operating system's errors about a file (missing, a file where a directory belongs, no permission, a
-read-only disk, ...). Ctrl-C ends in one line too. Argparse's own errors keep their form (exit status 2).
+A user's mistake is: the project's own errors, whose messages name the file or setting (InputError and the
+family built on it, llava_min/errors.py), `SystemExit("message")` from a script, and the operating system's
+errors about a file (missing, a file where a directory belongs, no permission, a read-only disk, ...). Ctrl-C
+ends in one line too. Argparse's own errors keep their form (exit status 2). This is the one place that turns
+errors into a line: library code raises them and never exits the process.
 
 Argparse types shared by the command lines: `positive`, `fraction`, `existing` (a file or directory that must
 be there) and `writable` (an output path): a bad value is an argparse error naming the flag, before any
@@ -18,20 +19,29 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import InputError
+
 FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def user_message(e: BaseException):
     """The one line a user's mistake is reported with; None for anything else (a bug: its traceback is shown)."""
-    from .files import InputError
-    from .data.teacher import TeacherError
-    if isinstance(e, (InputError, TeacherError)):
-        return str(e)
+    if isinstance(e, InputError):
+        return worker_message(e)
     if isinstance(e, OSError) and e.filename is not None:
         return f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else "")
     if isinstance(e, FILE_ERRORS):  # ours, with a message (a snapshot --resume cannot find, ...)
         return str(e)
     return None
+
+
+def worker_message(e: InputError) -> str:
+    """A DataLoader worker's error comes back with the worker's traceback as its message (torch's
+    ExceptionWrapper.reraise): the original message is what follows its type on the traceback's last line."""
+    text = str(e)
+    if text.startswith(f"Caught {type(e).__name__} in DataLoader worker") and "\nOriginal Traceback" in text:
+        return text.rpartition(f"{type(e).__name__}: ")[2]
+    return text
 
 
 def program_name() -> str:
@@ -57,9 +67,9 @@ def run(main) -> None:
         if isinstance(e.code, str):
             sys.exit(f"{prog}: error: " + " ".join(e.code.split()))
         raise
-    except Exception as e:
+    except (InputError, OSError) as e:
         text = user_message(e)
-        if text is None:
+        if text is None:  # an OSError about no file of the user's: a bug until shown otherwise
             raise
         sys.exit(f"{prog}: error: " + " ".join(text.split()))
 

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .errors import DataError, OptionError
+
 IGNORE_INDEX = -100  # the label of a token the loss skips (PyTorch's cross_entropy default ignore_index)
 
 IMAGE = "<image>"
@@ -67,8 +69,8 @@ TEMPLATES = {
 def check_template(template: str) -> str:
     """A template this module renders; the error names the ones it knows."""
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} (a conversation template "
-                         "llava-min has not implemented)")
+        raise OptionError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} (a conversation template "
+                          "llava-min has not implemented)")
     return template
 
 
@@ -80,23 +82,23 @@ def stop_text(template: str):
 
 
 def check_turns(conversations) -> list:
-    """(role, text) pairs, role 0 = human, 1 = assistant. Raises ValueError("<what is wrong>: <detail>")
+    """(role, text) pairs, role 0 = human, 1 = assistant. Raises DataError("<what is wrong>: <detail>")
     unless the turns alternate human, gpt, human, ... and every value is text."""
     if not isinstance(conversations, list):
-        raise ValueError(f"bad conversations: a {type(conversations).__name__}, expected a list of turns")
+        raise DataError(f"bad conversations: a {type(conversations).__name__}, expected a list of turns")
     if not conversations:
-        raise ValueError("empty conversation: no turns")
+        raise DataError("empty conversation: no turns")
     turns = []
     for i, turn in enumerate(conversations):
         role, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
         if role not in ROLES:
-            raise ValueError(f"unknown role: turn {i} is from {role!r} (expected human/gpt or user/assistant)")
+            raise DataError(f"unknown role: turn {i} is from {role!r} (expected human/gpt or user/assistant)")
         if not isinstance(value, str):
-            raise ValueError(f"not text: turn {i} has a {type(value).__name__} value")
+            raise DataError(f"not text: turn {i} has a {type(value).__name__} value")
         if ROLES[role] != i % 2:
             expected = "gpt" if i % 2 else "human"
-            raise ValueError(f"roles out of order: turn {i} is from {role!r} where a {expected} turn belongs "
-                             "(turns alternate human, gpt, human, ...)")
+            raise DataError(f"roles out of order: turn {i} is from {role!r} where a {expected} turn belongs "
+                            "(turns alternate human, gpt, human, ...)")
         turns.append((ROLES[role], value))
     return turns
 
@@ -119,7 +121,7 @@ def spans(turns: list, template: str) -> list:
     t = TEMPLATES[check_template(template)]
     if template == "plain":  # stage 1: the human text is only the image
         if len(turns) > 2:
-            raise ValueError(f"the plain template takes one human turn and one reply, got {len(turns)} turns")
+            raise DataError(f"the plain template takes one human turn and one reply, got {len(turns)} turns")
         image = IMAGE if turns[0][1].startswith(IMAGE) else ""
         return [(image, False)] + [(text + t.sep2, True) for _, text in turns[1:]]
     return STYLES[t.style](turns, t)
@@ -141,7 +143,7 @@ def llama_2_spans(turns: list, t: Template) -> list:
     system block (if any text) opens the first user turn, `sep` opens every later one, and an empty message
     renders nothing at all. The reply's " </s>" is predicted."""
     if not turns[0][1]:
-        raise ValueError("empty first turn: the LLaMA-2 templates wrap the first message (the official code asserts one)")
+        raise DataError("empty first turn: the LLaMA-2 templates wrap the first message (the official code asserts one)")
     out = []
     for i, (role, text) in enumerate(turns):
         if text and role == 0:
@@ -206,7 +208,7 @@ def check_junction(tok, left: str, right: str) -> None:
     if a == left:  # the word starts the chunk, which has the leading "▁"
         a = " " + a
     if tok.encode(a + b, prefix=False) != tok.encode(a, prefix=False) + tok.encode(b, prefix=False):
-        raise ValueError(f"tokenization mismatch: the tokenizer merges {a!r} and {b!r} across a label boundary")
+        raise DataError(f"tokenization mismatch: the tokenizer merges {a!r} and {b!r} across a label boundary")
 
 
 def encode_spans(parts: list, tok, num_image_tokens: int, image_token_id: int) -> tuple:
@@ -241,7 +243,7 @@ def check_markers(tok, template: str) -> None:
     text = t.system + t.sep + t.sep2 + "".join(t.roles)
     missing = [m for m in ("<s>", "</s>", "<|im_start|>", "<|im_end|>") if m in text and m not in tok.special]
     if missing:
-        raise ValueError(f"the {template} template needs {' and '.join(missing)} as tokens, and this tokenizer "
+        raise OptionError(f"the {template} template needs {' and '.join(missing)} as tokens, and this tokenizer "
                          "spells them as text: the template belongs to another model")
 
 
@@ -255,8 +257,8 @@ def tokenize_conversation(conversations: list, tok, template: str = "vicuna_v1",
     ids, labels = encode_spans(spans(place_image(turns, has_image), template), tok, num_image_tokens, image_token_id)
     expected = num_image_tokens if has_image else 0
     if ids.count(image_token_id) != expected:  # an image id inside the vocabulary that the text also produced
-        raise ValueError(f"image token collision: id {image_token_id} appears {ids.count(image_token_id)} times, "
-                         f"expected {expected}; the text produces it too, use an id the tokenizer never emits")
+        raise DataError(f"image token collision: id {image_token_id} appears {ids.count(image_token_id)} times, "
+                        f"expected {expected}; the text produces it too, use an id the tokenizer never emits")
     return ids, labels
 
 

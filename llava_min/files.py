@@ -1,5 +1,5 @@
-"""Files that a crash never leaves half written, one writer per output directory, and the errors that name a
-user's file."""
+"""Files that a crash never leaves half written, one writer per output directory, and a user's JSON files read
+with errors that name them."""
 import contextlib
 import json
 import os
@@ -9,13 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import InputError, OptionError
 
 SNAPSHOT = "resume"  # a training run's resumable snapshot: OUT/resume
-
-
-class InputError(ValueError):
-    """A user's file, directory or setting that cannot be used as it is; the message names it (the command lines
-    print it as one line, see cli.py)."""
 
 
 @contextlib.contextmanager
@@ -41,7 +37,7 @@ def atomic_dir(path, carry: Optional[Callable[[str], bool]] = None):
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException:  # Ctrl-C too: no half-written copy is left, and the error goes on
         shutil.rmtree(tmp, ignore_errors=True)
         recover_dir(path)  # (the old copy back at once if the second rename failed)
         raise
@@ -102,11 +98,11 @@ def only_run(out: Path):
         except FileExistsError:
             pid = lock.read_text().strip()
             if not pid.isdigit() or (int(pid) != os.getpid() and alive(int(pid))):  # (ours: a container restart)
-                raise SystemExit(f"another run (pid {pid or '?'}) is writing {out}; wait for it to end, "
+                raise InputError(f"another run (pid {pid or '?'}) is writing {out}; wait for it to end, "
                                  f"or remove {lock} if it is gone")
             lock.unlink(missing_ok=True)  # left by a run that was killed
     else:
-        raise SystemExit(f"cannot take {lock}")
+        raise InputError(f"cannot take {lock}")
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
     try:
@@ -147,7 +143,7 @@ def read_json(path):
         raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e})") from e
 
 
@@ -158,7 +154,7 @@ def same_settings(file: Path, ours: dict, what: str) -> None:
         theirs = read_json(file)
         diff = [f"{k} {theirs.get(k)!r} (this command: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
         if diff:
-            raise SystemExit(f"{what} made with " + ", ".join(diff) + f" ({file}): pass another --out / "
-                             "--data-dir, or remove it to make it again")
+            raise OptionError(f"{what} made with " + ", ".join(diff) + f" ({file}): pass another --out / "
+                              "--data-dir, or remove it to make it again")
     else:
         write_text(file, json.dumps(ours, indent=2))

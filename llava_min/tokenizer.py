@@ -21,7 +21,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .files import InputError, atomic_write
+from .errors import TokenizerError
+from .files import atomic_write
 
 NOT_TEXT = {2, 3, 4}  # sentencepiece ModelProto.SentencePiece.Type: UNKNOWN, CONTROL, USER_DEFINED
 
@@ -92,10 +93,6 @@ def piece_types(model_proto: bytes) -> list:
 
 # ---------------------------------------------------------------- the tokenizer
 
-class TokenizerError(InputError):
-    """A tokenizer file that cannot be read; the message names it."""
-
-
 class Tokenizer:
     unk_id, bos_id, eos_id = 0, 1, 2
     pad_id = 0  # LLaMA has no pad token; training pads with unk (always masked, never attended)
@@ -112,9 +109,11 @@ class Tokenizer:
         self.sp.LoadFromSerializedProto(without_dummy_prefix(proto))
         self.vocab_size = self.sp.vocab_size()
         self.special = {self.sp.id_to_piece(i): i for i, t in enumerate(piece_types(proto)) if t in NOT_TEXT}
-        for name, i in (("unk", 0), ("bos", 1), ("eos", 2)):
-            if i not in self.special.values():
-                raise ValueError(f"{path}: id {i} is {self.sp.id_to_piece(i)!r}, LLaMA's convention needs {name} there")
+        declared = {"unk": self.sp.unk_id(), "bos": self.sp.bos_id(), "eos": self.sp.eos_id()}
+        for name, i in (("unk", 0), ("bos", 1), ("eos", 2)):  # by role, not by text: Yi's bos is <|startoftext|>
+            if declared[name] != i:
+                raise TokenizerError(f"{path}: id {i} is {self.sp.id_to_piece(i)!r}, LLaMA's convention needs the "
+                                     f"{name} token there")
         longest_first = sorted(self.special, key=len, reverse=True)  # `<|im_end|>` before a piece it contains
         self.special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava_min import errors
 from llava_min.cli import run
 from llava_min.checkpoint.weights import CheckpointError
 
@@ -59,16 +60,21 @@ def run_catalogue(target: str, cases: list) -> list:
     return results
 
 
-def test_cli_run_prints_a_users_mistake_in_one_line_and_keeps_a_bugs_traceback(capsys, monkeypatch):
+@pytest.mark.parametrize("kind", [CheckpointError, errors.InputError, errors.OptionError, errors.DataError,
+                                  errors.ImageError, errors.TokenizerError, errors.TeacherError])
+def test_cli_run_prints_a_users_mistake_in_one_line_and_keeps_a_bugs_traceback(capsys, monkeypatch, kind):
     monkeypatch.setattr(sys, "argv", ["inspect.py"])
 
-    def mistake():
-        raise CheckpointError("ckpt/config.json is not valid JSON (Expecting value)\n")
+    def mistake():  # each of the project's errors: one family, one type for cli.run to catch
+        raise kind("ckpt/config.json is not valid JSON (Expecting value)\n")
     with pytest.raises(SystemExit) as stop:
         run(mistake)
     assert stop.value.code == "inspect.py: error: ckpt/config.json is not valid JSON (Expecting value)"
     with pytest.raises(ZeroDivisionError):
         run(lambda: 1 / 0)
+    with pytest.raises(ValueError, match="a bug") as bug:  # a plain ValueError is no user's mistake
+        run(lambda: int("a bug"))
+    assert type(bug.value) is ValueError
     with pytest.raises(SystemExit) as stop:
         run(lambda: open("/nonexistent/x.json"))
     assert stop.value.code == "inspect.py: error: /nonexistent/x.json: No such file or directory"

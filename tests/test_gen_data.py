@@ -8,6 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import gen_data
+from llava_min.cli import run
+from llava_min.errors import DataError, InputError, OptionError
 from llava_min.data.gpt_data import (SYSTEM, MalformedResponse, build_messages, context_text, parse_response, read_coco,
                                 response_type)
 from llava_min.data.teacher import ChatClient, FatalTeacherError, run_requests
@@ -346,17 +348,21 @@ def test_coco_pipeline_end_to_end_and_rerun(monkeypatch, tmp_path, fake, capsys)
 def test_cli_reports_bad_annotations_without_traceback(tmp_path):
     caps_file, inst_file = coco_files(tmp_path)
     inst_file.write_text(json.dumps({"images": [], "annotations": [{"image_id": 5}], "categories": []}))
-    with pytest.raises(SystemExit, match=r"instances.json: annotations\[0\]"):
-        gen_data.main(["--out", str(tmp_path / "o"), "--coco-captions", str(caps_file), "--coco-instances",
-                       str(inst_file), "--teacher", "openai", "--api-base", "http://127.0.0.1:9/v1"])
+    argv = ["--out", str(tmp_path / "o"), "--coco-captions", str(caps_file), "--coco-instances", str(inst_file),
+            "--teacher", "openai", "--api-base", "http://127.0.0.1:9/v1"]
+    with pytest.raises(DataError, match=r"instances.json: annotations\[0\]"):
+        gen_data.main(argv)  # raised where it is found, before any request
+    with pytest.raises(SystemExit, match=r"error: .*instances.json: annotations\[0\]"):
+        run(lambda: gen_data.main(argv))  # and made one line by the command line's top
 
 
-def test_cli_refuses_mismatched_teacher(tmp_path):
+def test_cli_refuses_mismatched_teacher(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gen_data.main(["--out", str(tmp_path), "--teacher", "openai"])  # the world uses the rule teacher
     caps_file, inst_file = coco_files(tmp_path)
-    with pytest.raises(SystemExit, match="rule teacher knows only the synthetic world"):
+    with pytest.raises(SystemExit) as stop:  # an argparse error, before anything is read
         gen_data.main(["--out", str(tmp_path), "--coco-captions", str(caps_file), "--coco-instances", str(inst_file)])
+    assert stop.value.code == 2 and "rule teacher knows only the synthetic world" in capsys.readouterr().err
 
 
 def raw_reply(content, finish_reason="stop") -> bytes:
@@ -442,10 +448,37 @@ def test_answers_to_another_question_or_of_another_teacher_are_not_mixed_in(tmp_
         run_requests(requests, ChatClient(server.url, "model-a"), out)
 
 
+def test_an_answer_recorded_without_its_request_digest_is_refused_naming_the_line(tmp_path, requests, fake):
+    server = fake(fail_first=False)
+    out = tmp_path / "r.jsonl"
+    run_requests(requests[:2], ChatClient(server.url, "model-a"), out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    del rows[1]["request"]  # as responses files were written before digests were kept
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asked = dict(server.attempts)
+    with pytest.raises(InputError, match="r.jsonl, line 2: an answer without the digest of its request"):
+        run_requests(requests, ChatClient(server.url, "model-a"), out)
+    assert server.attempts == asked  # refused before anything is asked
+
+
+def test_a_bug_in_the_teacher_is_not_counted_as_a_failed_request(tmp_path, requests):
+    def teacher(messages, meta):
+        raise TypeError("a bug, not a failed request")
+    with pytest.raises(TypeError, match="a bug, not a failed request"):
+        run_requests(requests, teacher, tmp_path / "r.jsonl", workers=2)
+
+
+def test_an_api_base_urllib_cannot_send_to_is_an_option_error():
+    for url in ("api.openai.com/v1", "http://a host/v1", "http://localhost:port/v1"):
+        with pytest.raises(OptionError, match=f"--api-base '{url}' is not an http:// or https:// URL"):
+            ChatClient(url, "m")
+    assert ChatClient("http://[::1]:8080/v1", "m").url == "http://[::1]:8080/v1/chat/completions"
+
+
 def test_one_run_per_output_directory(tmp_path, monkeypatch):
     import os
     (tmp_path / ".gen_data.lock").write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(SystemExit, match="another run \\(pid \\d+\\) is writing"):
+    with pytest.raises(InputError, match="another run \\(pid \\d+\\) is writing"):
         build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
     (tmp_path / ".gen_data.lock").write_text(str(os.getpid()))  # our own pid: a restarted container's killed run
     build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
@@ -453,7 +486,7 @@ def test_one_run_per_output_directory(tmp_path, monkeypatch):
 
 
 def test_bad_world_flags_and_a_run_with_nothing_to_train_on_exit_nonzero(tmp_path, monkeypatch, fake):
-    with pytest.raises(SystemExit, match="need at least one training image"):
+    with pytest.raises(OptionError, match="need at least one training image"):
         gen_data.main(["--out", str(tmp_path / "w"), "--num-images", "0"])
     server = fake(status=400)  # every request fails: no record to train on
     caps_file, inst_file = coco_files(tmp_path)

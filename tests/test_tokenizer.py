@@ -143,3 +143,12 @@ def test_bad_tokenizer_files_are_clear_errors(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="junk.model is not a sentencepiece model"):
         Tokenizer(tmp_path / "junk.model")
+
+
+def test_a_tokenizer_without_llamas_special_ids_is_a_tokenizer_error(corpus, tmp_path):
+    import sentencepiece as spm
+    from llava_min.errors import TokenizerError
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "swapped"), vocab_size=48,
+                                   unk_id=0, bos_id=2, eos_id=1, pad_id=-1, minloglevel=2)  # <s> and </s> swapped
+    with pytest.raises(TokenizerError, match="swapped.model: id 1 is '</s>', LLaMA's convention needs the bos token there"):
+        Tokenizer(tmp_path / "swapped.model")

@@ -7,6 +7,7 @@ import torch
 
 import llava_min
 import train
+from llava_min.errors import OptionError
 from llava_min.toy.pipeline import stage_args
 
 
@@ -41,10 +42,10 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
     assert rerun["wall_seconds"] == round(sum(results["stage_seconds"].values()) + rerun["eval_seconds"], 1)
     assert "[stage 2] output exists, skipped (it took" in capsys.readouterr().out
 
-    with pytest.raises(SystemExit, match="the world in .* was made with seed 0 \\(this command: 1\\)"):
+    with pytest.raises(OptionError, match="the world in .* was made with seed 0 \\(this command: 1\\)"):
         train.main(args + ["--seed", "1"])  # not labelled seed 1 while every model is seed 0's
     train.main(args + ["--num-images", "48", "--whiten-features"])  # the preset's own values, given: the same run
-    with pytest.raises(SystemExit, match="the models in .* were made with lr None \\(this command: 0.01\\)"):
+    with pytest.raises(OptionError, match="the models in .* were made with lr None \\(this command: 0.01\\)"):
         train.main(args + ["--lr", "1e-2"])
 
     train.main(args + ["--ablations"])

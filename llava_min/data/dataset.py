@@ -5,7 +5,8 @@ in a JSON list or JSONL. Every record's text and the presence of its image file 
 dataset is built, before the first step (cheap: no tokenizing, no decoding); its image's pixels and its
 tokens when it is read. Bad records either stop the run (`on_error="raise"`: one DataError naming the
 first few and counting them all) or are skipped and counted with their reasons (`"skip"`); a record is
-never trained on silently, and never with a loss of 0.
+never trained on silently, and never with a loss of 0. A bad record is a DataError or an ImageError, raised
+by an explicit check where the fault is found; any other error is a bug and stops the run with its traceback.
 """
 import dataclasses
 import json
@@ -17,14 +18,8 @@ import torch
 from tqdm import tqdm
 
 from ..conversation import IGNORE_INDEX, IMAGE, TEMPLATES, check_turns, tokenize_conversation
-from ..files import InputError
-from .image import (MAX_PIXELS, ImageError, ImageInput, ImageSettings, check_image_folder, find_image, image_input,
-                    load_image)
-
-
-class DataError(InputError):
-    """A record that cannot be trained on; the message names the record id (and the file)."""
-
+from ..errors import DataError, ImageError
+from .image import MAX_PIXELS, ImageInput, ImageSettings, check_image_folder, find_image, image_input, load_image
 
 # ---------------------------------------------------------------- reading and checking records
 
@@ -59,33 +54,33 @@ def read_records(path) -> list:
 
 
 def check_record(record, template: str = "vicuna_v1") -> None:
-    """Raises ValueError("<what is wrong>: <detail>") for a record that cannot be trained on."""
+    """Raises DataError("<what is wrong>: <detail>") for a record that cannot be trained on."""
     if not isinstance(record, dict):
-        raise ValueError(f"not a record: a {type(record).__name__}, expected a JSON object")
+        raise DataError(f"not a record: a {type(record).__name__}, expected a JSON object")
     if not record.get("conversations"):
-        raise ValueError("empty conversation: 'conversations' is missing or empty")
+        raise DataError("empty conversation: 'conversations' is missing or empty")
     turns = check_turns(record["conversations"])
     if len(turns) % 2:
-        raise ValueError("unanswered turn: the conversation ends with a human turn, nothing answers it")
+        raise DataError("unanswered turn: the conversation ends with a human turn, nothing answers it")
     if template == "plain" and len(turns) != 2:
-        raise ValueError(f"not a caption pair: the plain template takes one human turn and one reply, got {len(turns)}")
+        raise DataError(f"not a caption pair: the plain template takes one human turn and one reply, got {len(turns)}")
     if any(not text.strip() for role, text in turns if role == 1):
-        raise ValueError("empty reply: an assistant turn has no text")
+        raise DataError("empty reply: an assistant turn has no text")
     if any(not text.replace(IMAGE, "").strip() for role, text in turns[2:] if role == 0) or \
             (not record.get("image") and not turns[0][1].strip()):
-        raise ValueError("empty question: a human turn has no text (only the first may hold the image alone)")
+        raise DataError("empty question: a human turn has no text (only the first may hold the image alone)")
     image = record.get("image")
     if image is not None and (not isinstance(image, str) or not image):
-        raise ValueError(f"bad image field: {image!r} is not a file name (one image per record)")
+        raise DataError(f"bad image field: {image!r} is not a file name (one image per record)")
     if any(IMAGE in text for role, text in turns if role == 1):
-        raise ValueError(f"{IMAGE} in a reply: the placeholder belongs to a human turn")
+        raise DataError(f"{IMAGE} in a reply: the placeholder belongs to a human turn")
     mentions = sum(text.count(IMAGE) for _, text in turns)
     if image and mentions == 0:
-        raise ValueError(f"image without {IMAGE}: has image {image!r} but no {IMAGE} placeholder in its turns")
+        raise DataError(f"image without {IMAGE}: has image {image!r} but no {IMAGE} placeholder in its turns")
     if not image and mentions:
-        raise ValueError(f"{IMAGE} without image: a turn mentions {IMAGE} but the record has no image")
+        raise DataError(f"{IMAGE} without image: a turn mentions {IMAGE} but the record has no image")
     if mentions > 1:
-        raise ValueError(f"several {IMAGE}: mentions {IMAGE} {mentions} times, one image per record")
+        raise DataError(f"several {IMAGE}: mentions {IMAGE} {mentions} times, one image per record")
 
 
 def checked_records(path, image_folder=None, check=check_record, progress: bool = False) -> tuple:
@@ -102,7 +97,7 @@ def checked_records(path, image_folder=None, check=check_record, progress: bool 
                 find_image(record["image"], image_folder)
         except ImageError as e:
             bad.append((rid, f"bad image: {e}"))
-        except ValueError as e:
+        except DataError as e:
             bad.append((rid, str(e)))
         else:
             good.append((rid, record))
@@ -125,15 +120,15 @@ def record_id(index: int, record) -> str:
 
 
 def truncate(ids: list, labels: list, max_length: int, image_token_id: int) -> tuple:
-    """(input_ids, labels) cut to max_length, as training reads them; raises ValueError when the cut goes
+    """(input_ids, labels) cut to max_length, as training reads them; raises DataError when the cut goes
     through the image tokens or leaves nothing supervised (the record is then skipped)."""
     if len(ids) > max_length:
         if image_token_id in ids[max_length:]:  # features and image tokens would not match
-            raise ValueError(f"truncation cuts the image: {len(ids)} tokens, max_length {max_length} "
-                             "would cut through the image tokens")
+            raise DataError(f"truncation cuts the image: {len(ids)} tokens, max_length {max_length} "
+                            "would cut through the image tokens")
         ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never predicted
-        raise ValueError(f"nothing to learn: no supervised token left within max_length {max_length}")
+        raise DataError(f"nothing to learn: no supervised token left within max_length {max_length}")
     return ids, labels
 
 
@@ -190,7 +185,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 + (fixed if record.get("image") else 0) for _, record in self.records]
 
     def tokens(self, record, num_image_tokens: int) -> tuple:
-        """(input_ids, labels) truncated to max_length; raises ValueError when that breaks the sample."""
+        """(input_ids, labels) truncated to max_length; raises DataError when that breaks the sample."""
         ids, labels = tokenize_conversation(record["conversations"], self.tok, self.template, num_image_tokens,
                                             self.image_token_id, has_image=bool(record.get("image")))
         return truncate(ids, labels, self.max_length, self.image_token_id)
@@ -199,14 +194,14 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             return load_image(record["image"], image_folder=self.image_folder, max_pixels=self.max_pixels)
         except ImageError as e:
-            raise ValueError(f"bad image: {e}") from e
+            raise DataError(f"bad image: {e}") from e
 
     def view(self, record, image) -> ImageInput:
         """The image as the model takes it: pixels, size and visual-token count."""
         try:
             view = image_input(image, self.images)
         except ImageError as e:
-            raise ValueError(f"bad image: {record['image']}: {e}") from e
+            raise DataError(f"bad image: {record['image']}: {e}") from e
         if callable(self.num_image_tokens):  # a count that depends on the image
             return dataclasses.replace(view, num_tokens=self.num_image_tokens(image))
         return view
@@ -217,7 +212,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             image = self.load(record) if record.get("image") else None
             view = self.view(record, image) if image is not None else None
             ids, labels = self.tokens(record, view.num_tokens if view is not None else 0)
-        except ValueError as e:
+        except DataError as e:  # a bad record (a bug is no DataError: it keeps its traceback)
             self.fail(rid, str(e))
             return None
         item = {"id": rid, "input_ids": torch.tensor(ids, dtype=torch.long),

@@ -4,7 +4,7 @@ An image becomes a symbolic context: its captions and, for detailed description 
 reasoning, its object boxes as `label: [x1, y1, x2, y2]` normalized to 0-1. A text-only teacher, given
 a system message and a few hand-written (context -> response) examples, writes a conversation, a
 detailed description or a complex-reasoning answer; the response is parsed into an LLaVA record.
-The teacher itself (any OpenAI-compatible endpoint) is `teacher_api.py`. Standard library only.
+The teacher itself (any OpenAI-compatible endpoint) is `teacher.py`. Standard library only.
 """
 import json
 import math
@@ -12,6 +12,8 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import DataError
 
 RESPONSE_TYPES = ("conversation", "detail", "complex")  # Sec. 3: the three types of instruction data
 
@@ -84,7 +86,7 @@ FEW_SHOT = {  # Sec. 3: a few hand-written examples of the context -> response m
 }
 
 
-class MalformedResponse(ValueError):
+class MalformedResponse(DataError):
     """A teacher response that does not follow the requested format."""
 
 
@@ -177,12 +179,12 @@ def load_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read it as JSON ({e})") from e
+        raise DataError(f"{path}: cannot read it as JSON ({e})") from e
 
 
 def need(ok: bool, path, entry: str, what: str) -> None:
     if not ok:
-        raise ValueError(f"{path}: {entry} {what}")
+        raise DataError(f"{path}: {entry} {what}")
 
 
 def is_number(v) -> bool:

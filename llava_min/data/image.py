@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..files import InputError
+from ..errors import ImageError
 from ..model.anyres import AnyRes, fit_size, select_best_resolution
 from ..model.clip import num_features
 from ..model.llava import anyres_of
@@ -28,10 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as the official expand2square
 MAX_PIXELS = 64 * 2**20  # refuse larger images before decoding them (64 megapixels of RGB is 200 MB)
 MAX_WORK_PIXELS = 256 * 2**20  # the largest intermediate image preprocess may build (pad canvas, resize)
-
-
-class ImageError(InputError):
-    """An image that cannot be used; the message names the file."""
+BROKEN_FILE = (OSError, ValueError, SyntaxError)  # what Pillow raises for a broken file, at open and at load
 
 
 # ---------------------------------------------------------------- loading
@@ -92,23 +89,31 @@ def load_image(name, image_folder=None, max_pixels: int = MAX_PIXELS) -> Image.I
     """Opens an image as RGB. With `image_folder`, `name` is relative to it and must stay inside it.
     The size is read from the header and checked before any pixel is decoded (decompression bombs).
     EXIF orientation is not applied, as neither the official code nor transformers applies it."""
-    path = find_image(name, image_folder)
+    with decode(find_image(name, image_folder), max_pixels) as img:
+        return to_rgb(img)
+
+
+def decode(path: Path, max_pixels: int) -> Image.Image:
+    """The file's pixels, decoded once the header's size is within `max_pixels`. Pillow's errors for a broken
+    file are caught at its two calls that read the file, and nowhere else."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
             img = Image.open(path)
-        with img:
-            w, h = img.size  # from the header: nothing decoded yet
-            if w * h > max_pixels:
-                raise ImageError(f"image {path} is {w}x{h} pixels, more than the limit of {max_pixels}")
-            img.load()
-            return to_rgb(img)
     except Image.DecompressionBombError as e:
         raise ImageError(f"image {path} is too large, more than the limit of {max_pixels} pixels ({e})") from e
-    except ImageError:
-        raise
-    except (OSError, ValueError, SyntaxError) as e:  # Pillow raises all three for broken files
+    except BROKEN_FILE as e:
         raise ImageError(f"image {path} cannot be read: {e}") from e
+    w, h = img.size  # from the header: nothing decoded yet
+    if w * h > max_pixels:
+        img.close()
+        raise ImageError(f"image {path} is {w}x{h} pixels, more than the limit of {max_pixels}")
+    try:
+        img.load()
+    except BROKEN_FILE as e:
+        img.close()
+        raise ImageError(f"image {path} cannot be read: {e}") from e
+    return img
 
 
 # ---------------------------------------------------------------- CLIP preprocessing

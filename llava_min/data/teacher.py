@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -19,9 +20,9 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from ..errors import InputError, OptionError, TeacherError
 
-class TeacherError(RuntimeError):
-    """A request that failed for good (its message never holds the API key)."""
+URL = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[^\s/:?#\[\]@]+)(:\d{1,5})?(/\S*)?")  # what urllib can send to
 
 
 class FatalTeacherError(TeacherError):
@@ -46,6 +47,8 @@ class ChatClient:
 
     def __init__(self, api_base: str, model: str, key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0, temperature: float = 0.7):
+        if not URL.fullmatch(api_base):  # (urllib would raise its ValueError at the first request)
+            raise OptionError(f"--api-base {api_base!r} is not an http:// or https:// URL")
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.key_env, self.timeout, self.temperature = model, key_env, timeout, temperature
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
@@ -138,19 +141,23 @@ def request_digest(messages: list) -> str:
 
 
 def done_keys(path) -> dict:
-    """Keys already answered in a results JSONL -> (request digest, teacher) they were answered for
-    (None, None in files written before these were kept)."""
+    """Keys already answered in a results JSONL -> (request digest, teacher) they were answered for. An
+    answer recorded without them cannot be matched to this run's question: an error naming the line."""
     keys = {}
     if Path(path).is_file():
         for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
             try:
                 row = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not UTF-8 text ({e.reason}); remove the line to ask again") from e
+                raise InputError(f"{path}, line {n}: not UTF-8 text ({e.reason}); remove the line to ask again") from e
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and isinstance(row.get("key"), str):  # (else not a line this code wrote)
-                keys.setdefault(row["key"], (row.get("request"), row.get("teacher")))
+            if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+                continue  # not a line this code wrote
+            if not isinstance(row.get("request"), str) or not isinstance(row.get("teacher"), str):
+                raise InputError(f"{path}, line {n}: an answer without the digest of its request or its teacher "
+                                 "(an earlier llava-min wrote it): pass another --out, or remove the file to ask again")
+            keys.setdefault(row["key"], (row["request"], row["teacher"]))
     return keys
 
 
@@ -158,10 +165,10 @@ def check_answers_fit(done: dict, asked: dict, teacher: str, path) -> None:
     """Answers recorded for another question (the annotations changed) or another teacher (--model,
     --api-base) are not mixed in with this run's."""
     stale = [k for k, (digest, who) in done.items()
-             if k in asked and ((digest and digest != asked[k]) or (who and teacher and who != teacher))]
+             if k in asked and (digest != asked[k] or (who and teacher and who != teacher))]
     if stale:
         digest, who = done[stale[0]]
-        raise ValueError(f"{path}: {len(stale)} answer(s) were asked another question or of another teacher than this "
+        raise InputError(f"{path}: {len(stale)} answer(s) were asked another question or of another teacher than this "
                          f"run's (e.g. {stale[0]!r}, answered by {who!r}; this run asks {teacher!r}): pass another "
                          "--out, or remove those lines to ask again")
 
@@ -221,7 +228,7 @@ def run_requests(requests: list, teacher, results_path, workers: int = 4, progre
                     fatal = fatal or e
                     stop.set()
                     continue
-                except Exception as e:  # noqa: BLE001 - one failed request must not end the run
+                except TeacherError as e:  # one failed request does not end the run (a bug does)
                     counts["failed"] += 1
                     print(f"request {key} failed: {e}", flush=True)
                     continue

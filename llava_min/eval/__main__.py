@@ -14,6 +14,7 @@ from ..checkpoint.peft import load_model, tokenizer_file
 from ..cli import existing, positive, run, writable
 from ..conversation import check_template
 from ..data.teacher import ChatClient
+from ..errors import OptionError
 from ..files import atomic_write
 from ..tokenizer import Tokenizer
 from .llava_bench import llava_bench
@@ -41,7 +42,7 @@ def main(argv=None):
     model = load_model(args.model, args.model_base, device=args.device)
     try:
         check_template(model.cfg.template)
-    except ValueError as e:
+    except OptionError as e:  # a template the checkpoint names but llava-min lacks: say which checkpoint
         raise SystemExit(f"{args.model}: {e}")
     tok = Tokenizer(tokenizer_file(args.model, args.model_base))
     results = {}

@@ -2,7 +2,7 @@
 and the checks that name a bad evaluation item before any answer is computed."""
 import torch
 
-from ..files import InputError
+from ..errors import DataError, ImageError, InputError
 
 
 def question_turn(record: dict, blind: bool) -> list:
@@ -78,21 +78,21 @@ def check_items(items, path, image_folder, check, images: bool = True) -> None:
         rid = item.get("id", f"#{n}") if isinstance(item, dict) else f"#{n}"
         try:
             if not isinstance(item, dict):
-                raise ValueError(f"a {type(item).__name__}, expected a JSON object")
+                raise DataError(f"a {type(item).__name__}, expected a JSON object")
             check(item)
             if "image" in item and images:
                 image = item["image"]
                 if not isinstance(image, str) or not image:
-                    raise ValueError(f"bad image field {image!r}")
+                    raise DataError(f"bad image field {image!r}")
                 find_image(image, image_folder)
-        except ValueError as e:  # (ImageError is one)
+        except (DataError, ImageError) as e:
             raise InputError(f"{path}: record {rid}: {e}") from e
 
 
 def check_fields(item: dict, types: dict) -> None:
     missing = [k for k in types if k not in item]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
+        raise DataError(f"missing {', '.join(missing)}")
     wrong = [f"{k} is a {type(item[k]).__name__}" for k, t in types.items() if not isinstance(item[k], t)]
     if wrong:
-        raise ValueError(", ".join(wrong))
+        raise DataError(", ".join(wrong))

@@ -5,6 +5,7 @@ import string
 from collections import defaultdict
 
 from .answer import answer, check_fields, check_items
+from ..errors import DataError
 from ..files import read_json
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -59,13 +60,13 @@ def check_eval_record(r: dict) -> None:
     from ..conversation import check_turns
     check_fields(r, {"id": (str, int), "format": str, "answer": str, "conversations": list})
     if r["format"] not in ("short", "choice"):
-        raise ValueError(f"format {r['format']!r}, expected 'short' or 'choice'")
+        raise DataError(f"format {r['format']!r}, expected 'short' or 'choice'")
     if r["format"] == "choice":
         check_fields(r, {"choices": list})
         if len(r["choices"]) < 2 or not all(isinstance(c, str) for c in r["choices"]):  # (letters A, B, ...)
-            raise ValueError("choices must be a list of at least two strings")
+            raise DataError("choices must be a list of at least two strings")
     if not r["conversations"] or check_turns(r["conversations"][:1])[0][0] != 0:
-        raise ValueError("conversations must start with the human's question")
+        raise DataError("conversations must start with the human's question")
 
 
 def check_eval_records(records: list, path, image_folder=None, blind: bool = False) -> None:

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..files import InputError
+from ..errors import DataError, InputError
 
 DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5: 336 px / patch 14 = 24 x 24
 
@@ -110,7 +110,7 @@ def run_labels(args) -> None:
     try:
         truncate(ids, labels, args.max_length, image_token_id)
         skip = None
-    except ValueError as e:
+    except DataError as e:  # shown as the record's skip reason, as training would skip it
         skip = str(e)
     texts = view.token_texts(tok, ids)
     summary = [f"template {template}"] + view.counts(ids, labels, image_token_id, args.max_length, skip)

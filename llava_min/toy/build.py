@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..conversation import render_prompt
+from ..errors import OptionError
 from ..files import only_run, same_settings, write_json, write_text
 from ..data.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human,
                         parse_response)
@@ -50,14 +51,14 @@ class WorldConfig:
 
     def check(self) -> None:
         if self.world not in WORLDS:
-            raise ValueError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
+            raise OptionError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
         if self.num_images < 1 or self.num_eval < 0:
-            raise ValueError(f"need at least one training image and no negative eval count, got {self.num_images}, "
-                             f"{self.num_eval}")
+            raise OptionError(f"need at least one training image and no negative eval count, got {self.num_images}, "
+                              f"{self.num_eval}")
         if self.image_size < 24:
-            raise ValueError(f"image_size {self.image_size} is too small to draw shapes (use at least 24)")
+            raise OptionError(f"image_size {self.image_size} is too small to draw shapes (use at least 24)")
         if not 1 <= self.eval_questions <= len(self.types) or self.vqa_questions < 1:
-            raise ValueError(f"eval_questions must be 1-{len(self.types)} and vqa_questions at least 1")
+            raise OptionError(f"eval_questions must be 1-{len(self.types)} and vqa_questions at least 1")
 
 
 def object_boxes(scene: Scene) -> list:

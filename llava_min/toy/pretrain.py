@@ -56,7 +56,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         records (this toy stage has no --on-error skip: its data is generated)."""
         def check(r):
             if not isinstance(r, dict) or "image" not in r or not r.get("conversations"):
-                raise ValueError("a caption pair needs 'image' and 'conversations'")
+                raise DataError("a caption pair needs 'image' and 'conversations'")
             check_record(r, "plain")
         good, bad = checked_records(data_path, image_folder, check)
         if bad:

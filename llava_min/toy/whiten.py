@@ -2,9 +2,9 @@
 
 The toy CLIP's patch features are nearly low-rank: one direction holds about 60% of their variance and
 five hold 96%, while what tells a circle from a square, or one cell from another, lies in directions
-with well under 1% (docs/toy-research.md, "How the limit was found"). Gradient steps on the projector's first layer follow
-the input's covariance, so the tiny LLM learns to read those directions very slowly. Here the first
-layer is trained as
+with well under 1% (docs/research/toy-research.md, "How the limit was found"). Gradient steps on the
+projector's first layer follow the input's covariance, so the tiny LLM learns to read those directions
+very slowly. Here the first layer is trained as
 
     W1 x + b1 = W1' A (x - mu) + b1',   A = C^(-1/2) (ZCA), mu and C from the training images' features,
 
@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.dataset import uncounted_skips
+from ..errors import OptionError
 
 
 def feature_statistics(features: torch.Tensor, eps: float = 1e-5) -> tuple:
@@ -80,7 +81,7 @@ def image_features(model, dataset, num_images: int, batch_size: int = 64) -> tor
             if len(views) >= num_images:
                 break
     if not views:
-        raise ValueError("--whiten-features: the training data holds no images to measure the features on")
+        raise OptionError("--whiten-features: the training data holds no images to measure the features on")
     param = next(model.vision_tower.parameters())
     return torch.cat([model.vision_tower(torch.stack(views[i: i + batch_size]).to(param.device, param.dtype)).float()
                       for i in range(0, len(views), batch_size)])
