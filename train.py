@@ -23,6 +23,7 @@ from llava_min.train import stages
 from llava_min.cli import existing, fraction, positive, run, writable
 from llava_min.conversation import TEMPLATES
 from llava_min.data.dataset import LlavaDataset, collate
+from llava_min.train.flops import llava_flops_per_token
 from llava_min.train.recipes import RECIPES, Preset
 from llava_min.checkpoint.load import append_image_token
 from llava_min.checkpoint.save import finished_checkpoint, save_stage1
@@ -198,7 +199,7 @@ def train_llava(args, preset: Preset, stage: str, model, tok, save):
     groups = stages.freeze_for_stage(model, stage, s.lr, projector_lr, lora=lora)  # LoRA adapters are made in fp32
     model.language_model.grad_checkpointing = preset.grad_checkpointing if args.grad_checkpointing is None \
         else args.grad_checkpointing
-    flops = stages.llava_flops_per_token(model, max_length)
+    flops = llava_flops_per_token(model, max_length)
     pad = lambda items: collate(items, pad_id=tok.pad_id)  # noqa: E731
     chosen = {"whitened": whiten, "lora": [lora.r, lora.alpha, lora.dropout] if lora else None,
               "anyres": model.anyres is not None, "data_fraction": args.data_fraction if stage == "2" else 1.0,

@@ -161,7 +161,7 @@ def test_flops_per_token_equal_what_a_step_computes(hf_llava_dir, stage, lora):
     """The MFU formula against torch's FLOP counter on one forward + backward (math attention, logits everywhere)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    from llava_min.train.stages import llava_flops_per_token
+    from llava_min.train.flops import llava_flops_per_token
     model = llava_min.load(hf_llava_dir)
     freeze_for_stage(model, stage, lr=1e-3, lora=CFG if lora else None)
     ids, x, labels = batch()
