@@ -1,9 +1,9 @@
-"""What each training stage trains, with which loss (LLaVA Sec. 4.2).
+"""What each training stage trains, with which loss (LLaVA Sec. 4.2), and one stage's run.
 
 Stage 1 (feature alignment) trains only the projection W, with CLIP and the LLM frozen; stage 2
-(end-to-end fine-tuning) trains W and the LLM, CLIP still frozen.
+(end-to-end fine-tuning) trains W and the LLM, CLIP still frozen. `run_stage` trains a stage as its
+settings (train/settings.py) say.
 """
-import dataclasses
 import hashlib
 import math
 from typing import Optional
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..conversation import IGNORE_INDEX
-from .recipes import StageSettings
+from .settings import StageRun
 from .trainer import TrainConfig, Trainer
 
 FROZEN, TRAINED = False, True
@@ -41,6 +41,15 @@ def freeze_for_stage(model, stage: str, lr: float, projector_lr: float = None, l
         groups.append({"params": list(module.parameters()) + extra, "lr": part_lr, "name": part})
     model.vision_tower.eval()
     return groups
+
+
+def master_weights(model, stage: str, lora) -> None:
+    """Frozen weights in bf16; trained ones keep fp32 masters (AnyRes's row-end vector, trained with the
+    projector, too: a bf16 copy would round most of its small updates away)."""
+    for part, trained in STAGE_PARTS[stage].items():
+        getattr(model, part).to(torch.float32 if trained and not (lora and part == "language_model") else torch.bfloat16)
+    if model.anyres is not None:
+        model.image_newline.data = model.image_newline.data.float()
 
 
 # ---------------------------------------------------------------- losses: (sum over targets, target count)
@@ -78,17 +87,6 @@ def llava_loss(model, batch) -> torch.Tensor:
     return loss * n if n else logits.sum() * 0.0  # nothing to learn: a zero that reaches every trained parameter
 
 
-def either(value, default):
-    return default if value is None else value
-
-
-def settings(args, preset_stage: StageSettings) -> StageSettings:
-    """The preset's settings for a stage, with any command-line overrides."""
-    overrides = {k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "grad_accum")
-                 if getattr(args, k) is not None}
-    return dataclasses.replace(preset_stage, **overrides)
-
-
 def digest(path) -> str:
     """The training file's SHA-256 (its first 16 hex digits): a resumed run must read the snapshot's data."""
     h = hashlib.sha256()
@@ -98,18 +96,19 @@ def digest(path) -> str:
     return h.hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- one stage from the command line
+# ---------------------------------------------------------------- one stage
 
-def run_stage(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSettings, save, flops=0.0,
-        group_by_length=False, chosen: Optional[dict] = None):
+def run_stage(run: StageRun, model, groups, dataset, collate_fn, loss_fn, count_fn, save, flops=0.0,
+              group_by_length=False, chosen: Optional[dict] = None):
     """Trains one stage; `chosen`: the stage's settings a resumed run must share with its snapshot."""
-    cfg = TrainConfig(out_dir=str(args.out), lr=s.lr, epochs=s.epochs, max_steps=args.max_steps,
-                      batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
-                      save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
-                      fsdp=args.fsdp, group_by_length=group_by_length, bf16=args.bf16, progress=not args.no_progress,
-                      name=f"stage {args.stage}" if args.stage in ("1", "2") else args.stage or "")
-    chosen = {"stage": args.stage, "data_sha256": digest(args.data), **(chosen or {})}
-    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
+    s, loop = run.steps, run.loop
+    cfg = TrainConfig(out_dir=str(run.out), lr=s.lr, epochs=s.epochs, max_steps=loop.max_steps,
+                      batch_size=s.batch_size, grad_accum=s.grad_accum, seed=loop.seed, resume=run.resume,
+                      save_every=loop.save_every, stop_after=loop.stop_after, num_workers=loop.num_workers,
+                      fsdp=loop.fsdp, group_by_length=group_by_length, bf16=loop.bf16, progress=loop.progress,
+                      name=f"stage {run.stage}" if run.stage in ("1", "2") else run.stage)
+    chosen = {"stage": run.stage, "data_sha256": digest(run.data), **(chosen or {})}
+    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, loop.device, flops, chosen)
     losses = trainer.fit(save)
     base = getattr(dataset, "dataset", dataset)  # (under a Subset)
     dropped = getattr(base, "dropped", 0)
