@@ -12,7 +12,6 @@ Every record is checked before the first step; a finished model in --out is repl
 and only once the new one is complete (a crash leaves the old one).
 """
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
@@ -23,24 +22,28 @@ from llava_min.train import stages
 from llava_min.cli import existing, fraction, positive, run, writable
 from llava_min.conversation import TEMPLATES
 from llava_min.data.dataset import LlavaDataset, collate
-from llava_min.train.recipes import RECIPES, Preset
+from llava_min.train.flops import llava_flops_per_token
+from llava_min.train.recipes import RECIPES, given
 from llava_min.checkpoint.load import append_image_token
 from llava_min.checkpoint.save import finished_checkpoint, save_adapter, save_stage1
-from llava_min.train.stages import either, run_stage, settings
+from llava_min.model.low_rank import LoRAConfig
+from llava_min.train.settings import Choices, LlavaStage, Loop, StageRun, resolve, stage_steps
+from llava_min.train.stages import master_weights, run_stage
 from llava_min.tokenizer import Tokenizer
+from llava_min.toy.plan import ToyRun
 from llava_min.toy.presets import TOY_PRESETS
 from llava_min.toy.pretrain import stage_clip, stage_lm, stage_tokenizer
 from llava_min.toy.world import WORLDS
 from llava_min.train.devices import leave_world, world
 
-PRESETS = {**RECIPES, **TOY_PRESETS}
+TOY_STAGES = ("tokenizer", "clip", "lm")  # the toy's own models, before LLaVA's stages
 
 
-def parse_args(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["tokenizer", "clip", "lm", "1", "2"],
                    help="one stage; none = the whole toy pipeline")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    p.add_argument("--preset", choices=sorted({**RECIPES, **TOY_PRESETS}), default="toy")
     p.add_argument("--data", type=existing(), help="training data (LLaVA JSON/JSONL; corpus.txt for --stage lm)")
     p.add_argument("--image-folder", type=existing("dir"))
     p.add_argument("--init", type=existing("dir"), help="stage 2: the stage-1 directory to start from")
@@ -64,8 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP (sharded) instead of DDP")
-    p.add_argument("--save-every", type=positive(int, zero_ok=True), default=0,
-                   help="steps between resumable snapshots (0: none)")
+    p.add_argument("--save-every", type=positive(int, zero_ok=True), default=0, help="snapshot every N steps (0: none)")
     p.add_argument("--stop-after", type=positive(int), help="leave after this many steps with a resumable snapshot")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--whiten-features", action=argparse.BooleanOptionalAction, default=None,
@@ -97,16 +99,25 @@ def parse_args(argv=None):
     p.add_argument("--clip-decorrelation", type=float,
                    help="toy CLIP pretraining: weight of the term that decorrelates the features LLaVA reads")
     p.add_argument("--ablations", action="store_true", help="run the whole ablation table")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.stage is not None:
         check_stage_args(p, args)
+    elif args.preset not in TOY_PRESETS:
+        p.error(f"the toy pipeline (no --stage) runs a toy preset ({', '.join(TOY_PRESETS)}), not {args.preset}")
     elif args.lora and args.no_stage1:
         p.error("--lora needs stage 1: an adapter is opened on the stage-1 model it was trained on")
     suffix = "" if args.world == "shapes" else f"-{args.world}"
     args.out = args.out or Path(f"runs/toy{suffix}")
     args.data_dir = args.data_dir or Path(f"data/toy{suffix}")
-    args.num_workers = either(args.num_workers, 4 if torch.device(args.device).type == "cuda" else 0)
-    args.lora_alpha = either(args.lora_alpha, 2.0 * args.lora_r)  # the recipe's ratio (finetune_lora.sh: 128, 256)
+    if args.num_workers is None:
+        args.num_workers = 4 if torch.device(args.device).type == "cuda" else 0
+    if args.lora_alpha is None:  # the recipe's ratio (finetune_lora.sh: r 128, alpha 256)
+        args.lora_alpha = 2.0 * args.lora_r
     return args
 
 
@@ -119,6 +130,8 @@ STAGE_NEEDS = {"tokenizer": ("data", "out"), "clip": ("data", "image_folder", "t
 def check_stage_args(p, args) -> None:
     """Before any model loads: every flag the stage needs, its tokenizer, and an --out it may write."""
     needs = STAGE_NEEDS[args.stage] + (("vision", "llm") if args.stage == "2" and args.init is None else ())
+    if args.stage in TOY_STAGES and args.preset not in TOY_PRESETS:
+        p.error(f"--stage {args.stage} trains the toy's own model: pass a toy preset ({', '.join(TOY_PRESETS)})")
     missing = ["--" + k.replace("_", "-") for k in needs if getattr(args, k) is None]
     if missing:
         p.error(f"--stage {args.stage} needs {', '.join(missing)}"
@@ -142,139 +155,142 @@ def check_stage_args(p, args) -> None:
                 "--overwrite to replace it (the new one takes its place only once complete), or another --out")
 
 
-def load_dtype(args, preset: Preset):
-    """Real (7B) models load in bf16 on CUDA and are cast per part in train_llava; toy models in fp32."""
-    return torch.bfloat16 if torch.device(args.device).type == "cuda" and preset.vision is None else torch.float32
+# ---------------------------------------------------------------- each stage's settings, from the command line
 
 
-# ---------------------------------------------------------------- stages
+def loop(args) -> Loop:
+    return Loop(seed=args.seed, max_steps=args.max_steps, save_every=args.save_every, stop_after=args.stop_after,
+                num_workers=args.num_workers, fsdp=args.fsdp, bf16=args.bf16, device=args.device,
+                progress=not args.no_progress)
 
 
-def llava_dataset(args, model, tok, template, max_length, data_fraction=1.0):
-    data = LlavaDataset(args.data, tok, image_folder=args.image_folder, template=template,
+def choices(args) -> Choices:
+    return Choices(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                   projector_lr=args.projector_lr, projector=args.projector, select_layer=args.select_layer,
+                   template=args.template, max_length=args.max_length, grad_checkpointing=args.grad_checkpointing,
+                   group_by_length=args.group_by_length, anyres=args.anyres, whiten_features=args.whiten_features,
+                   lora=LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None)
+
+
+def llava_stage(args) -> tuple:
+    """Stage 1's or 2's (StageRun, LlavaStage): the preset's settings with the command line's choices."""
+    toy = TOY_PRESETS.get(args.preset)
+    real_on_cuda = torch.device(args.device).type == "cuda" and not toy  # loads in bf16, cast per part in train_llava
+    steps, stage = resolve(toy.recipe if toy else RECIPES[args.preset], args.stage, choices(args),
+                           whiten=bool(toy and toy.whiten_features), image_folder=args.image_folder,
+                           tokenizer=args.tokenizer, init=args.init, vision=args.vision, llm=args.llm,
+                           data_fraction=args.data_fraction if args.stage == "2" else 1.0, on_error=args.on_error,
+                           dtype=torch.bfloat16 if real_on_cuda else torch.float32)
+    return StageRun(args.stage, args.data, args.out, steps, loop(args), resume=args.resume), stage
+
+
+def toy_run(args) -> ToyRun:
+    """What the toy pipeline takes from the command line; its other flags run the loop (`loop`) or one stage."""
+    return ToyRun(preset=args.preset, world=args.world, num_images=args.num_images, num_eval=args.num_eval,
+                  clip_decorrelation=args.clip_decorrelation, choices=choices(args), no_stage1=args.no_stage1,
+                  no_stage2=args.no_stage2, data_fraction=args.data_fraction, out=args.out, data_dir=args.data_dir)
+
+
+def llava_dataset(run: StageRun, s: LlavaStage, model, tok, template, max_length):
+    data = LlavaDataset(run.data, tok, image_folder=s.image_folder, template=template,
                         num_image_tokens=model.num_image_tokens, image_token_id=model.cfg.image_token_id,
                         image_size=model.cfg.vision.image_size, image_aspect=model.cfg.image_aspect_ratio,
-                        max_length=max_length, on_error=args.on_error, anyres=model.anyres,
-                        progress=not args.no_progress and world()[0] == 0)
+                        max_length=max_length, on_error=s.on_error, anyres=model.anyres,
+                        progress=run.loop.progress and world()[0] == 0)
     if data.dropped and world()[0] == 0:
-        print(f"--on-error skip: {data.dropped} of {data.dropped + len(data)} records in {args.data} dropped before "
+        print(f"--on-error skip: {data.dropped} of {data.dropped + len(data)} records in {run.data} dropped before "
               "training: " + "; ".join(data.skip_log[:3]) + ("; ..." if data.dropped > 3 else ""))
     if len(data) == 0:
-        raise SystemExit(f"{args.data}: no record left to train on, all {len(data.skip_log)} were skipped: "
+        raise SystemExit(f"{run.data}: no record left to train on, all {len(data.skip_log)} were skipped: "
                          + "; ".join(data.skip_log[:3]))
-    if data_fraction < 1.0:  # a fixed, seeded subset (the half-data ablation)
-        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
-        data = torch.utils.data.Subset(data, keep[: int(len(data) * data_fraction)].tolist())
+    if s.data_fraction < 1.0:  # a fixed, seeded subset (the half-data ablation)
+        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(run.loop.seed))
+        data = torch.utils.data.Subset(data, keep[: int(len(data) * s.data_fraction)].tolist())
     return data
 
 
-def lora_config(args):
-    from llava_min.model.low_rank import LoRAConfig
-    return LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
-
-
-def master_weights(model, stage: str, lora) -> None:
-    """Frozen weights in bf16; trained ones keep fp32 masters (AnyRes's row-end vector, trained with the
-    projector, too: a bf16 copy would round most of its small updates away)."""
-    for part, trained in stages.STAGE_PARTS[stage].items():
-        getattr(model, part).to(torch.float32 if trained and not (lora and part == "language_model") else torch.bfloat16)
-    if model.anyres is not None:
-        model.image_newline.data = model.image_newline.data.float()
-
-
-def train_llava(args, preset: Preset, stage: str, model, tok, save):
-    s = settings(args, preset.stage1 if stage == "1" else preset.stage2)
-    projector_lr = args.projector_lr
-    if stage == "2" and args.lora:  # LLaVA-1.5's LoRA recipe: 10x the lr for the adapter, the projector's unchanged
-        projector_lr = projector_lr or preset.stage2.lr
-        s = s if args.lr is not None else dataclasses.replace(s, lr=10 * preset.stage2.lr)
-    lora = lora_config(args) if stage == "2" else None
-    template = "plain" if stage == "1" else (args.template or preset.template)
-    max_length = args.max_length or preset.max_length
-    data = llava_dataset(args, model, tok, template, max_length, args.data_fraction if stage == "2" else 1.0)
-    whiten = bool(either(args.whiten_features, preset.whiten_features))
-    if whiten:  # a projector is fresh in stage 1, or without one
-        save = whitened(args, model, data, save, fresh=stage == "1" or args.init is None)
-    if torch.device(args.device).type == "cuda":
-        master_weights(model, stage, lora)
-    groups = stages.freeze_for_stage(model, stage, s.lr, projector_lr, lora=lora)  # LoRA adapters are made in fp32
-    model.language_model.grad_checkpointing = preset.grad_checkpointing if args.grad_checkpointing is None \
-        else args.grad_checkpointing
-    flops = stages.llava_flops_per_token(model, max_length)
+def train_llava(run: StageRun, s: LlavaStage, model, tok, save):
+    stage, recipe = run.stage, s.recipe
+    template = "plain" if stage == "1" else recipe.template
+    data = llava_dataset(run, s, model, tok, template, recipe.max_length)
+    if s.whiten_features:  # a projector is fresh in stage 1, or without one
+        if run.loop.fsdp:
+            raise SystemExit("--whiten-features is not supported with --fsdp (pass --no-whiten-features)")
+        from llava_min.toy.whiten import whitened
+        save = whitened(model, data, save, fresh=stage == "1" or s.init is None)
+    if torch.device(run.loop.device).type == "cuda":
+        master_weights(model, stage, s.lora)
+    groups = stages.freeze_for_stage(model, stage, run.steps.lr, s.projector_lr, lora=s.lora)  # LoRA: made in fp32
+    model.language_model.grad_checkpointing = recipe.grad_checkpointing
+    flops = llava_flops_per_token(model, recipe.max_length)
     pad = lambda items: collate(items, pad_id=tok.pad_id)  # noqa: E731
-    chosen = {"whitened": whiten, "lora": [lora.r, lora.alpha, lora.dropout] if lora else None,
-              "anyres": model.anyres is not None, "data_fraction": args.data_fraction if stage == "2" else 1.0,
+    chosen = {"whitened": s.whiten_features, "lora": [s.lora.r, s.lora.alpha, s.lora.dropout] if s.lora else None,
+              "anyres": model.anyres is not None, "data_fraction": s.data_fraction,
               "projector": model.cfg.projector_type, "select_layer": model.cfg.select_layer, "template": template,
-              "max_length": max_length}
-    return run_stage(args, model, groups, data, pad, stages.llava_loss, stages.num_targets, s, save, flops,
-               either(args.group_by_length, preset.group_by_length), chosen)
+              "max_length": recipe.max_length}
+    return run_stage(run, model, groups, data, pad, stages.llava_loss, stages.num_targets, save, flops,
+                     recipe.group_by_length, chosen)
 
 
-def whitened(args, model, data, save, fresh: bool):
-    """The projector's first layer in whitened coordinates for training; `save` then writes the plain layer."""
-    from llava_min.toy.whiten import folded, whiten_projector
-    if args.fsdp:
-        raise SystemExit("--whiten-features is not supported with --fsdp (pass --no-whiten-features)")
-    whiten_projector(model, data, fresh)
-
-    def save_folded():
-        with folded(model):
-            save()
-    return save_folded
+def stage_1(run: StageRun, s: LlavaStage):
+    tokenizer = s.tokenizer or s.llm / "tokenizer.model"
+    model = llava_min.build_llava(s.vision, s.llm, s.recipe.projector, select_layer=s.recipe.select_layer,
+                                  dtype=s.dtype, device=run.loop.device, template=s.recipe.template,
+                                  image_aspect_ratio="crop")  # the plain CLIP processor, as the official pretrain.sh
+    save = lambda: save_stage1(model, run.out, s.vision, s.llm, tokenizer)  # noqa: E731
+    return train_llava(run, s, model, Tokenizer(tokenizer), save)
 
 
-def stage_1(args, preset: Preset):
-    tokenizer = args.tokenizer or args.llm / "tokenizer.model"
-    model = llava_min.build_llava(args.vision, args.llm, args.projector or preset.projector,
-                                  select_layer=either(args.select_layer, preset.select_layer),
-                                  dtype=load_dtype(args, preset), device=args.device,
-                                  image_aspect_ratio="crop",  # the plain CLIP processor, as the official pretrain.sh
-                                  template=args.template or preset.template)
-    save = lambda: save_stage1(model, args.out, args.vision, args.llm, tokenizer)  # noqa: E731
-    return train_llava(args, preset, "1", model, Tokenizer(tokenizer), save)
-
-
-def stage_2(args, preset: Preset):
-    if args.init is not None:  # ours, or an official stage-1 release (its CLIP and LLM from --vision / --llm)
-        model = llava_min.load(args.init, dtype=load_dtype(args, preset), device=args.device, vision_path=args.vision,
-                               llm_path=args.llm)
+def stage_2(run: StageRun, s: LlavaStage):
+    if s.init is not None:  # ours, or an official stage-1 release (its CLIP and LLM from --vision / --llm)
+        model = llava_min.load(s.init, dtype=s.dtype, device=run.loop.device, vision_path=s.vision, llm_path=s.llm)
         if model.cfg.image_token_id < 0:  # the official placeholder: give <image> a row, as llava-hf needs
             append_image_token(model)
-        tokenizer = args.tokenizer or args.init / "tokenizer.model"
+        tokenizer = s.tokenizer or s.init / "tokenizer.model"
     else:  # no stage 1: CLIP + LLM + a random projector
-        model = llava_min.build_llava(args.vision, args.llm, args.projector or preset.projector,
-                                      select_layer=either(args.select_layer, preset.select_layer),
-                                      dtype=load_dtype(args, preset), device=args.device,
-                                      image_aspect_ratio=preset.image_aspect)
-        tokenizer = args.tokenizer or args.llm / "tokenizer.model"
-    model.cfg.template = args.template or preset.template
-    model.cfg.image_aspect_ratio = preset.image_aspect  # stage 1 cropped; stage 2 (LLaVA-1.5: pad) decides the model's
-    if (args.anyres or preset.anyres) and model.anyres is None:  # LLaVA-NeXT: stage 1 on one view, stage 2 on tiles
+        model = llava_min.build_llava(s.vision, s.llm, s.recipe.projector, select_layer=s.recipe.select_layer,
+                                      dtype=s.dtype, device=run.loop.device, image_aspect_ratio=s.recipe.image_aspect)
+        tokenizer = s.tokenizer or s.llm / "tokenizer.model"
+    model.cfg.template = s.recipe.template
+    model.cfg.image_aspect_ratio = s.recipe.image_aspect  # stage 1 cropped; stage 2 (LLaVA-1.5: pad) decides
+    if s.recipe.anyres and model.anyres is None:  # LLaVA-NeXT: stage 1 on one view, stage 2 on tiles
         tile = model.cfg.vision.image_size
         model.use_anyres([(h * tile, w * tile) for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))])
-    if args.lora:  # the adapter (LoRA + projector) alone; `python -m llava_min.lora merge` makes a full model
-        save = lambda: save_adapter(model, args.out, base=args.init, tokenizer_path=tokenizer)  # noqa: E731
+    if s.lora is not None:  # the adapter (LoRA + projector) alone; `python -m llava_min.lora merge` makes a full model
+        save = lambda: save_adapter(model, run.out, base=s.init, tokenizer_path=tokenizer)  # noqa: E731
     else:
-        save = lambda: llava_min.save_llava(model, args.out, tokenizer)  # noqa: E731
-    return train_llava(args, preset, "2", model, Tokenizer(tokenizer), save)
+        save = lambda: llava_min.save_llava(model, run.out, tokenizer)  # noqa: E731
+    return train_llava(run, s, model, Tokenizer(tokenizer), save)
 
 
-STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "lm": stage_lm, "1": stage_1, "2": stage_2}
+LLAVA_STAGES = {"1": stage_1, "2": stage_2}
+
+
+def toy_stage(args) -> None:
+    """--stage tokenizer, clip or lm: the toy preset's models, with the command line's lr, epochs and batch."""
+    toy = given(TOY_PRESETS[args.preset], clip_decorrelation=args.clip_decorrelation)
+    steps = stage_steps(toy.lm if args.stage == "lm" else toy.clip, choices(args))
+    run = StageRun(args.stage, args.data, args.out, steps, loop(args), resume=args.resume)
+    if args.stage == "tokenizer":
+        stage_tokenizer(args.data, args.out, toy)
+    elif args.stage == "clip":
+        stage_clip(run, toy, args.tokenizer, args.image_folder)
+    else:
+        stage_lm(run, toy, args.tokenizer)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    preset = PRESETS[args.preset]
     if args.stage is not None:
         torch.manual_seed(args.seed)  # fresh weights (a random projector, the toy models) depend on the seed only
-        STAGES[args.stage](args, preset)
+        if args.stage in TOY_STAGES:
+            toy_stage(args)
+        else:
+            LLAVA_STAGES[args.stage](*llava_stage(args))
         leave_world()  # not on an error: the other processes may be waiting in a collective
         return
     from llava_min.toy.pipeline import run_ablations, run_pipeline  # the toy pipeline (and its ablation table)
-    if args.ablations:
-        run_ablations(args, preset, STAGES, parse_args)
-    else:
-        run_pipeline(args, preset, STAGES)
+    (run_ablations if args.ablations else run_pipeline)(toy_run(args), loop(args), LLAVA_STAGES)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def test_flops_per_token_equal_what_a_step_computes(hf_llava_dir, stage, lora):
     """The MFU formula against torch's FLOP counter on one forward + backward (math attention, logits everywhere)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    from llava_min.train.stages import llava_flops_per_token
+    from llava_min.train.flops import llava_flops_per_token
     model = llava_min.load(hf_llava_dir)
     freeze_for_stage(model, stage, lr=1e-3, lora=CFG if lora else None)
     ids, x, labels = batch()
@@ -182,14 +182,15 @@ def test_a_stage1_base_is_asked_for_its_llms_dtype(hf_clip_dir, hf_llama_dir, tm
 
 
 @pytest.mark.parametrize("flags,r,alpha", [(["--lora-r", "4"], 4, 8.0), (["--lora-r", "4", "--lora-alpha", "16"], 4, 16.0),
-                                           (["--preset", "llava-v1.5-7b"], 128, 256.0)])
+                                           ([], 128, 256.0)])
 def test_lora_alpha_defaults_to_twice_the_rank(hf_llava_dir, tmp_path, flags, r, alpha):
     """LLaVA-1.5's LoRA (finetune_lora.sh: r 128, alpha 256) scales updates by 2; a smaller --lora-r alone keeps
-    that scaling, an explicit --lora-alpha wins, and the adapter's config records both."""
+    that scaling, an explicit --lora-alpha wins (the defaults are the recipe's), and the adapter's config
+    records both."""
     import json
     import train
     from llava_min.model.low_rank import LoRALinear
-    lora = train.lora_config(train.parse_args(["--lora"] + flags))
+    lora = train.choices(train.parse_args(["--lora"] + flags)).lora
     assert (lora.r, lora.alpha) == (r, alpha)
     model = llava_min.load(hf_llava_dir)
     freeze_for_stage(model, "2", lr=1e-3, lora=lora)

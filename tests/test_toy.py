@@ -8,7 +8,8 @@ import torch
 import llava_min
 import train
 from llava_min.errors import OptionError
-from llava_min.toy.pipeline import stage_args
+from llava_min.toy.pipeline import check_settings
+from llava_min.toy.plan import ABLATIONS, made_with, plan, stage_epochs, variant_name, with_row
 
 
 def filled(value) -> bool:
@@ -86,11 +87,71 @@ def test_smoke_detail_world_with_anyres(tmp_path):
     assert model.anyres is not None and model.image_token_count((64, 64)) > model.num_image_tokens  # tiles + global
 
 
+def toy(argv):
+    args = train.parse_args(argv)
+    return train.toy_run(args), train.loop(args)
+
+
 def test_world_epochs_unless_given():
-    detail, shapes = train.parse_args(["--world", "detail"]), train.parse_args([])
-    assert stage_args(detail, "clip").epochs == 6 and stage_args(detail, "stage 2").epochs == 2
-    assert stage_args(detail, "lm").epochs is None and stage_args(shapes, "clip").epochs is None  # the preset's
-    assert stage_args(train.parse_args(["--world", "detail", "--epochs", "3"]), "clip").epochs == 3
+    (detail, loop), (shapes, _) = toy(["--world", "detail"]), toy([])
+    assert stage_epochs(detail, "clip") == 6 and stage_epochs(detail, "stage 2") == 2
+    assert stage_epochs(detail, "lm") is None and stage_epochs(shapes, "clip") is None  # the preset's
+    assert stage_epochs(toy(["--world", "detail", "--epochs", "3"])[0], "clip") == 3
+    steps = {name: args[0].steps.epochs for name, (_, args) in plan(detail, loop).items() if name != "tokenizer"}
+    assert steps == {"clip": 6, "lm": detail.toy.lm.epochs, "stage 1": 2, "stage 2": 2}
+
+
+# what 61a5136's `python train.py` wrote (world.json, settings.json, full/settings.json), as its runs hold them
+TODAY = ({"preset": "toy", "seed": 0, "world": "shapes", "num_images": 8000, "num_eval": 500},
+         {"preset": "toy", "max_steps": None, "epochs": None, "batch_size": None, "grad_accum": None, "lr": None,
+          "seed": 0, "num_images": 8000, "num_eval": 500, "world": "shapes", "clip_decorrelation": None},
+         {"no_stage1": False, "no_stage2": False, "projector": "mlp2x_gelu", "select_layer": -2, "data_fraction": 1.0,
+          "anyres": False, "whiten_features": True, "lora": False, "lora_r": 128, "lora_alpha": 256.0,
+          "lora_dropout": 0.05, "template": "vicuna_v1", "max_length": 256, "projector_lr": None,
+          "group_by_length": True, "grad_checkpointing": None})
+
+
+def test_a_new_train_flag_changes_no_toy_setting_and_todays_runs_are_reused(tmp_path, monkeypatch):
+    """The toy pipeline takes its settings explicitly: a flag added to train.py changes neither what any step runs
+    with (tokenizer, CLIP, LM, stages 1 and 2) nor what settings.json records, for every ablation row."""
+    places = ["--out", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data")]
+
+    def settings(argv):
+        run, loop = toy(argv + places)
+        return {name: (plan(with_row(run, row), loop), made_with(with_row(run, row), loop))
+                for name, row in ABLATIONS.items()}
+    before = {preset: settings(["--preset", preset]) for preset in ("toy", "smoke")}
+    parser = train.parser
+
+    def with_a_new_flag():
+        p = parser()
+        p.add_argument("--new-knob", type=int, default=7)
+        return p
+    monkeypatch.setattr(train, "parser", with_a_new_flag)
+    assert train.parse_args([]).new_knob == 7
+    assert {preset: settings(["--preset", preset]) for preset in ("toy", "smoke")} == before
+
+    world, models, full = TODAY  # the files today's runs hold: a rerun (with the new flag) takes them as its own
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "world.json").write_text(json.dumps(world))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "settings.json").write_text(json.dumps(models))
+    for row in ABLATIONS.values():
+        run, loop = toy(places)
+        run = with_row(run, row)
+        (tmp_path / "runs" / variant_name(run)).mkdir()
+        (tmp_path / "runs" / variant_name(run) / "settings.json").write_text(json.dumps({**full, **row}))
+        check_settings(run, loop, tmp_path / "runs" / variant_name(run))
+    with pytest.raises(OptionError, match="made with max_length 256 \\(this command: 128\\)"):
+        check_settings(toy(places + ["--max-length", "128"])[0], loop, tmp_path / "runs" / "full")
+
+
+def test_toy_stages_and_the_toy_pipeline_need_a_toy_preset(capsys):
+    for argv, said in [(["--preset", "llava-v1.5-7b"], "the toy pipeline (no --stage) runs a toy preset"),
+                       (["--stage", "clip", "--preset", "llava-v1.5-7b"], "--stage clip trains the toy's own model")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert said in capsys.readouterr().err
 
 
 def test_a_rerun_resumes_an_interrupted_stage(tmp_path, monkeypatch):

@@ -121,7 +121,7 @@ def train_row(name, device, dtype, warmup, repeats, compile=False, batch=None) -
     row["flash_ours"] = runs_on_flash(steps["ours"])
     peak = peak_flops(device)
     if peak:
-        from ..train.stages import llava_flops_per_token
+        from ..train.flops import llava_flops_per_token
         flops = llava_flops_per_token(ours, ids.shape[1])
         row["mfu_ours"], row["mfu_transformers"] = flops * row["ours"] / peak, flops * row["transformers"] / peak
     return row

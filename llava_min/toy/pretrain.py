@@ -11,10 +11,11 @@ from ..data.image import ImageError, load_image, preprocess
 from ..model.clip import VisionTower
 from ..model.llama import Llama
 from ..checkpoint.save import save_llama, save_vision
-from ..train.recipes import Preset
-from ..train.stages import either, num_targets, run_stage, settings
+from ..train.settings import StageRun
+from ..train.stages import num_targets, run_stage
 from ..tokenizer import Tokenizer, train_tokenizer
 from .contrastive import ContrastiveCLIP
+from .presets import ToyPreset
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -86,29 +87,28 @@ def collate_pairs(pairs, pad_id: int = 0) -> dict:
     return {"input_ids": ids, "eot_index": lengths - 1, "pixel_values": torch.stack([p for _, p in pairs])}
 
 
-def stage_tokenizer(args, preset: Preset):
-    """The toy's sentencepiece model, trained on --data (corpus.txt) and written to --out (a file)."""
-    train_tokenizer(args.data, args.out, preset.vocab_size)
+def stage_tokenizer(corpus: Path, out: Path, toy: ToyPreset):
+    """The toy's sentencepiece model, trained on the world's text (corpus.txt) and written to `out` (a file)."""
+    train_tokenizer(corpus, out, toy.vocab_size)
 
 
-def stage_clip(args, preset: Preset):
-    tok = Tokenizer(args.tokenizer)
-    text_cfg = dataclasses.replace(preset.clip_text, vocab_size=tok.vocab_size)
-    torch.manual_seed(args.seed)
-    decorrelation = either(args.clip_decorrelation, preset.clip_decorrelation)
-    model = ContrastiveCLIP(VisionTower(preset.vision, select_layer=-1), text_cfg, feature_layer=preset.select_layer,
-                            decorrelation=decorrelation).to(args.device)
-    data = CaptionPairs(args.data, args.image_folder, tok, preset.vision.image_size)
+def stage_clip(run: StageRun, toy: ToyPreset, tokenizer: Path, image_folder: Path):
+    tok = Tokenizer(tokenizer)
+    text_cfg = dataclasses.replace(toy.clip_text, vocab_size=tok.vocab_size)
+    torch.manual_seed(run.loop.seed)
+    model = ContrastiveCLIP(VisionTower(toy.vision, select_layer=-1), text_cfg, feature_layer=toy.recipe.select_layer,
+                            decorrelation=toy.clip_decorrelation).to(run.loop.device)
+    data = CaptionPairs(run.data, image_folder, tok, toy.vision.image_size)
     groups = [{"params": list(model.parameters())}]
-    return run_stage(args, model, groups, data, collate_pairs, clip_loss, lambda batch: 1,
-                     settings(args, preset.clip), lambda: save_vision(model.vision_tower, args.out))
+    return run_stage(run, model, groups, data, collate_pairs, clip_loss, lambda batch: 1,
+                     lambda: save_vision(model.vision_tower, run.out))
 
 
-def stage_lm(args, preset: Preset):
-    tok = Tokenizer(args.tokenizer)
-    torch.manual_seed(args.seed)
-    model = Llama(dataclasses.replace(preset.text, vocab_size=tok.vocab_size)).to(args.device)
-    data = PackedText(args.data, tok, preset.lm_seq_len)
+def stage_lm(run: StageRun, toy: ToyPreset, tokenizer: Path):
+    tok = Tokenizer(tokenizer)
+    torch.manual_seed(run.loop.seed)
+    model = Llama(dataclasses.replace(toy.text, vocab_size=tok.vocab_size)).to(run.loop.device)
+    data = PackedText(run.data, tok, toy.lm_seq_len)
     groups = [{"params": list(model.parameters())}]
-    return run_stage(args, model, groups, data, collate_text, lm_loss, num_targets,
-                     settings(args, preset.lm), lambda: save_llama(model, args.out, args.tokenizer))
+    return run_stage(run, model, groups, data, collate_text, lm_loss, num_targets,
+                     lambda: save_llama(model, run.out, tokenizer))

@@ -104,3 +104,14 @@ def folded(model):
         yield model
     finally:
         model.projector.linear_1 = layer
+
+
+def whitened(model, dataset, save, fresh: bool):
+    """The projector's first layer whitened for training (`whiten_projector`); returns `save` wrapped to write
+    the plain layer."""
+    whiten_projector(model, dataset, fresh)
+
+    def save_folded():
+        with folded(model):
+            save()
+    return save_folded

@@ -3,11 +3,8 @@
 The official recipes are LLaVA-1.5's scripts (scripts/v1_5/pretrain.sh, finetune.sh in the official
 repository) and LLaVA-NeXT's stage 2 on AnyRes tiles; the toy presets live in llava_min/toy/presets.py.
 """
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
-
-from ..model.clip import VisionConfig
-from ..model.llama import LlamaConfig
 
 
 @dataclass
@@ -29,19 +26,7 @@ class Preset:
     max_length: int = 2048
     grad_checkpointing: bool = False
     anyres: bool = False  # stage 2 on AnyRes tiles (LLaVA-NeXT)
-    whiten_features: bool = False  # toy: train the projector in whitened coordinates (llava_min/toy/whiten.py)
     group_by_length: bool = False  # stages 1 and 2: batches of records of similar length (less padding)
-    # toy only: the world, the tiny models and their pretraining
-    num_images: int = 0
-    num_eval: int = 0
-    vocab_size: int = 0
-    vision: Optional[VisionConfig] = None
-    text: Optional[LlamaConfig] = None
-    clip_text: Optional[LlamaConfig] = None
-    clip: Optional[StageSettings] = None
-    lm: Optional[StageSettings] = None
-    lm_seq_len: int = 128
-    clip_decorrelation: float = 0.0  # weight of the toy CLIP's decorrelation term (toy/contrastive.py)
 
 
 RECIPES = {
@@ -53,3 +38,8 @@ RECIPES = {
                             stage2=StageSettings(lr=2e-5, batch_size=8, grad_accum=16), grad_checkpointing=True,
                             anyres=True),
 }
+
+
+def given(settings, **values):
+    """`settings` (a recipe's dataclass) with the values a run chose in place of its own; None keeps its own."""
+    return dataclasses.replace(settings, **{k: v for k, v in values.items() if v is not None})

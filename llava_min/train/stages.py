@@ -1,16 +1,16 @@
-"""What each training stage trains, with which loss (LLaVA Sec. 4.2).
+"""What each training stage trains, with which loss (LLaVA Sec. 4.2), and one stage's run.
 
 Stage 1 (feature alignment) trains only the projection W, with CLIP and the LLM frozen; stage 2
-(end-to-end fine-tuning) trains W and the LLM, CLIP still frozen.
+(end-to-end fine-tuning) trains W and the LLM, CLIP still frozen. `run_stage` trains a stage as its
+settings (train/settings.py) say.
 """
-import dataclasses
 import math
 from typing import Optional
 
 import torch
 
 from ..conversation import IGNORE_INDEX
-from .recipes import StageSettings
+from .settings import StageRun
 from .trainer import TrainConfig, Trainer
 
 FROZEN, TRAINED = False, True
@@ -40,6 +40,15 @@ def freeze_for_stage(model, stage: str, lr: float, projector_lr: float = None, l
         groups.append({"params": list(module.parameters()) + extra, "lr": part_lr, "name": part})
     model.vision_tower.eval()
     return groups
+
+
+def master_weights(model, stage: str, lora) -> None:
+    """Frozen weights in bf16; trained ones keep fp32 masters (AnyRes's row-end vector, trained with the
+    projector, too: a bf16 copy would round most of its small updates away)."""
+    for part, trained in STAGE_PARTS[stage].items():
+        getattr(model, part).to(torch.float32 if trained and not (lora and part == "language_model") else torch.bfloat16)
+    if model.anyres is not None:
+        model.image_newline.data = model.image_newline.data.float()
 
 
 # ---------------------------------------------------------------- losses: (sum over targets, target count)
@@ -77,48 +86,19 @@ def llava_loss(model, batch) -> torch.Tensor:
     return loss * n if n else logits.sum() * 0.0  # nothing to learn: a zero that reaches every trained parameter
 
 
-# ---------------------------------------------------------------- MFU accounting
+# ---------------------------------------------------------------- one stage
 
-def count_params(module, embeddings: bool = False) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if embeddings or "embed" not in n)
-
-
-def llava_flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per sequence token, from what trains (call it after `freeze_for_stage`): 6N for a trained
-    weight (2N forward, 2N for its gradient, 2N for its input's), 4N for a frozen LLM weight that gradients
-    pass through (stage 1, and the base under LoRA), 4N for the projector (CLIP below it needs no gradient),
-    2N for CLIP; attention, which has no weights, 12·L·d·T in both stages. Visual tokens are a fraction of T."""
-    llm, cfg = model.language_model, model.cfg.text
-    image_share = min(1.0, model.num_image_tokens / seq_len)
-    weights = sum(p.numel() * (6 if p.requires_grad else 4) for n, p in llm.named_parameters() if "embed" not in n)
-    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
-    vision = (2 * count_params(model.vision_tower) + 4 * count_params(model.projector)) * image_share
-    return weights + attention + vision
-
-
-def either(value, default):
-    return default if value is None else value
-
-
-def settings(args, preset_stage: StageSettings) -> StageSettings:
-    """The preset's settings for a stage, with any command-line overrides."""
-    overrides = {k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "grad_accum")
-                 if getattr(args, k) is not None}
-    return dataclasses.replace(preset_stage, **overrides)
-
-
-# ---------------------------------------------------------------- one stage from the command line
-
-def run_stage(args, model, groups, dataset, collate_fn, loss_fn, count_fn, s: StageSettings, save, flops=0.0,
-        group_by_length=False, chosen: Optional[dict] = None):
+def run_stage(run: StageRun, model, groups, dataset, collate_fn, loss_fn, count_fn, save, flops=0.0,
+              group_by_length=False, chosen: Optional[dict] = None):
     """Trains one stage; `chosen`: the stage's settings a resumed run must share with its snapshot."""
-    cfg = TrainConfig(out_dir=str(args.out), lr=s.lr, epochs=s.epochs, max_steps=args.max_steps,
-                      batch_size=s.batch_size, grad_accum=s.grad_accum, seed=args.seed, resume=args.resume,
-                      save_every=args.save_every, stop_after=args.stop_after, num_workers=args.num_workers,
-                      fsdp=args.fsdp, group_by_length=group_by_length, bf16=args.bf16, progress=not args.no_progress,
-                      name=f"stage {args.stage}" if args.stage in ("1", "2") else args.stage or "",
-                      data_file=str(args.data))
-    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, args.device, flops, chosen)
+    s, loop = run.steps, run.loop
+    cfg = TrainConfig(out_dir=str(run.out), lr=s.lr, epochs=s.epochs, max_steps=loop.max_steps,
+                      batch_size=s.batch_size, grad_accum=s.grad_accum, seed=loop.seed, resume=run.resume,
+                      save_every=loop.save_every, stop_after=loop.stop_after, num_workers=loop.num_workers,
+                      fsdp=loop.fsdp, group_by_length=group_by_length, bf16=loop.bf16, progress=loop.progress,
+                      name=f"stage {run.stage}" if run.stage in ("1", "2") else run.stage,
+                      data_file=str(run.data))
+    trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, loop.device, flops, chosen)
     losses = trainer.fit(save)
     base = getattr(dataset, "dataset", dataset)  # (under a Subset)
     dropped = getattr(base, "dropped", 0)
