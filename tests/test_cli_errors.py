@@ -173,6 +173,7 @@ def test_chat(chat_model, tmp_path):
         (["--model", chat_model, "--top-p", "2"] + base, "argument --top-p: must be in (0, 1]"),
         (["--model", chat_model, "--prompt", " ", "--device", "cpu"], "--prompt is empty"),
         (["--model", chat_model, "--image", tmp_path / "missing.png"] + base, "missing.png does not exist"),
+        (["--model", chat_model, "--prompt", "word " * 400, "--device", "cpu"], "shorten the prompt, or use a model"),
     ])
 
 
