@@ -5,8 +5,10 @@
     python chat.py --model ADAPTER --model-base BASE --image IMG                # a LoRA adapter on its base
 
 In the chat: `/image PATH` starts a new conversation about another image, `/clear` forgets the
-conversation, `/quit` leaves. The KV cache carries over between turns: a new turn prefills only the
-tokens that are new, never the history.
+conversation, `/quit` (or Ctrl-D, or Ctrl-C at the prompt) leaves. Ctrl-C while an answer streams stops it
+and returns to the prompt; that question and its partial answer are forgotten, so the history holds only
+whole answers. The KV cache carries over between turns: a new turn prefills only the tokens that are new,
+never the history.
 """
 import argparse
 import dataclasses
@@ -26,6 +28,10 @@ from llava_min.errors import ImageError, InputError, OptionError
 from llava_min.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PastContext(InputError):
+    """A prompt longer than the model's context; the caller says what to do (only the chat has /clear)."""
 
 
 def partial_marker(text: str, end) -> int:
@@ -79,8 +85,17 @@ class Chat:
         turns = self.turns + [{"from": "human", "value": text}]
         ids = self.prompt_ids(turns)
         if len(ids) + 1 > self.max_len:
-            raise InputError(f"the conversation is {len(ids)} tokens, the model's context is {self.max_len}: /clear")
+            raise PastContext(f"the prompt is {len(ids)} tokens with the image and the conversation so far, the "
+                              f"model's context is {self.max_len}")
         k = self.reuse(ids)
+        try:
+            return self.answer(turns, ids, k, stream)
+        except KeyboardInterrupt:  # stopped mid-answer: the turn is forgotten, the cache trusted up to k only
+            self.cached_ids = ids[:k]
+            raise
+
+    def answer(self, turns: list, ids: list, k: int, stream) -> str:
+        """Generates the reply to `ids`, of which the cache holds the first k."""
         self.cache.length = k
         new = torch.tensor([ids[k:]], device=self.cache.k[0].device)
         has_image = bool((new == self.model.cfg.image_token_id).any())
@@ -156,8 +171,12 @@ def open_chat(args) -> Chat:
 def say(chat: Chat, text: str) -> None:
     try:
         chat.ask(text, stream=lambda piece: print(piece, end="", flush=True))
+    except PastContext as e:
+        print(f"[{e}: {'/clear to start over, or ' if chat.turns else ''}ask something shorter]", end="")
     except InputError as e:
         print(f"[{e}]", end="")
+    except KeyboardInterrupt:
+        print(" [stopped; this question and its answer are forgotten]", end="")
     print()
 
 
@@ -169,6 +188,8 @@ def command(chat: Chat, line: str) -> bool:
     if name == "/clear":
         chat.clear()
         print("[conversation cleared]")
+    elif name == "/image" and not arg.strip():
+        print("[usage: /image PATH, a new conversation about the image at PATH]")
     elif name == "/image":
         try:
             chat.set_image(Path(arg.strip()).expanduser())
@@ -188,7 +209,8 @@ def user_lines():
     while True:
         try:
             yield input("USER: ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave
+            print()
             return
 
 
@@ -205,12 +227,17 @@ def main(argv=None):
     if args.prompt is not None:
         try:
             chat.ask(args.prompt, stream=lambda piece: print(piece, end="", flush=True))
-        except InputError as e:  # a prompt past the context: no answer, so not a success
-            sys.exit(str(e))
+        except PastContext as e:  # no answer, so not a success
+            sys.exit(f"--prompt: {e}: shorten the prompt, or use a model with a longer context")
         print()
         return
-    print("[/image PATH: new image, /clear: forget the conversation, /quit: leave]")
-    for line in user_lines():
+    print("[/image PATH: new image, /clear: forget the conversation, /quit: leave; Ctrl-C stops an answer]")
+    converse(chat, user_lines())
+
+
+def converse(chat: Chat, lines) -> None:
+    """The chat's loop over typed lines: /commands, or a question answered as it streams."""
+    for line in lines:
         line = line.strip()
         if not line:
             continue

@@ -14,7 +14,9 @@ eval.json (held-out images), written last, so its presence means the world is co
 records the settings, and a run with other settings into the same --out is refused.
 The detail world (--world detail) draws its instruction and held-out images at twice --image-size,
 with patterns only full resolution shows, and its stage-1 images (train/NNNNNN-low.png) at --image-size.
-COCO outputs: responses.jsonl (the teacher's answers; a rerun resumes it), instruct.json, pretrain.json.
+COCO outputs: responses.jsonl (the teacher's answers; a rerun resumes it), then instruct.json and
+pretrain.json, written only once every request is answered. An endpoint that does not answer is named
+within seconds, before anything is written.
 """
 import argparse
 import json
@@ -29,6 +31,7 @@ from llava_min.files import only_run, write_json
 from llava_min.data.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human, parse_response,
                                 read_coco)
 from llava_min.data.teacher import ChatClient, run_requests
+from llava_min.errors import DataError, TeacherError
 from llava_min.toy.build import WorldConfig, build_world
 from llava_min.toy.world import WORLDS
 
@@ -73,12 +76,20 @@ def run_coco(args) -> dict:
     if not os.environ.get("OPENAI_API_KEY"):
         print("note: OPENAI_API_KEY is not set; requests go without an Authorization header")
     client = ChatClient(args.api_base, args.model)
+    client.check_reachable()
     args.types = list(dict.fromkeys(args.types))  # "--types detail detail" asks once
     requests = [(f"{c.image}|{t}", build_messages(t, c.captions, c.boxes), None) for c in contexts for t in args.types]
     responses = args.out / "responses.jsonl"
     with only_run(args.out), tqdm(total=len(requests), desc="teacher", unit="req") as bar:
+        (args.out / "instruct.json").unlink(missing_ok=True)  # its presence means every request was answered
         counts = run_requests(requests, client, responses, workers=args.workers or 4, progress=bar)
+    if counts["failed"]:
+        raise TeacherError(f"{counts['failed']} of {len(requests)} requests to {client.url} failed (listed above); "
+                           f"instruct.json is written once all are answered: rerun to retry them")
     records, malformed = coco_records(contexts, responses, args.types, args.seed)
+    if not records:  # (a script must not go on to train on nothing)
+        raise DataError(f"{responses}: none of the {malformed} answers is a record the parser reads; check --model, "
+                        "or remove the file to ask again")
     write_json(args.out / "instruct.json", records)
     rng = random.Random(args.seed)
     write_json(args.out / "pretrain.json", [
@@ -86,8 +97,7 @@ def run_coco(args) -> dict:
          "conversations": [human(rng.choice(BRIEF_INSTRUCTIONS), image=True), gpt(rng.choice(c.captions))]}
         for c in contexts])
     print(f"{len(records)} records in {args.out / 'instruct.json'}; {malformed} malformed responses skipped "
-          f"(for good: they stay in responses.jsonl as answered); "
-          f"{counts['failed']} requests failed (rerun to retry them)")
+          f"(for good: they stay in responses.jsonl as answered)")
     return {**counts, "records": len(records), "malformed": malformed}
 
 
@@ -129,12 +139,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.coco_captions:
         try:
-            counts = run_coco(args)
+            return run_coco(args)
         except KeyboardInterrupt:
             raise SystemExit("interrupted; what was answered is kept, rerun to continue") from None
-        if counts["failed"] or not counts["records"]:  # (a script must not go on to train on nothing)
-            raise SystemExit(1)
-        return counts
     counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers,
                          vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb, world=args.world)
     print(f"wrote {counts['images']} images and {counts['instruct']} instruction records to {args.out}"

@@ -138,3 +138,59 @@ def test_compiled_decoding_keeps_a_conversation_identical(chat_model, monkeypatc
         session.max_new_tokens = 10
         replies.append([session.ask("Describe it."), session.ask("And the colors?"), list(session.cached_ids)])
     assert replies[0] == replies[1]
+
+
+def test_ctrl_c_mid_answer_stops_it_and_the_chat_goes_on_with_whole_turns(chat_model, monkeypatch, capsys):
+    """The interrupted question and its partial answer are forgotten; the next answer is the one a fresh chat
+    with the same history gives, so the KV cache kept nothing of the stopped turn."""
+    real, calls = chat.generate, []
+
+    def generate(*args, on_token, **kwargs):
+        calls.append(1)
+        if len(calls) != 2:
+            return real(*args, on_token=on_token, **kwargs)
+        seen = []
+
+        def then_ctrl_c(token):
+            on_token(token)
+            seen.append(token)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+        return real(*args, on_token=then_ctrl_c, **kwargs)
+    monkeypatch.setattr(chat, "generate", generate)
+    session = open_chat(chat_model)
+    session.set_image(chat_model / "cat.png")
+    session.max_new_tokens = 8
+    chat.converse(session, iter(["Describe it.\n", "And the colors?\n", "What shape?\n", "/quit\n", "never\n"]))
+    out = capsys.readouterr().out
+    assert out.count("ASSISTANT:") == 3 and out.count("[stopped;") == 1 and len(calls) == 3
+    assert [t["value"] for t in session.turns[::2]] == ["Describe it.", "What shape?"]
+    fresh = open_chat(chat_model)
+    fresh.set_image(chat_model / "cat.png")
+    fresh.max_new_tokens = 8
+    fresh.turns = session.turns[:2]
+    assert fresh.ask("What shape?") == session.turns[3]["value"]
+
+
+def test_ctrl_c_or_ctrl_d_at_the_prompt_leaves(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    for key in (KeyboardInterrupt, EOFError):
+        monkeypatch.setattr("builtins.input", lambda prompt, key=key: (_ for _ in ()).throw(key()))
+        assert list(chat.user_lines()) == []
+
+
+def test_image_without_a_path_and_prompts_past_the_context_say_what_to_do(chat_model, capsys):
+    session = open_chat(chat_model)
+    chat.converse(session, iter(["/image\n", "/image   \n", "word " * 400 + "\n", "Hi\n", "word " * 400 + "\n"]))
+    out = capsys.readouterr().out
+    assert out.count("[usage: /image PATH") == 2 and "does not exist" not in out
+    first, second = [line for line in out.splitlines() if "the model's context is 256" in line]
+    assert "/clear" not in first and "ask something shorter" in first  # nothing to clear yet
+    assert "/clear to start over" in second
+    with pytest.raises(SystemExit) as stop:  # one-shot: no /clear to suggest
+        chat.main(["--model", str(chat_model), "--prompt", "word " * 400, "--device", "cpu"])
+    assert "shorten the prompt, or use a model with a longer context" in str(stop.value)
+    assert "/clear" not in str(stop.value)

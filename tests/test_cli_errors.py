@@ -173,6 +173,7 @@ def test_chat(chat_model, tmp_path):
         (["--model", chat_model, "--top-p", "2"] + base, "argument --top-p: must be in (0, 1]"),
         (["--model", chat_model, "--prompt", " ", "--device", "cpu"], "--prompt is empty"),
         (["--model", chat_model, "--image", tmp_path / "missing.png"] + base, "missing.png does not exist"),
+        (["--model", chat_model, "--prompt", "word " * 400, "--device", "cpu"], "shorten the prompt, or use a model"),
     ])
 
 
@@ -193,6 +194,7 @@ def test_eval(chat_model, tmp_path):
         (model + ["--data", tmp_path / "broken.json"], f"{tmp_path / 'broken.json'} is not valid JSON"),
         (model + ["--data", tmp_path / "eval.json", "--image-folder", tmp_path / "nowhere"], "argument --image-folder"),
         (model + ["--data", tmp_path / "eval.json", "--image-folder", tmp_path], "eval.json: record q1: image "),
+        (model + ["--bench", tmp_path / "eval.json", "--api-base", closed_url()], "did not answer: connection refused"),
     ])
 
 
@@ -225,6 +227,14 @@ def test_lora_merge(chat_model, tmp_path):
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
+def closed_url() -> str:
+    """An endpoint on a local port nothing listens on (bound, then closed): refused, offline."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
 def run_catalogue_ok(target: str, argv: list) -> dict:
     payload = json.dumps([{"target": target, "argv": [str(a) for a in argv]}])
     done = subprocess.run([sys.executable, "-c", DRIVER, payload], cwd=ROOT, capture_output=True, text=True,
@@ -238,6 +248,11 @@ def test_gen_data_bench_and_memory(tmp_path):
     """(gen_data.py checks its --out before drawing anything; bench and memory are one process each.)"""
     from llava_min.toy.build import build_world
     build_world(tmp_path / "w", num_images=2, num_eval=1, image_size=32, workers=1, progress=False)
+    captions, instances = tmp_path / "captions.json", tmp_path / "instances.json"
+    image = {"id": 1, "file_name": "1.jpg", "width": 10, "height": 10}
+    captions.write_text(json.dumps({"images": [image], "annotations": [{"image_id": 1, "caption": "A cat."}]}))
+    instances.write_text(json.dumps({"images": [image], "annotations": [], "categories": []}))
+    url = closed_url()
     run_catalogue("gen_data.py", [
         (["--out", read_only() / "llava-min-world"], f"argument --out: cannot write in {read_only()}"),
         (["--out", tmp_path / "w", "--num-images", "3", "--num-eval", "1", "--image-size", "32", "--workers", "1"],
@@ -246,7 +261,10 @@ def test_gen_data_bench_and_memory(tmp_path):
         (["--out", tmp_path / "x", "--workers", "0"], "argument --workers: must be above 0"),
         (["--out", tmp_path / "x", "--coco-captions", tmp_path / "c.json", "--coco-instances", tmp_path / "i.json"],
          "argument --coco-captions: "),
+        (["--out", tmp_path / "coco", "--coco-captions", captions, "--coco-instances", instances, "--teacher", "openai",
+          "--api-base", url], f"{url}/chat/completions did not answer: connection refused"),
     ])
+    assert not (tmp_path / "coco" / "instruct.json").exists()
     run_catalogue("llava_min.tools.bench", [
         (["--repeats", "0"], "argument --repeats: must be above 0"),
         (["--batches", "1", "0"], "argument --batches: must be above 0"),

@@ -107,6 +107,16 @@ def test_every_readme_command_runs_or_is_listed(stand_ins):
             run(command, stand_ins)
 
 
+def test_the_quick_start_installs_the_cpu_torch_first_and_ci_follows_it():
+    """Followed line by line, the quick start installs the CPU torch before requirements.txt could pull a
+    CUDA build; .ci/run runs the same install lines in the same order."""
+    installs = [c.split(" && ")[0] for c in commands(ROOT / "README.md")
+                if c.startswith("pip install") and ("torch" in c or "requirements" in c)]
+    assert installs[0] == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    ci = (ROOT / ".ci/run").read_text()
+    assert [ci.index(c) for c in installs] == sorted(ci.index(c) for c in installs)
+
+
 def test_the_readme_python_snippet_runs(stand_ins):
     (snippet,) = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     snippet = snippet.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32")

@@ -110,7 +110,8 @@ def test_llava_bench_with_a_fake_judge(chat_model, tmp_path):
     model, tok = ev_model(chat_model)
     out = lb.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0),
                          max_new_tokens=5)
-    assert out["llava_bench"]["conv"]["relative"] == 55.6 and out["unparsed_verdicts"] == 3
+    assert out["llava_bench"]["conv"]["relative"] == 55.6
+    assert out["unparsed_verdicts"] == 2 and out["failed_judgements"] == 1  # a failed request is no verdict
     assert "detail" not in out["llava_bench"]
     assert all("[Assistant 2]\n" + a["answer"] in seen for a, seen in zip(out["answers"], judge.seen))
     del bench[1]["reference"]  # a bad item: named before any answer is generated or any judge paid
@@ -120,6 +121,38 @@ def test_llava_bench_with_a_fake_judge(chat_model, tmp_path):
         lb.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "judge", backoff=0))
     assert len(judge.seen) == asked
     judge.server.shutdown()
+
+
+def test_a_judge_that_answers_nothing_gives_no_scores_and_one_that_does_not_answer_stops_before_any(
+        chat_model, tmp_path, monkeypatch):
+    import numpy as np
+    import socket
+    from PIL import Image
+    import llava_min.data.teacher as teacher
+    from llava_min.cli import run
+    from llava_min.errors import TeacherError
+    from llava_min.eval.__main__ import main
+    monkeypatch.setattr(teacher.time, "sleep", lambda s: None)
+    Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    bench = [{"id": f"q{i}", "image": "x.png", "category": "conv", "context": "A black square.", "question": "What?",
+              "reference": "A black square."} for i in range(2)]
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    judge = FakeJudge([400, 400])  # every judgement fails: no score of 0 items, an error
+    model, tok = ev_model(chat_model)
+    with pytest.raises(TeacherError, match="bench.json: no item was scored \\(2 judge requests failed"):
+        lb.llava_bench(model, tok, tmp_path / "bench.json", tmp_path, ChatClient(judge.url, "j", backoff=0),
+                       max_new_tokens=2)
+    judge.server.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # closed when the block ends: refused
+    loaded = []
+    monkeypatch.setattr("llava_min.eval.__main__.load_model", lambda *a, **k: loaded.append(a))
+    argv = ["--model", str(chat_model), "--bench", str(tmp_path / "bench.json"), "--image-folder", str(tmp_path),
+            "--api-base", closed, "--device", "cpu", "--out", str(tmp_path / "results.json")]
+    with pytest.raises(SystemExit, match=f"error: {closed}/chat/completions did not answer: connection refused"):
+        run(lambda: main(argv))
+    assert not loaded and not (tmp_path / "results.json").exists()  # named before the model is loaded
 
 
 def test_answers_stay_inside_the_context_and_a_prompt_past_it_is_named(chat_model, tmp_path, monkeypatch):

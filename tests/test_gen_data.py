@@ -9,10 +9,10 @@ import pytest
 
 import gen_data
 from llava_min.cli import run
-from llava_min.errors import DataError, InputError, OptionError
+from llava_min.errors import DataError, InputError, OptionError, TeacherError
 from llava_min.data.gpt_data import (SYSTEM, MalformedResponse, build_messages, context_text, parse_response, read_coco,
                                 response_type)
-from llava_min.data.teacher import ChatClient, FatalTeacherError, run_requests
+from llava_min.data.teacher import ChatClient, FatalTeacherError, Unreachable, run_requests
 from llava_min.toy.build import build_world
 
 KEY = "sk-test-SECRET-4711"
@@ -490,10 +490,12 @@ def test_bad_world_flags_and_a_run_with_nothing_to_train_on_exit_nonzero(tmp_pat
         gen_data.main(["--out", str(tmp_path / "w"), "--num-images", "0"])
     server = fake(status=400)  # every request fails: no record to train on
     caps_file, inst_file = coco_files(tmp_path)
-    with pytest.raises(SystemExit) as stop:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "instruct.json").write_text("[]")  # an earlier run's: not the answers to this run's requests
+    with pytest.raises(TeacherError, match="9 of 9 requests to .* failed .* rerun to retry them"):
         gen_data.main(["--coco-captions", str(caps_file), "--coco-instances", str(inst_file), "--teacher", "openai",
                        "--api-base", server.url, "--model", "m", "--out", str(tmp_path / "out")])
-    assert stop.value.code == 1
+    assert not (tmp_path / "out" / "instruct.json").exists()  # its presence would mean done
 
 
 def test_ctrl_c_sends_nothing_more_than_what_is_in_flight(tmp_path, requests, monkeypatch):
@@ -515,3 +517,59 @@ def test_ctrl_c_sends_nothing_more_than_what_is_in_flight(tmp_path, requests, mo
     with pytest.raises(KeyboardInterrupt):
         run_requests(requests, teacher, tmp_path / "r.jsonl", workers=1)  # 2 submitted: 1 running, 1 queued
     assert len(sent) == 1 and len((tmp_path / "r.jsonl").read_text().splitlines()) == 1  # the one in flight is kept
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then closed): a refused connection, offline."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_endpoint_that_does_not_answer_is_named_at_once_and_nothing_looks_finished(monkeypatch, tmp_path):
+    import llava_min.data.teacher as teacher
+    naps = []
+    monkeypatch.setattr(teacher.time, "sleep", naps.append)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    caps_file, inst_file = coco_files(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--coco-captions", caps_file, "--coco-instances", inst_file, "--teacher", "openai", "--api-base", url,
+            "--out", out]
+    with pytest.raises(SystemExit, match=f"error: {url}/chat/completions did not answer: connection refused "
+                                         r"\(3 attempts\); check --api-base") as stop:
+        run(lambda: gen_data.main([str(a) for a in argv]))
+    assert KEY not in str(stop.value) and len(naps) == 2 and sum(naps) <= 3  # a few short waits, not minutes
+    assert not (out / "instruct.json").exists() and not (out / "responses.jsonl").exists()
+    with pytest.raises(Unreachable, match="connection refused"):  # a request, not only the first check
+        ChatClient(url, "m")([{"role": "user", "content": "hi"}])
+
+
+def test_a_server_that_takes_the_connection_but_never_replies_times_out(monkeypatch):
+    import socket
+    import llava_min.data.teacher as teacher
+    monkeypatch.setattr(teacher.time, "sleep", lambda s: None)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections queue in the backlog; nothing is ever read or answered
+        client = ChatClient(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "m", timeout=0.2)
+        with pytest.raises(Unreachable, match="did not answer: timed out"):
+            client([{"role": "user", "content": "hi"}])
+
+
+def test_why_a_request_got_no_reply_is_said_in_words():
+    import socket
+    import urllib.error
+    from llava_min.data.teacher import why_unanswered
+    assert why_unanswered(urllib.error.URLError(ConnectionRefusedError(111, "refused"))) == "connection refused"
+    dns = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    assert why_unanswered(dns) == "the host name did not resolve (Name or service not known)"
+    assert why_unanswered(TimeoutError("timed out")) == "timed out"
+
+
+def test_an_endpoint_that_fails_every_few_requests_is_retried_not_stopped(tmp_path, requests, fake):
+    server = fake()  # 429 then 500 for each request: a reply, so the run goes on
+    client = ChatClient(server.url, "m", backoff=0)
+    client.check_reachable()  # its GET is answered 501: an answer all the same
+    assert run_requests(requests[:2], client, tmp_path / "r.jsonl", workers=1)["answered"] == 2

@@ -2,7 +2,8 @@
 resumable way to ask it many questions.
 
 `ChatClient` speaks to the endpoint with the standard library: retries with backoff, the key read from the
-environment and never shown, redirects refused. `run_requests` keeps a few requests in flight and appends
+environment and never shown, redirects refused; an endpoint that does not answer at all (connection refused,
+a host name that does not resolve, a timeout) stops the run after a few seconds. `run_requests` keeps a few requests in flight and appends
 each answer (with a digest of its request and who answered) to a JSONL file as it arrives, so an
 interrupted run resumes without losing, redoing or mixing work. Standard library only.
 """
@@ -12,6 +13,7 @@ import json
 import os
 import random
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -29,6 +31,22 @@ class FatalTeacherError(TeacherError):
     """The endpoint refuses every request (bad key, no such model or URL): the run stops."""
 
 
+class Unreachable(FatalTeacherError):
+    """The endpoint did not answer: nothing listens at the URL, its host does not resolve, or it timed out."""
+
+
+def why_unanswered(e: OSError) -> str:
+    """What the operating system said about a request that got no reply, in words."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"the host name did not resolve ({reason.strerror})"
+    if isinstance(reason, TimeoutError):
+        return "timed out"
+    return str(reason)
+
+
 class RefuseRedirects(urllib.request.HTTPRedirectHandler):
     """A redirect would carry the Authorization header (the key) to wherever it points: not followed."""
 
@@ -41,17 +59,21 @@ NO_REDIRECTS = urllib.request.build_opener(RefuseRedirects)
 
 
 class ChatClient:
-    """POST {api_base}/chat/completions. Retries 429, 5xx, timeouts and connection errors with exponential
-    backoff and jitter (Retry-After respected). The key is read from the environment at each request and
-    never stored, shown, logged or written."""
+    """POST {api_base}/chat/completions. Retries 429, 5xx and replies cut off with exponential backoff and
+    jitter (Retry-After respected). A request that gets no reply (not connected, or no answer in `timeout`)
+    is tried `connect_retries` more times, a second or two apart, then ends the run: every other request
+    would wait the same way. The key is read from the environment at each request and never stored, shown,
+    logged or written."""
 
     def __init__(self, api_base: str, model: str, key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0, temperature: float = 0.7):
+                 max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0, temperature: float = 0.7,
+                 connect_retries: int = 2):
         if not URL.fullmatch(api_base):  # (urllib would raise its ValueError at the first request)
             raise OptionError(f"--api-base {api_base!r} is not an http:// or https:// URL")
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.key_env, self.timeout, self.temperature = model, key_env, timeout, temperature
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.connect_retries = connect_retries
 
     def __repr__(self):
         return f"ChatClient({self.url!r}, model={self.model!r}, key from ${self.key_env})"
@@ -80,6 +102,30 @@ class ChatClient:
         if check and any(c.isspace() or not c.isprintable() or not c.isascii() for c in key):
             raise FatalTeacherError(f"${self.key_env} holds whitespace, control or non-ASCII characters (not shown)")
         return key
+
+    def answered(self, send):
+        """`send()`, tried again briefly while it gets no reply; then Unreachable, naming the URL and why."""
+        for attempt in range(self.connect_retries + 1):
+            try:
+                return send()
+            except urllib.error.HTTPError:
+                raise  # a reply, with an error status: the caller sorts it
+            except (urllib.error.URLError, TimeoutError) as e:
+                why = self.redact(why_unanswered(e))[:200]
+            if attempt < self.connect_retries:
+                time.sleep(min(self.backoff, 1.0) * 2 ** attempt)
+        raise Unreachable(f"{self.url} did not answer: {why} ({attempt + 1} attempts); check --api-base and that "
+                          "the server is running")
+
+    def check_reachable(self, timeout: float = 10.0) -> None:
+        """Before a long run: one GET without the key (nothing is paid). Any HTTP reply, 404 or 405 included,
+        shows the endpoint answers; none raises Unreachable."""
+        def probe():
+            try:
+                NO_REDIRECTS.open(urllib.request.Request(self.url, method="GET"), timeout=timeout).close()
+            except urllib.error.HTTPError as e:
+                e.close()
+        self.answered(probe)
 
     def post(self, messages: list) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature}).encode()
@@ -115,7 +161,7 @@ class ChatClient:
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
-                return self.post(messages)
+                return self.answered(lambda: self.post(messages))
             except urllib.error.HTTPError as e:
                 detail = self.redact(e.read(4096).decode("utf-8", "replace"), cut=True) if e.fp else ""
                 if 300 <= e.code < 400:
@@ -127,7 +173,7 @@ class ChatClient:
                 if e.code not in (408, 429) and e.code < 500:
                     raise TeacherError(f"{self.url}: {reason}")
                 retry_after = e.headers.get("Retry-After")
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            except (http.client.HTTPException, OSError) as e:  # connected, then cut off
                 reason = f"{type(e).__name__}: {self.redact(str(e))[:200]}"
             if attempt == self.max_retries:
                 raise TeacherError(f"{self.url}: {reason}; gave up after {attempt + 1} attempts")

@@ -39,6 +39,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.data and not args.bench:
         p.error("give --data and/or --bench")
+    if args.bench:  # a judge that does not answer is named now, not after every answer is generated
+        judge = ChatClient(args.api_base, args.judge_model, temperature=0.2)  # as the official eval_gpt_review
+        judge.check_reachable()
     model = load_model(args.model, args.model_base, device=args.device)
     try:
         check_template(model.cfg.template)
@@ -54,7 +57,6 @@ def main(argv=None):
                                                batch_size=args.batch_size, limit=args.limit)["scores"]
         print_table(results["scores"], results.get("blind_scores"))
     if args.bench:
-        judge = ChatClient(args.api_base, args.judge_model, temperature=0.2)  # as the official eval_gpt_review
         results.update(llava_bench(model, tok, args.bench, args.image_folder, judge))
         for category, s in results["llava_bench"].items():
             print(f"LLaVA-Bench {category:<14} relative {s['relative']:>6.1f}  (model {s['model']}, reference "

@@ -49,24 +49,31 @@ BENCH_FIELDS = ("image", "category", "context", "question", "reference")
 
 def llava_bench(model, tok, bench_path, image_folder, judge, batch_size=8, max_new_tokens=512) -> dict:
     """bench.json: [{"id", "image", "category", "context", "question", "reference"}]; `judge(messages)`
-    returns the judge's text (a ChatClient). Unparseable verdicts are counted, not scored."""
+    returns the judge's text (a ChatClient). A verdict the judge did not give (its request failed) and one
+    that does not follow the format are counted apart, not scored; with no verdict scored at all there is
+    no score, and an error says why."""
     items = read_json(bench_path)
     check_items(items, bench_path, image_folder,
                 lambda it: check_fields(it, {"id": (str, int), **dict.fromkeys(BENCH_FIELDS, str)}))
     records = [{**it, "conversations": [{"from": "human", "value": "<image>\n" + it["question"]}]} for it in items]
     answers = answer(model, tok, records, image_folder, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    judged, failed = [], 0
+    judged, unparsed, failed = [], 0, 0
     for it, ans in zip(items, answers):
         try:
             scores = parse_scores(judge(judge_messages(it["context"], it["question"], it["reference"], ans)))
         except FatalTeacherError:
-            raise  # a refused key or a wrong model: every other item would fail the same way
+            raise  # a refused key, a wrong model, no answer at all: every other item would fail the same way
         except TeacherError as e:  # this item's judgement failed: counted, the others go on
             print(f"LLaVA-Bench item {it['id']}: the judge failed ({e})")
-            scores = None
-        if scores is None:
             failed += 1
+            continue
+        if scores is None:
+            unparsed += 1
         else:
             judged.append((it["category"], scores))
-    return {"llava_bench": relative_scores(judged), "unparsed_verdicts": failed,
+    if not judged:
+        raise TeacherError(
+            f"{bench_path}: no item was scored ({failed} judge requests failed, {unparsed} verdicts without the two "
+            "scores on their first line)")
+    return {"llava_bench": relative_scores(judged), "unparsed_verdicts": unparsed, "failed_judgements": failed,
             "answers": [{"id": it["id"], "answer": a} for it, a in zip(items, answers)]}
