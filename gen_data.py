@@ -76,7 +76,7 @@ def run_coco(args) -> dict:
     args.types = list(dict.fromkeys(args.types))  # "--types detail detail" asks once
     requests = [(f"{c.image}|{t}", build_messages(t, c.captions, c.boxes), None) for c in contexts for t in args.types]
     responses = args.out / "responses.jsonl"
-    with only_run(args.out), tqdm(total=len(requests), desc="teacher", unit="req") as bar:
+    with only_run(args.out, args.out / ".gen_data.lock"), tqdm(total=len(requests), desc="teacher", unit="req") as bar:
         counts = run_requests(requests, client, responses, workers=args.workers or 4, progress=bar)
     records, malformed = coco_records(contexts, responses, args.types, args.seed)
     write_json(args.out / "instruct.json", records)

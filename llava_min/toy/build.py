@@ -174,7 +174,7 @@ def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_si
     cfg = WorldConfig(num_images, num_eval, seed, image_size, **options)
     cfg.check()
     out = Path(out_dir)
-    with only_run(out):  # a world is never redrawn over one drawn with other settings
+    with only_run(out, out / ".gen_data.lock"):  # a world is never redrawn over one drawn with other settings
         same_settings(out / "world_config.json", asdict(cfg), f"the world in {out} was")
         return write_world(cfg, out, workers, progress)
 
