@@ -3,6 +3,7 @@ random generators, written atomically; a resumed run must share the interrupted 
 `resume_signature`)."""
 import errno
 import hashlib
+import os
 import random
 import shutil
 from pathlib import Path
@@ -143,7 +144,10 @@ class Snapshots:
         return torch.load(self.directory / "state.pt", weights_only=True)["step"]
 
     def remove(self) -> None:
-        """A finished run's checkpoint supersedes its snapshot."""
+        """A finished run's checkpoint supersedes its snapshot. Its log, which a checkpoint's swap takes along
+        (save.checkpoint_dir), joins the output here where the run saved otherwise."""
+        if (self.directory / LOG).is_file():
+            os.replace(self.directory / LOG, self.directory.parent / LOG)
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def rng_state(self) -> dict:
