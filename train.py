@@ -9,7 +9,7 @@ Stage 1 (feature alignment) trains only the projector W on caption pairs; stage 
 fine-tuning) trains W and the LLM on instruction data; CLIP stays frozen in both. The toy world also
 needs `--stage tokenizer`, `--stage clip` and `--stage lm`, because LLaVA starts from a pretrained CLIP and LLM.
 Every record is checked before the first step; a finished model in --out is replaced only with --overwrite,
-and only once the new one is complete (a crash leaves the old one).
+and only once the new one is complete (a crash leaves the old one or the new one, never half of one).
 """
 import argparse
 import os

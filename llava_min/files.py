@@ -151,7 +151,7 @@ def room_for(file, needed: int):
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        raise disk_full(Path(file), needed, free) from e
+        raise disk_full(Path(file), needed) from e  # (what is free now, the write having filled it)
 
 
 @contextlib.contextmanager

@@ -214,3 +214,11 @@ def test_a_real_small_disk(small_disk, monkeypatch, where):
                 lambda xs: {"x": torch.stack(xs)}, lambda m, b: m.w(b["x"]).pow(2).sum(), lambda b: len(b["x"]),
                 cfg).fit(lambda: None)
     assert sorted(p.name for p in small_disk.iterdir() if not p.name.startswith("run")) == []
+
+
+def test_gen_data_on_a_small_disk_names_what_did_not_fit(small_disk):
+    import gen_data
+    with pytest.raises(DiskFullError, match=f"cannot write {small_disk / 'world'}/.*: no space left on its disk"):
+        gen_data.main(["--out", str(small_disk / "world"), "--num-images", "200", "--num-eval", "20",
+                       "--image-size", "32", "--workers", "1"])
+    assert not (small_disk / "world" / "eval.json").exists()  # (the file whose presence means "done")
