@@ -2,6 +2,7 @@
 disk (one line naming the file, the space it needs and the space free; the last snapshot kept), and a crash
 at each step of the swap that puts a new model in place (one complete model with its own log, the new one
 whenever it was complete)."""
+import contextlib
 import errno
 import json
 import os
@@ -32,13 +33,20 @@ def sleeper():
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 KB file system (a tmpfs, where this test may mount one)."""
-    where = tmp_path / "disk"
+    with mounted(tmp_path / "disk", 256 * 1024) as where:
+        yield where
+
+
+@contextlib.contextmanager
+def mounted(where, size: int):
     where.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
-                                                       capture_output=True).returncode != 0:
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                                        str(where)], capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
-    yield where
-    subprocess.run(["umount", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
 
 
 # ---------------------------------------------------------------- one run per output
@@ -222,3 +230,25 @@ def test_gen_data_on_a_small_disk_names_what_did_not_fit(small_disk):
         gen_data.main(["--out", str(small_disk / "world"), "--num-images", "200", "--num-eval", "20",
                        "--image-size", "32", "--workers", "1"])
     assert not (small_disk / "world" / "eval.json").exists()  # (the file whose presence means "done")
+
+
+def test_lora_merge_overwrite_on_a_full_disk_says_so_in_one_line_and_keeps_the_old_model(chat_model, tmp_path):
+    import llava_min
+    from llava_min.checkpoint.save import save_adapter
+    from llava_min.model.low_rank import LoRAConfig, add_lora
+    model = llava_min.load(chat_model)
+    add_lora(model.language_model, LoRAConfig(r=2, alpha=4.0, dropout=0.0))
+    save_adapter(model, tmp_path / "adapter", base=chat_model)
+    size = sum(p.stat().st_size for p in chat_model.iterdir())
+    with mounted(tmp_path / "disk", size * 3 // 2) as disk:
+        shutil.copytree(chat_model, disk / "merged")
+        before = {p.name: p.read_bytes() for p in (disk / "merged").iterdir()}
+        done = subprocess.run([sys.executable, "-m", "llava_min.lora", "merge", "--base", str(chat_model), "--adapter",
+                               str(tmp_path / "adapter"), "--out", str(disk / "merged"), "--overwrite"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(
+            f"lora.py: error: cannot write {disk / 'merged' / 'model.safetensors'}: no space left on its disk ("), \
+            done.stderr
+        assert {p.name: p.read_bytes() for p in (disk / "merged").iterdir()} == before
+        assert sorted(p.name for p in disk.iterdir()) == ["merged"]
