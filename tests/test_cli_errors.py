@@ -109,15 +109,6 @@ def world(tmp_path):
     return tmp_path
 
 
-@pytest.fixture
-def running():
-    """A live process that is not the command under test: the holder of a lock (its pid)."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    yield process.pid
-    process.kill()
-    process.wait()
-
-
 def test_train(world, hf_clip_dir, hf_llama_dir, tiny_tokenizer, running):
     t = world
     (t / ".locked.lock").write_text(str(running))  # another run writes --out locked

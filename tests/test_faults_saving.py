@@ -19,15 +19,7 @@ import llava_min.files
 from llava_min.checkpoint.save import checkpoint_dir, finished_checkpoint, save_pretrained
 from llava_min.files import DiskFullError, InputError, aside, only_run, write_json
 from llava_min.train.trainer import TrainConfig, Trainer
-
-
-@pytest.fixture
-def sleeper():
-    """A live process that is not this one: the holder of a lock."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield process.pid
-    process.kill()
-    process.wait()
+from test_saving import Killed, killed_at
 
 
 @pytest.fixture
@@ -52,11 +44,11 @@ def mounted(where, size: int):
 # ---------------------------------------------------------------- one run per output
 
 
-def test_a_lock_held_by_a_live_process_is_refused_naming_its_pid_and_a_dead_ones_is_taken_over(tmp_path, sleeper):
+def test_a_lock_held_by_a_live_process_is_refused_naming_its_pid_and_a_dead_ones_is_taken_over(tmp_path, running):
     out = tmp_path / "out"
     lock = tmp_path / ".out.lock"
-    lock.write_text(str(sleeper))
-    with pytest.raises(InputError, match=f"another run \\(pid {sleeper}\\) is writing {out}"):
+    lock.write_text(str(running))
+    with pytest.raises(InputError, match=f"another run \\(pid {running}\\) is writing {out}"):
         with only_run(out):
             pass
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -66,19 +58,15 @@ def test_a_lock_held_by_a_live_process_is_refused_naming_its_pid_and_a_dead_ones
     assert not lock.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch, sleeper):
-    (tmp_path / ".out.lock").write_text(str(sleeper))
+def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch, running):
+    (tmp_path / ".out.lock").write_text(str(running))
     monkeypatch.setenv("RANK", "1")
     with only_run(tmp_path / "out"):
         pass
-    assert (tmp_path / ".out.lock").read_text() == str(sleeper) and not (tmp_path / "out").exists()
+    assert (tmp_path / ".out.lock").read_text() == str(running) and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- the swap's crash points
-
-
-class Killed(BaseException):
-    """The process dies here: nothing after it runs."""
 
 
 def write_model(tmp, name: str) -> None:
@@ -98,18 +86,8 @@ def test_a_crash_at_each_rename_or_removal_of_the_swap_leaves_one_model_with_its
         (tmp / "metrics.jsonl").write_text("old log\n")
     (out / "resume").mkdir()
     (out / "resume" / "metrics.jsonl").write_text("new log\n")  # the run in progress logs beside its snapshot
-    calls = [0]
-
-    def dies_at_k(fn):
-        def operation(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] >= k:
-                raise Killed
-            return fn(*args, **kwargs)
-        return operation
     with monkeypatch.context() as patch:
-        patch.setattr(os, "replace", dies_at_k(os.replace))
-        patch.setattr(shutil, "rmtree", dies_at_k(shutil.rmtree))
+        killed_at(patch, k, [(os, "replace"), (shutil, "rmtree")])
         try:
             with checkpoint_dir(out) as tmp:
                 write_model(tmp, "new")

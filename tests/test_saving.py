@@ -24,7 +24,7 @@ class Killed(BaseException):
     """The process dies here: nothing after it runs, no clean-up either."""
 
 
-def killed_at(monkeypatch, k: int) -> list:
+def killed_at(monkeypatch, k: int, operations=OPERATIONS) -> list:
     """From the k-th file operation on, every one raises Killed. Returns the call counter."""
     calls = [0]
 
@@ -35,7 +35,7 @@ def killed_at(monkeypatch, k: int) -> list:
                 raise Killed
             return fn(*args, **kwargs)
         return operation
-    for owner, name in OPERATIONS:
+    for owner, name in operations:
         monkeypatch.setattr(owner, name, wrap(getattr(owner, name)))
     return calls
 
