@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llava_min.cli import existing, positive, run, writable
-from llava_min.files import only_run, room_for, write_json
+from llava_min.files import only_run, write_json
 from llava_min.data.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human, parse_response,
                                 read_coco)
 from llava_min.data.teacher import ChatClient, run_requests
@@ -76,7 +76,7 @@ def run_coco(args) -> dict:
     args.types = list(dict.fromkeys(args.types))  # "--types detail detail" asks once
     requests = [(f"{c.image}|{t}", build_messages(t, c.captions, c.boxes), None) for c in contexts for t in args.types]
     responses = args.out / "responses.jsonl"
-    with only_run(args.out, args.out / ".gen_data.lock"), tqdm(total=len(requests), desc="teacher", unit="req") as bar:
+    with only_run(args.out), tqdm(total=len(requests), desc="teacher", unit="req") as bar:
         counts = run_requests(requests, client, responses, workers=args.workers or 4, progress=bar)
     records, malformed = coco_records(contexts, responses, args.types, args.seed)
     write_json(args.out / "instruct.json", records)
@@ -129,16 +129,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.coco_captions:
         try:
-            with room_for(args.out / "responses.jsonl", 0):  # (the other files name themselves: files.write_json)
-                counts = run_coco(args)
+            counts = run_coco(args)
         except KeyboardInterrupt:
             raise SystemExit("interrupted; what was answered is kept, rerun to continue") from None
         if counts["failed"] or not counts["records"]:  # (a script must not go on to train on nothing)
             raise SystemExit(1)
         return counts
-    with room_for(args.out / "images", 0):  # a full disk while the images are drawn: one line naming the folder
-        counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers,
-                             vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb, world=args.world)
+    counts = build_world(args.out, args.num_images, args.num_eval, args.seed, args.image_size, args.workers,
+                         vqa_questions=args.vqa_questions, corpus_mb=args.corpus_mb, world=args.world)
     print(f"wrote {counts['images']} images and {counts['instruct']} instruction records to {args.out}"
           + (f" ({counts['malformed']} malformed teacher responses skipped)" if counts["malformed"] else ""))
     return counts
