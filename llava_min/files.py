@@ -39,11 +39,18 @@ def atomic_dir(path, carry: Optional[Callable[[str], bool]] = None):
     except BaseException as e:  # Ctrl-C too: no half-written copy is left, and the error goes on
         shutil.rmtree(tmp, ignore_errors=True)
         recover_dir(path)  # (the new copy in place if it was complete)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise disk_full(Path(str(e.filename or path).replace(str(tmp), str(path)))) from e
-        if isinstance(e, DiskFullError):
-            raise DiskFullError(str(e).replace(str(tmp), str(path))) from e
+        full = full_disk(e, tmp, path)
+        if full is not None:
+            raise full from e
         raise
+
+
+def full_disk(e: BaseException, tmp: Path, path: Path) -> Optional["DiskFullError"]:
+    """A full disk met while writing `atomic_dir`'s temporary copy, told with the file's real name; None for
+    any other error."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return disk_full(Path(str(e.filename or path).replace(str(tmp), str(path))))
+    return DiskFullError(str(e).replace(str(tmp), str(path))) if isinstance(e, DiskFullError) else None
 
 
 def aside(path: Path, kind: str) -> Path:
