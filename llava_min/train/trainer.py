@@ -120,7 +120,7 @@ class Trainer:
                                      [g["peak_lr"] for g in self.optimizer.param_groups], settings or {})
         self.snapshots = Snapshots(Path(cfg.out_dir) / SNAPSHOT, signature, trainable, self.rank, self.world_size,
                                    self.device)
-        self.log_file = self.snapshots.directory / LOG  # with the run; it enters --out with the model (save.LOG)
+        self.log_file = self.snapshots.directory / LOG  # with the run; it enters --out with the model (checkpoint_dir)
 
     # ------------------------------------------------------------ data order
     def micro_batch_indices(self, first_step: int):
