@@ -9,7 +9,7 @@ Stage 1 (feature alignment) trains only the projector W on caption pairs; stage 
 fine-tuning) trains W and the LLM on instruction data; CLIP stays frozen in both. The toy world also
 needs `--stage tokenizer`, `--stage clip` and `--stage lm`, because LLaVA starts from a pretrained CLIP and LLM.
 Every record is checked before the first step; a finished model in --out is replaced only with --overwrite,
-and only once the new one is complete (a crash leaves the old one).
+and only once the new one is complete (a crash leaves the old one or the new one, never half of one).
 """
 import argparse
 import os
@@ -20,6 +20,7 @@ import torch
 import llava_min
 from llava_min.train import stages
 from llava_min.cli import existing, fraction, positive, run, writable
+from llava_min.files import only_run, recover_dir
 from llava_min.conversation import TEMPLATES
 from llava_min.data.dataset import LlavaDataset, collate
 from llava_min.train.flops import llava_flops_per_token
@@ -148,8 +149,7 @@ def check_stage_args(p, args) -> None:
     if args.out.exists() and args.out.is_file() != is_file:
         p.error(f"--out {args.out} is a {'directory' if is_file else 'file'}, expected a "
                 f"{'file (the tokenizer.model to write)' if is_file else 'directory'}")
-    done = (args.out if args.out.exists() else None) if is_file else \
-        finished_checkpoint(args.out, recover=os.environ.get("RANK", "0") == "0")  # (torchrun: rank 0 alone)
+    done = (args.out if args.out.exists() else None) if is_file else finished_checkpoint(args.out, recover=False)
     if done and not args.overwrite:
         p.error(f"--out {args.out} holds a finished {'tokenizer' if is_file else 'model'} ({done.name}): pass "
                 "--overwrite to replace it (the new one takes its place only once complete), or another --out")
@@ -281,16 +281,19 @@ def toy_stage(args) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.stage is not None:
-        torch.manual_seed(args.seed)  # fresh weights (a random projector, the toy models) depend on the seed only
-        if args.stage in TOY_STAGES:
-            toy_stage(args)
-        else:
-            LLAVA_STAGES[args.stage](*llava_stage(args))
-        leave_world()  # not on an error: the other processes may be waiting in a collective
-        return
-    from llava_min.toy.pipeline import run_ablations, run_pipeline  # the toy pipeline (and its ablation table)
-    (run_ablations if args.ablations else run_pipeline)(toy_run(args), loop(args), LLAVA_STAGES)
+    with only_run(args.out):  # one run per --out: a second would replace the first's model (torchrun: rank 0 locks)
+        if args.stage != "tokenizer" and os.environ.get("RANK", "0") == "0":
+            recover_dir(args.out)  # a swap a crash interrupted, finished by the one process allowed to
+        if args.stage is not None:
+            torch.manual_seed(args.seed)  # fresh weights (a random projector, the toy models) depend on the seed only
+            if args.stage in TOY_STAGES:
+                toy_stage(args)
+            else:
+                LLAVA_STAGES[args.stage](*llava_stage(args))
+            leave_world()  # not on an error: the other processes may be waiting in a collective
+            return
+        from llava_min.toy.pipeline import run_ablations, run_pipeline  # the toy pipeline (and its ablation table)
+        (run_ablations if args.ablations else run_pipeline)(toy_run(args), loop(args), LLAVA_STAGES)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from .checkpoint.peft import adapter_config, load_adapted, merge_adapter
 from .checkpoint.save import finished_checkpoint, save_llava
 from .checkpoint.weights import read_tensors, weight_files
 from .cli import existing, run, writable
+from .files import only_run
 
 
 def stored_dtype(path) -> torch.dtype:
@@ -39,8 +40,14 @@ def main(argv=None):
                        "directory it goes with, if not the one its config names")
     merge.add_argument("--llm", type=existing("dir"), help="an official stage-1 BASE: the LLaMA / Vicuna directory")
     args = p.parse_args(argv)
-    if finished_checkpoint(args.out) and not args.overwrite:
-        merge.error(f"--out {args.out} holds a finished model: pass --overwrite to replace it, or another --out")
+    with only_run(args.out):  # one writer per --out: a second would replace the first's model
+        if finished_checkpoint(args.out) and not args.overwrite:
+            merge.error(f"--out {args.out} holds a finished model: pass --overwrite to replace it, or another --out")
+        merge_into(args)
+
+
+def merge_into(args) -> None:
+    """--adapter merged into --base, saved in --out whole or not at all (checkpoint.save.checkpoint_dir)."""
     trained_on = adapter_config(args.adapter).get("base_model_name_or_path")  # (a wrong --adapter fails fast)
     if trained_on and (args.adapter / trained_on).resolve() != args.base.resolve():
         print(f"note: {args.adapter} was trained on {trained_on}, not on --base {args.base}", file=sys.stderr)

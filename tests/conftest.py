@@ -153,3 +153,14 @@ def parts(tmp_path_factory):
     train.main(["--stage", "clip", "--data", str(data / "pretrain.json"), "--out", str(root / "clip")] + common)
     train.main(["--stage", "lm", "--data", str(data / "corpus.txt"), "--out", str(root / "lm")] + common)
     return root
+
+
+@pytest.fixture
+def running():
+    """A live process that is not the one under test: the holder of a lock (its pid)."""
+    import subprocess
+    import sys
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    yield process.pid
+    process.kill()
+    process.wait()

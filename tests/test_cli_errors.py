@@ -109,8 +109,9 @@ def world(tmp_path):
     return tmp_path
 
 
-def test_train(world, hf_clip_dir, hf_llama_dir, tiny_tokenizer):
+def test_train(world, hf_clip_dir, hf_llama_dir, tiny_tokenizer, running):
     t = world
+    (t / ".locked.lock").write_text(str(running))  # another run writes --out locked
     finished, unfinished, a_file = t / "finished", t / "unfinished", t / "a_file"
     finished.mkdir()
     (finished / "config.json").write_text("{}")
@@ -144,6 +145,8 @@ def test_train(world, hf_clip_dir, hf_llama_dir, tiny_tokenizer):
          "bad.json: 3 of 10 records cannot be used: record gone: bad image: image "),
         (one + ["--data", t / "good.json", "--out", t / "o", "--resume"], "--resume: no snapshot in"),
         (one + ["--data", t / "good.json", "--out", unfinished], "holds the snapshot of an unfinished run (step 2)"),
+        (one + ["--data", t / "good.json", "--out", t / "locked"], f"another run (pid {running}) is writing"),
+        (["--preset", "smoke", "--out", t / "locked"], f"another run (pid {running}) is writing {t / 'locked'}"),
     ])
     line = results[16]["stderr"].strip().splitlines()[-1]  # every bad record, found before the first step
     assert "gone.png does not exist; record noimage: <image> without image" in line and "record escape:" in line
@@ -198,7 +201,7 @@ def test_eval(chat_model, tmp_path):
     ])
 
 
-def test_lora_merge(chat_model, tmp_path):
+def test_lora_merge(chat_model, tmp_path, running):
     import llava_min
     from llava_min.checkpoint.save import save_adapter
     from llava_min.model.low_rank import LoRAConfig, add_lora
@@ -214,12 +217,15 @@ def test_lora_merge(chat_model, tmp_path):
     finished.mkdir()
     (finished / "config.json").write_text("{}")
     merge = ["merge", "--base", chat_model]
+    (tmp_path / ".locked.lock").write_text(str(running))
     results = run_catalogue("llava_min.lora", [
         (merge + ["--adapter", tmp_path / "nowhere", "--out", tmp_path / "m"], "argument --adapter: "),
         (merge + ["--adapter", chat_model, "--out", tmp_path / "m"], f"{chat_model} is not a LoRA adapter"),
         (merge + ["--adapter", misfit, "--out", tmp_path / "m"], "has shape (2, "),
         (merge + ["--adapter", adapter, "--out", tmp_path / "a_file"], "is a file, expected a directory"),
         (merge + ["--adapter", adapter, "--out", finished], f"--out {finished} holds a finished model"),
+        (merge + ["--adapter", adapter, "--out", tmp_path / "locked"],
+         f"another run (pid {running}) is writing {tmp_path / 'locked'}"),
     ])
     assert "note: " in results[2]["stderr"]  # the recorded base is named when it is not --base
     done = run_catalogue_ok("llava_min.lora", merge + ["--adapter", adapter, "--out", tmp_path / "merged"])

@@ -477,12 +477,13 @@ def test_an_api_base_urllib_cannot_send_to_is_an_option_error():
 
 def test_one_run_per_output_directory(tmp_path, monkeypatch):
     import os
-    (tmp_path / ".gen_data.lock").write_text(str(os.getppid()))  # a live process holds it
+    lock = tmp_path.with_name(f".{tmp_path.name}.lock")  # beside the directory it guards
+    lock.write_text(str(os.getppid()))  # a live process holds it
     with pytest.raises(InputError, match="another run \\(pid \\d+\\) is writing"):
         build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
-    (tmp_path / ".gen_data.lock").write_text(str(os.getpid()))  # our own pid: a restarted container's killed run
+    lock.write_text(str(os.getpid()))  # our own pid: a restarted container's killed run
     build_world(tmp_path, num_images=4, num_eval=2, image_size=32, workers=1, progress=False)
-    assert (tmp_path / "eval.json").is_file() and not (tmp_path / ".gen_data.lock").exists()
+    assert (tmp_path / "eval.json").is_file() and not lock.exists()
 
 
 def test_bad_world_flags_and_a_run_with_nothing_to_train_on_exit_nonzero(tmp_path, monkeypatch, fake):

@@ -105,7 +105,7 @@ def test_resume_reproduces_the_uninterrupted_losses(parts, tmp_path, group_by_le
     whole = fit(stage1_model(parts), "2", parts, out=tmp_path / "a", **run)
     first = fit(stage1_model(parts), "2", parts, out=tmp_path / "b", stop_after=3, **run)
     assert (tmp_path / "b" / "resume" / "state.pt").is_file()
-    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a crash in the middle of a log line
+    with open(tmp_path / "b" / "resume" / "metrics.jsonl", "a") as f:  # a crash in the middle of a log line
         f.write('{"step": 4, "lo')
     state = tmp_path / "b" / "resume"  # and between the snapshot's two renames: only the previous one is left
     state.rename(state.with_name(".resume.old"))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from .configs import SELECT_STRATEGY, read_config
-from ..files import SNAPSHOT, atomic_dir, recover_dir
+from ..files import LOG, SNAPSHOT, atomic_dir, in_place, link_copy, recover_dir
 from ..model.clip import VisionConfig, VisionTower, num_features
 from ..model.llama import Llama, LlamaConfig
 from ..model.llava import Llava, LlavaConfig
@@ -78,27 +78,33 @@ def save_pretrained(tensors: dict, config: dict, out_dir, tokenizer_path=None, e
 
 
 def is_checkpoint_file(name: str) -> bool:
-    """What a checkpoint directory's next checkpoint replaces: configs, weights, the tokenizer, and the training
-    snapshot the checkpoint supersedes. Anything else there (the training log, a user's notes) is kept."""
+    """What a checkpoint directory's next checkpoint replaces: configs, weights, the tokenizer, the log of the run
+    that made it, and the training snapshot the checkpoint supersedes. Anything else (a user's notes) is kept."""
     return name.endswith((".safetensors", ".bin", ".model", ".pt", ".pth", ".index.json")) or \
-        name in ("config.json", "adapter_config.json", SNAPSHOT) or name.startswith(f".{SNAPSHOT}.")
+        name in ("config.json", "adapter_config.json", SNAPSHOT, LOG) or name.startswith(f".{SNAPSHOT}.")
 
 
 @contextmanager
 def checkpoint_dir(out_dir):
     """A checkpoint is written into a temporary directory beside `out_dir` and swapped in with renames
-    (files.atomic_dir): a crash at any point leaves the old complete checkpoint or the new complete one."""
+    (files.atomic_dir): a crash at any point leaves the old complete checkpoint or the new complete one. The log
+    of the run that made it (OUT/resume/metrics.jsonl) enters with it, in the same swap."""
     with atomic_dir(out_dir, carry=lambda name: not is_checkpoint_file(name)) as tmp:
         yield tmp
+        log = Path(out_dir) / SNAPSHOT / LOG
+        if log.is_file():
+            link_copy(log, tmp / LOG)
 
 
 def finished_checkpoint(path, recover: bool = True) -> Optional[Path]:
     """The file marking a finished checkpoint in `path` (config.json; an adapter's adapter_config.json), or None;
-    a copy a crash left aside while it was being replaced is put back first (`recover`: by one process only)."""
+    a copy a crash left aside while it was being replaced is put back first (`recover`: by the process holding
+    the directory's lock, files.only_run; without it, the copy that would be put back is looked at)."""
     path = Path(path)
     if recover:
         recover_dir(path)
-    return next((path / n for n in ("config.json", "adapter_config.json") if (path / n).is_file()), None)
+    where = path if recover else in_place(path)
+    return next((path / n for n in ("config.json", "adapter_config.json") if (where / n).is_file()), None)
 
 
 def save_vision(tower: VisionTower, out_dir) -> None:

@@ -4,6 +4,8 @@ Formats: `.safetensors` and `.bin` (read with `torch.load(weights_only=True)`, n
 single files or sharded sets described by a `*.index.json` `weight_map`. Models are built on the meta
 device and receive the file's tensors with `assign=True`, so a 7B model never exists twice in memory.
 """
+import errno
+import os
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,5 +143,17 @@ def materialize(module: nn.Module, device, dtype) -> None:
 
 
 def save_safetensors(tensors: dict, file, metadata: Optional[dict] = None) -> None:
+    """Written whole or not at all; a disk without room for it is a DiskFullError (files.room_for)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
+    size = sum(t.nbytes for t in tensors.values())
+    atomic_write(file, lambda tmp: write_safetensors(tensors, tmp, metadata or {"format": "pt"}), size=size)
+
+
+def write_safetensors(tensors: dict, tmp: Path, metadata: dict) -> None:
+    """safetensors reports a full disk as its own error: raised as the OSError it is."""
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as e:
+        if f"os error {errno.ENOSPC}" not in str(e):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from e

@@ -15,7 +15,7 @@ from ..cli import existing, positive, run, writable
 from ..conversation import check_template
 from ..data.teacher import ChatClient
 from ..errors import OptionError
-from ..files import atomic_write
+from ..files import write_text
 from ..tokenizer import Tokenizer
 from .llava_bench import llava_bench
 from .score import evaluate, print_table
@@ -62,7 +62,7 @@ def main(argv=None):
             print(f"LLaVA-Bench {category:<14} relative {s['relative']:>6.1f}  (model {s['model']}, reference "
                   f"{s['reference']}, n {s['n']})")
     if args.out:
-        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+        write_text(args.out, json.dumps(results, indent=2))  # (a full disk: one line naming --out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..conversation import render_prompt
 from ..errors import OptionError
-from ..files import only_run, same_settings, write_json, write_text
+from ..files import only_run, room_for, same_settings, write_json, write_text
 from ..data.gpt_data import (BRIEF_INSTRUCTIONS, RESPONSE_TYPES, MalformedResponse, build_messages, gpt, human,
                         parse_response)
 from .questions import SHORT_PROMPT, WORLD_TYPES, ask, choice_types, multiple_choice
@@ -174,7 +174,7 @@ def build_world(out_dir, num_images: int, num_eval: int, seed: int = 0, image_si
     cfg = WorldConfig(num_images, num_eval, seed, image_size, **options)
     cfg.check()
     out = Path(out_dir)
-    with only_run(out):  # a world is never redrawn over one drawn with other settings
+    with only_run(out), room_for(out / "images", 0):  # (a full disk while drawing: one line naming the folder)
         same_settings(out / "world_config.json", asdict(cfg), f"the world in {out} was")
         return write_world(cfg, out, workers, progress)
 

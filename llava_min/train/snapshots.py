@@ -1,7 +1,9 @@
 """Resumable snapshots of a training run: the trained weights, the optimizer, the step and every process's
 random generators, written atomically; a resumed run must share the interrupted run's settings (its
 `resume_signature`)."""
+import errno
 import hashlib
+import os
 import random
 import shutil
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from ..files import InputError, atomic_dir, recover_dir
+from ..files import LOG, InputError, atomic_dir, recover_dir, room_for
 from ..checkpoint.weights import load_safetensors, save_safetensors
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
@@ -42,6 +44,28 @@ def digest(path) -> str:
     return h.hexdigest()[:16]
 
 
+def save_state(state: dict, file: Path) -> None:
+    """torch.save through a Python file, whose full disk is an OSError (torch's own writer reports it as an
+    "enforce fail", raised while closing the zip: the OSError is its context); refused before writing where
+    the disk has no room for its tensors."""
+    with room_for(file, tensor_bytes(state)), open(file, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            if not (isinstance(e.__context__, OSError) and e.__context__.errno == errno.ENOSPC):
+                raise
+            raise e.__context__ from e
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples (what a saved file mostly is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
 class Snapshots:
     """The snapshot of one run in `directory` (OUT/resume). `signature`: the run's `resume_signature`;
     `trainable`: the names of the parameters it trains (all a snapshot keeps of the model). Under torchrun
@@ -65,8 +89,7 @@ class Snapshots:
             raise SnapshotError(f"--resume: no snapshot in {self.directory} (one is written every --save-every "
                                 "steps and when --stop-after ends a run; a finished run removes it)")
         if not resume and self.exists():
-            step = torch.load(self.directory / "state.pt", weights_only=True)["step"]
-            raise SnapshotError(f"{self.directory} holds the snapshot of an unfinished run (step {step}): pass "
+            raise SnapshotError(f"{self.directory} holds the snapshot of an unfinished run (step {self.step()}): pass "
                                 "--resume to continue it, or remove it to start over")
 
     def save(self, model, optimizer, step: int, skipped: int) -> None:
@@ -82,9 +105,9 @@ class Snapshots:
             each = [None] * self.world_size
             dist.all_gather_object(each, mine)
         if self.rank == 0:
-            with atomic_dir(self.directory) as tmp:
+            with atomic_dir(self.directory, carry=lambda name: name == LOG) as tmp:  # (the log goes on)
                 save_safetensors({n: model_state[n] for n in self.trainable}, tmp / "trainable.safetensors")
-                torch.save({"step": step, "optimizer": optim_state, "skipped": [e["skipped"] for e in each],
+                save_state({"step": step, "optimizer": optim_state, "skipped": [e["skipped"] for e in each],
                             "rng": [e["rng"] for e in each], "settings": self.signature}, tmp / "state.pt")
         if self.world_size > 1:
             dist.barrier()
@@ -117,8 +140,14 @@ class Snapshots:
             raise SnapshotError(f"{self.directory}: this run's settings differ from the interrupted run's ("
                                 + "; ".join(diff) + "): resume with the same settings, or start over in another --out")
 
+    def step(self) -> int:
+        return torch.load(self.directory / "state.pt", weights_only=True)["step"]
+
     def remove(self) -> None:
-        """A finished run's checkpoint supersedes its snapshot."""
+        """A finished run's checkpoint supersedes its snapshot. Its log, which a checkpoint's swap takes along
+        (save.checkpoint_dir), joins the output here where the run saved otherwise."""
+        if (self.directory / LOG).is_file():
+            os.replace(self.directory / LOG, self.directory.parent / LOG)
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def rng_state(self) -> dict:

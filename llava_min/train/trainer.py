@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from tqdm import tqdm
 
 from .devices import peak_flops, shard, to_device, use_bf16, world
-from ..files import SNAPSHOT, InputError, atomic_write
+from ..files import LOG, SNAPSHOT, DiskFullError, InputError, atomic_write, room_for
 from .snapshots import FULL, Snapshots, resume_signature
 
 
@@ -120,7 +120,7 @@ class Trainer:
                                      [g["peak_lr"] for g in self.optimizer.param_groups], settings or {})
         self.snapshots = Snapshots(Path(cfg.out_dir) / SNAPSHOT, signature, trainable, self.rank, self.world_size,
                                    self.device)
-        self.log_file = Path(cfg.out_dir) / "metrics.jsonl"
+        self.log_file = self.snapshots.directory / LOG  # with the run; it enters --out with the model (checkpoint_dir)
 
     # ------------------------------------------------------------ data order
     def micro_batch_indices(self, first_step: int):
@@ -227,7 +227,8 @@ class Trainer:
             losses.append(loss)
             self.log(loss, grad_norm, tokens, dt, bar)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
-                self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)
+                with self.kept():
+                    self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)
         bar.close()
         self.skipped_total = self.skipped_in_all()  # (a collective: before rank 0 alone saves)
         if self.step >= self.total_steps:
@@ -235,11 +236,25 @@ class Trainer:
                 state = get_model_state_dict(self.model, options=FULL)
                 self.model.state_dict = lambda *args, **kwargs: state  # what the stage's save() reads
             if self.rank == 0:
-                save()
+                with self.kept():
+                    save()
                 self.snapshots.remove()
         else:
-            self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)  # interrupted on purpose
+            with self.kept():
+                self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)  # interrupted on purpose
         return losses
+
+    @contextlib.contextmanager
+    def kept(self):
+        """A save the disk has no room for says what is kept: the last snapshot (atomic: a failed one leaves the
+        one before), from which --resume goes on once there is room; a finished model in --out is untouched."""
+        try:
+            yield
+        except DiskFullError as e:
+            kept = f"the snapshot of step {self.snapshots.step()} in {self.snapshots.directory} is kept: free space " \
+                "and rerun with --resume" if self.snapshots.exists() else "no snapshot was kept (--save-every N " \
+                "makes them)"
+            raise DiskFullError(f"{e}; {kept}") from e
 
     def skipped_in_all(self) -> int:
         """Records skipped so far by every process together (each counts its own)."""
@@ -258,9 +273,10 @@ class Trainer:
             record["grad_norm"] = round(float(grad_norm), 4)
         if self.peak and self.flops_per_token:
             record["mfu"] = round(self.flops_per_token * tokens / dt / self.peak, 4)
-        Path(self.cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record) + "\n"
+        with room_for(self.log_file, len(line)), open(self.log_file, "a") as f:
+            f.write(line)
         bar.update(1)
         if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
             bar.set_postfix({k: record[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if k in record})
