@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import llava_min
+from llava_min.errors import DataError, OptionError
 from llava_min.data.image import anyres_pixels
 import train
 from llava_min.train import stages
@@ -142,7 +143,7 @@ def test_resume_refuses_other_settings_naming_them(parts, tmp_path, change, name
 def test_nothing_left_after_skipping_is_said_so(parts, tmp_path):
     import json
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "only", "image": "x.png", "conversations": []}]))
-    with pytest.raises(SystemExit, match="no record left to train on, all 1 were skipped: record only: empty"):
+    with pytest.raises(DataError, match="no record left to train on, all 1 were skipped: record only: empty"):
         stage2_in_process(parts, tmp_path / "out", "--on-error", "skip", data=tmp_path / "bad.json")
 
 
@@ -357,7 +358,7 @@ def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
         loss = clean(model, batch)
         return loss * float("nan") if len(calls) > 2 else loss
     monkeypatch.setattr(stages, "llava_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="loss is nan at step 2.*intact"):
+    with pytest.raises(OptionError, match="loss is nan at step 2.*intact"):
         fit(stage1_model(parts), "2", parts, data="instruct.json", steps=4, out=tmp_path, save_every=1)
     state = torch.load(tmp_path / "resume" / "state.pt", weights_only=True)
     assert state["step"] == 2  # the snapshot of the last good step survives
