@@ -8,6 +8,7 @@ import struct
 import zlib
 
 import pytest
+from PIL import Image
 
 import train
 from llava_min import cli
@@ -23,14 +24,20 @@ def png_header(width: int, height: int) -> bytes:
         chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-@pytest.fixture
-def mixed_data(parts, tmp_path):
-    """Eight good records and four bad ones of different kinds, each found only by a look at the file."""
-    records = [r for r in json.loads((parts / "data" / "instruct.json").read_text()) if r.get("image")][:8]
-    images = tmp_path / "images"
+def good_records(parts, images, n: int) -> list:
+    """The first n image records of the toy world's instruct.json, their images copied into `images`."""
+    records = [r for r in json.loads((parts / "data" / "instruct.json").read_text()) if r.get("image")][:n]
     for r in records:
         (images / r["image"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(parts / "data" / "images" / r["image"], images / r["image"])
+    return records
+
+
+@pytest.fixture
+def mixed_data(parts, tmp_path):
+    """Eight good records and four bad ones of different kinds, each found only by a look at the file."""
+    images = tmp_path / "images"
+    records = good_records(parts, images, 8)
     (images / "text.png").write_text("a text file named like an image")
     (images / "huge.png").write_bytes(png_header(9000, 9000))  # 81 megapixels, over MAX_PIXELS
     turns = records[0]["conversations"]
@@ -65,6 +72,20 @@ def test_every_kind_of_bad_record_is_listed_before_step_1_and_skip_trains_on_the
     assert (tmp_path / "skipped" / "config.json").is_file()
     steps = [json.loads(l) for l in (tmp_path / "skipped" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 2 and all(s.get("loss") is not None for s in steps)
+
+
+def test_a_bad_record_found_in_a_loader_worker_is_one_line(parts, tmp_path):
+    """Behind a good header the pixels are cut short: found in a DataLoader worker, reported as the record."""
+    images = tmp_path / "images"
+    records = good_records(parts, images, 8)
+    Image.effect_noise((64, 64), 64).save(images / "cut.png")
+    (images / "cut.png").write_bytes((images / "cut.png").read_bytes()[:300])
+    records[5] = {**records[5], "id": "cut", "image": "cut.png"}
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    [result] = run_catalogue("train.py", [(stage2(parts, tmp_path / "data.json", images, tmp_path / "o")
+                                           + ["--num-workers", "2"], "train.py: error: record cut: bad image: ")])
+    line = result["stderr"].strip().splitlines()[-1]
+    assert "cut.png cannot be read" in line and "DataLoader worker" not in line and len(line) < 400
 
 
 def test_a_learning_rate_that_diverges_ends_in_one_line_naming_the_step(parts, tmp_path):
