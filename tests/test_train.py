@@ -253,8 +253,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mod
     for r in records[:4]:
         (images / r["image"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(parts / "data" / "images" / r["image"], images / r["image"])
-    for i in range(12):
-        (images / f"broken-{i}.png").write_bytes(b"\x89PNG cut short")
+    from PIL import Image
+    Image.effect_noise((64, 64), 64).save(images / "whole.png")
+    for i in range(12):  # a good header, the pixels cut short: found only when read
+        (images / f"broken-{i}.png").write_bytes((images / "whole.png").read_bytes()[:300])
     bad = [{**r, "id": f"bad-{i}", "image": f"broken-{i}.png"} for i, r in enumerate(records[4:16])]
     broken = {"id": "broken", "image": "x.png", "conversations": []}  # dropped before training
     (tmp_path / "mixed.json").write_text(json.dumps(records[:4] + bad + [broken]))
@@ -330,8 +332,8 @@ def test_stage1_crops_and_stage2_pads_as_the_official_scripts(parts, tmp_path, m
     """LLaVA-1.5: pretrain.sh leaves the plain CLIP processor (center crop), finetune.sh pads (image_aspect_ratio pad)."""
     import json
     seen = []
-    original = train.LlavaDataset
-    monkeypatch.setattr(train, "LlavaDataset", lambda *a, **kw: seen.append(kw["image_aspect"]) or original(*a, **kw))
+    original = stages.LlavaDataset
+    monkeypatch.setattr(stages, "LlavaDataset", lambda *a, **kw: seen.append(kw["image_aspect"]) or original(*a, **kw))
     common = ["--preset", "llava-v1.5-7b", "--tokenizer", str(parts / "tokenizer.model"), "--image-folder",
               str(parts / "data" / "images"), "--batch-size", "4", "--grad-accum", "1", "--max-steps", "1",
               "--no-progress", "--device", "cpu"]
