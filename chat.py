@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llava_min.checkpoint.peft import load_model, tokenizer_file
-from llava_min.cli import existing, fraction, positive, run
+from llava_min.cli import default_device, device, existing, fraction, positive, run
 from llava_min.conversation import TEMPLATES, check_template, stop_text, tokenize_prompt
 from llava_min.conversation import cut_at, stop_at
 from llava_min.checkpoint.configs import read_config
@@ -136,7 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=fraction, default=1.0)
     p.add_argument("--max-new-tokens", type=positive(), default=512)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default=default_device(), help="default: cuda where there is one")
     p.add_argument("--tokenizer", type=existing(), help="default: MODEL/tokenizer.model")
     p.add_argument("--vision", type=existing("dir"),
                    help="CLIP directory for official checkpoints, if not the one named")

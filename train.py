@@ -19,10 +19,10 @@ import torch
 
 import llava_min
 from llava_min.train import stages
-from llava_min.cli import existing, fraction, positive, run, writable
+from llava_min.cli import below_one, default_device, device, existing, fraction, positive, run, writable
 from llava_min.files import only_run, recover_dir
 from llava_min.conversation import TEMPLATES
-from llava_min.data.dataset import LlavaDataset, collate
+from llava_min.data.dataset import collate
 from llava_min.train.flops import llava_flops_per_token
 from llava_min.train.recipes import RECIPES, given
 from llava_min.checkpoint.load import append_image_token
@@ -35,7 +35,7 @@ from llava_min.toy.plan import ToyRun
 from llava_min.toy.presets import TOY_PRESETS
 from llava_min.toy.pretrain import stage_clip, stage_lm, stage_tokenizer
 from llava_min.toy.world import WORLDS
-from llava_min.train.devices import leave_world, world
+from llava_min.train.devices import leave_world
 
 TOY_STAGES = ("tokenizer", "clip", "lm")  # the toy's own models, before LLaVA's stages
 
@@ -80,12 +80,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=positive(int), default=128, help="the adapters' rank (LLaVA-1.5's LoRA: 128)")
     p.add_argument("--lora-alpha", type=positive(float),
                    help="updates scale by alpha / r (default: 2 x --lora-r, LLaVA-1.5's 256 for r 128)")
-    p.add_argument("--lora-dropout", type=positive(float, zero_ok=True), default=0.05)
+    p.add_argument("--lora-dropout", type=below_one, default=0.05)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad records: fail fast or skip")
     p.add_argument("--num-workers", type=positive(int, zero_ok=True),
                    help="processes loading batches (default: 4 on CUDA, where loading in the training process idled "
                         "the GPU; 0 on CPU, whose cores do the arithmetic)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default=default_device(), help="default: cuda where there is one")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, fp32 weights (default: on CUDA and on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--no-progress", action="store_true")
@@ -141,6 +141,8 @@ def check_stage_args(p, args) -> None:
     if args.lora and args.stage == "2" and args.init is None:
         p.error("--lora needs --init STAGE1_DIR: an adapter is opened on the model it was trained on, and without "
                 "stage 1 there is none to name")
+    if args.stage == "2" and args.init is not None and args.select_layer is not None:
+        p.error(f"--select-layer is fixed by the stage-1 model in --init {args.init}: leave it out")
     if args.stage in ("1", "2") and args.tokenizer is None:
         args.tokenizer = (args.init or args.llm) / "tokenizer.model"
         if not args.tokenizer.is_file():
@@ -191,28 +193,10 @@ def toy_run(args) -> ToyRun:
                   no_stage2=args.no_stage2, data_fraction=args.data_fraction, out=args.out, data_dir=args.data_dir)
 
 
-def llava_dataset(run: StageRun, s: LlavaStage, model, tok, template, max_length):
-    data = LlavaDataset(run.data, tok, image_folder=s.image_folder, template=template,
-                        num_image_tokens=model.num_image_tokens, image_token_id=model.cfg.image_token_id,
-                        image_size=model.cfg.vision.image_size, image_aspect=model.cfg.image_aspect_ratio,
-                        max_length=max_length, on_error=s.on_error, anyres=model.anyres,
-                        progress=run.loop.progress and world()[0] == 0)
-    if data.dropped and world()[0] == 0:
-        print(f"--on-error skip: {data.dropped} of {data.dropped + len(data)} records in {run.data} dropped before "
-              "training: " + "; ".join(data.skip_log[:3]) + ("; ..." if data.dropped > 3 else ""))
-    if len(data) == 0:
-        raise SystemExit(f"{run.data}: no record left to train on, all {len(data.skip_log)} were skipped: "
-                         + "; ".join(data.skip_log[:3]))
-    if s.data_fraction < 1.0:  # a fixed, seeded subset (the half-data ablation)
-        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(run.loop.seed))
-        data = torch.utils.data.Subset(data, keep[: int(len(data) * s.data_fraction)].tolist())
-    return data
-
-
 def train_llava(run: StageRun, s: LlavaStage, model, tok, save):
     stage, recipe = run.stage, s.recipe
     template = "plain" if stage == "1" else recipe.template
-    data = llava_dataset(run, s, model, tok, template, recipe.max_length)
+    data = stages.llava_dataset(run, s, model, tok, template, recipe.max_length)
     if s.whiten_features:  # a projector is fresh in stage 1, or without one
         if run.loop.fsdp:
             raise SystemExit("--whiten-features is not supported with --fsdp (pass --no-whiten-features)")
@@ -227,7 +211,7 @@ def train_llava(run: StageRun, s: LlavaStage, model, tok, save):
     chosen = {"whitened": s.whiten_features, "lora": [s.lora.r, s.lora.alpha, s.lora.dropout] if s.lora else None,
               "anyres": model.anyres is not None, "data_fraction": s.data_fraction,
               "projector": model.cfg.projector_type, "select_layer": model.cfg.select_layer, "template": template,
-              "max_length": recipe.max_length}
+              "max_length": recipe.max_length, "init": str(s.init.resolve()) if s.init else None}
     return run_stage(run, model, groups, data, pad, stages.llava_loss, stages.num_targets, save, flops,
                      recipe.group_by_length, chosen)
 

@@ -10,8 +10,9 @@ errors about a file (missing, a file where a directory belongs, no permission, a
 ends in one line too. Argparse's own errors keep their form (exit status 2). This is the one place that turns
 errors into a line: library code raises them and never exits the process.
 
-Argparse types shared by the command lines: `positive`, `fraction`, `existing` (a file or directory that must
-be there) and `writable` (an output path): a bad value is an argparse error naming the flag, before any
+Argparse types shared by the command lines: `positive`, `fraction`, `below_one` (a probability such as a
+dropout), `device` (one this machine has), `existing` (a file or directory that must be there) and
+`writable` (an output path): a bad value is an argparse error naming the flag, before any
 model is loaded.
 """
 import argparse
@@ -93,6 +94,42 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def below_one(text: str) -> float:
+    """A probability in [0, 1): a dropout of 1 would drop everything."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def default_device() -> str:
+    return "cuda" if cuda_count() else "cpu"
+
+
+def cuda_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device(text: str) -> str:
+    """A device this machine has (cpu, cuda, cuda:N below the GPU count, mps), checked before a model loads."""
+    import torch
+    count = cuda_count()
+    here = "cpu" + (f", cuda (cuda:0 to cuda:{count - 1})" if count else "") + \
+        (", mps" if torch.backends.mps.is_available() else "")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:  # torch's own parse of the name: "Expected one of cpu, cuda, ... device type"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name (this machine has: {here})") from None
+    if dev.type == "cuda" and (count == 0 or (dev.index or 0) >= count):
+        raise argparse.ArgumentTypeError(f"{text}: " + (f"this machine has {count} CUDA device(s)" if count else
+                                                        "CUDA is not available on this machine")
+                                         + f" (it has: {here})")
+    if dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text}: not a device llava-min can run on here (this machine has: {here})")
+    return text
 
 
 def existing(kind: str = "file"):

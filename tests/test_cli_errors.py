@@ -42,15 +42,24 @@ print(json.dumps(results))
 """
 
 
-def run_catalogue(target: str, cases: list) -> list:
-    """cases: (argv, what the error line must name); each must fail with one clean line."""
+def command_name(target: str) -> str:
+    """What cli.run names a command: the script, `python -m PACKAGE`, or a module's file."""
+    if target.endswith(".py"):
+        return Path(target).name
+    if (ROOT / target.replace(".", "/") / "__main__.py").is_file():
+        return f"python -m {target}"
+    return target.rpartition(".")[2] + ".py"
+
+
+def run_catalogue(target: str, cases: list, prog: str = None) -> list:
+    """cases: (argv, what the error line must name); each must fail with one clean line, `PROG: error: ...`
+    (`prog`: a pattern for a command whose argparse names itself otherwise)."""
     payload = json.dumps([{"target": target, "argv": [str(a) for a in argv]} for argv, _ in cases])
     done = subprocess.run([sys.executable, "-c", DRIVER, payload], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
-    prog = Path(target).name if target.endswith(".py") else target.rpartition(".")[2] + ".py"
-    prog = re.escape(f"python -m {target}" if (ROOT / target.replace(".", "/") / "__main__.py").is_file() else prog)
+    prog = prog or re.escape(command_name(target))
     for (argv, named), r in zip(cases, results):
         said = f"{target} {' '.join(map(str, argv))}:\n{r['stderr'][-2000:]}"
         assert "Traceback" not in r["stderr"], said
@@ -104,9 +113,16 @@ def world(tmp_path):
                       {"id": "noimage", "conversations": pair},
                       {"id": "escape", "image": "../a.png", "conversations": pair}]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "dup.json").write_text(json.dumps(good + good[:1]))
     (tmp_path / "broken.json").write_text('[{"id": "x", ')
     (tmp_path / "object.json").write_text(json.dumps({"data": good}))
     return tmp_path
+
+
+def no_cuda(argv: list) -> list:
+    """`--device cuda` on a machine without CUDA (the likeliest first mistake on a laptop), where there is none."""
+    return [] if torch.cuda.is_available() else [(argv + ["--device", "cuda"],
+                                                  "argument --device: cuda: CUDA is not available on this machine")]
 
 
 def test_train(world, hf_clip_dir, hf_llama_dir, tiny_tokenizer, running):
@@ -147,7 +163,18 @@ def test_train(world, hf_clip_dir, hf_llama_dir, tiny_tokenizer, running):
         (one + ["--data", t / "good.json", "--out", unfinished], "holds the snapshot of an unfinished run (step 2)"),
         (one + ["--data", t / "good.json", "--out", t / "locked"], f"another run (pid {running}) is writing"),
         (["--preset", "smoke", "--out", t / "locked"], f"another run (pid {running}) is writing {t / 'locked'}"),
-    ])
+        (one + ["--data", t / "good.json", "--out", t / "o", "--device", "gpu0"], "argument --device: 'gpu0' is not"),
+        (one + ["--data", t / "good.json", "--out", t / "o", "--device", "meta"], "argument --device: meta: not a"),
+        (one + ["--data", t / "good.json", "--out", t / "o", "--device", "cuda:99"], "argument --device: cuda:99: "),
+        (one + ["--data", t / "good.json", "--out", t / "o", "--lora-dropout", "1.5"],
+         "argument --lora-dropout: must be in [0, 1), got 1.5"),
+        (one + ["--data", t / "good.json", "--out", t / "o", "--select-layer", "99"],
+         f"--select-layer 99: the CLIP in {hf_clip_dir} has 3 layers, so the layer is one of -4 to 3"),
+        (["--stage", "2", "--init", t / "images", "--select-layer", "-1", "--data", t / "good.json", "--image-folder",
+          t / "images", "--out", t / "o"], f"--select-layer is fixed by the stage-1 model in --init {t / 'images'}"),
+        (one + ["--data", t / "dup.json", "--out", t / "o"], "dup.json: record ok0: duplicate id: 'ok0' is also the "
+                                                             "id of record #0"),
+    ] + no_cuda(one + ["--data", t / "good.json", "--out", t / "o"]))
     line = results[16]["stderr"].strip().splitlines()[-1]  # every bad record, found before the first step
     assert "gone.png does not exist; record noimage: <image> without image" in line and "record escape:" in line
     assert not (t / "bad_out" / "metrics.jsonl").exists()
@@ -177,7 +204,9 @@ def test_chat(chat_model, tmp_path):
         (["--model", chat_model, "--prompt", " ", "--device", "cpu"], "--prompt is empty"),
         (["--model", chat_model, "--image", tmp_path / "missing.png"] + base, "missing.png does not exist"),
         (["--model", chat_model, "--prompt", "word " * 400, "--device", "cpu"], "shorten the prompt, or use a model"),
-    ])
+        (["--model", chat_model, "--prompt", "hi", "--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
+        (["--model", chat_model, "--prompt", "hi", "--device", "cuda:99"], "argument --device: cuda:99: "),
+    ] + no_cuda(["--model", chat_model, "--prompt", "hi"]))
 
 
 def test_eval(chat_model, tmp_path):
@@ -185,6 +214,7 @@ def test_eval(chat_model, tmp_path):
               "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}]}
     (tmp_path / "eval.json").write_text(json.dumps([record]))
     (tmp_path / "broken.json").write_text("[{")
+    (tmp_path / "empty.json").write_text("[]")
     model = ["--model", chat_model, "--device", "cpu"]
     unwritable = read_only() / "llava-min-results.json"
     run_catalogue("llava_min.eval", [
@@ -198,7 +228,9 @@ def test_eval(chat_model, tmp_path):
         (model + ["--data", tmp_path / "eval.json", "--image-folder", tmp_path / "nowhere"], "argument --image-folder"),
         (model + ["--data", tmp_path / "eval.json", "--image-folder", tmp_path], "eval.json: record q1: image "),
         (model + ["--bench", tmp_path / "eval.json", "--api-base", closed_url()], "did not answer: connection refused"),
-    ])
+        (model + ["--data", tmp_path / "empty.json"], f"{tmp_path / 'empty.json'}: holds no records"),
+        (["--model", chat_model, "--data", tmp_path / "eval.json", "--device", "meta"], "argument --device: meta: "),
+    ] + no_cuda(["--model", chat_model, "--data", tmp_path / "eval.json"]))
 
 
 def test_lora_merge(chat_model, tmp_path, running):
@@ -275,5 +307,20 @@ def test_gen_data_bench_and_memory(tmp_path):
         (["--repeats", "0"], "argument --repeats: must be above 0"),
         (["--batches", "1", "0"], "argument --batches: must be above 0"),
         (["--out", read_only() / "llava-min-bench.json"], f"argument --out: cannot write in {read_only()}"),
-    ])
+        (["--device", "gpu0"], "argument --device: 'gpu0' is not a device name"),
+    ] + no_cuda([]))
     run_catalogue("llava_min.tools.memory", [(["--seq-len", "0"], "--seq-len and --micro-batch must be at least 1")])
+
+
+def test_inspect(chat_model, tiny_tokenizer, tmp_path):
+    record = {"id": "r", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    (tmp_path / "data.json").write_text(json.dumps([record]))
+    assistant_first = json.dumps([{"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Hi"}])
+    labels = ["labels", "--tokenizer", tiny_tokenizer]
+    run_catalogue("llava_min.tools.inspect", [
+        (labels + ["--data", tmp_path / "data.json", "--index", "-1"], "argument --index: must be at least 0, got -1"),
+        (labels + ["--data", tmp_path / "data.json", "--index", "1"], "record index 1 is out of range: "),
+        (labels + ["--conversation", assistant_first], "roles out of order: turn 0 is from 'gpt'"),
+        (["shapes", "--model", chat_model, "--image", chat_model / "cat.png", "--device", "gpu0"],
+         "argument --device: 'gpu0' is not a device name"),
+    ], prog=r"(inspect\.py|python -m llava_min\.tools\.inspect (labels|shapes))")

@@ -32,6 +32,10 @@ def folder(tmp_path):
     Image.new("RGBA", (16, 16), (0, 0, 255, 128)).save(images / "rgba.png")
     Image.fromarray(np.zeros((400, 400, 3), dtype=np.uint8)).save(images / "huge.png")
     (images / "broken.png").write_bytes(b"\x89PNG broken")
+    (images / "text.png").write_text("not an image, only named like one")
+    cut = images / "cut.png"  # a good header, its pixels cut short
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:300])
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
     (images / "link.png").symlink_to(tmp_path / "outside.png")
     return images
@@ -133,18 +137,20 @@ def test_bad_records_raise_at_load_with_their_id(tmp_path, tok, folder, record, 
         dataset(tmp_path, [GOOD, record], tok, folder)
 
 
-FOUND_BEFORE = [("missing.png", "missing.png does not exist"),  # a look at the folder finds these, before training
+FOUND_BEFORE = [("missing.png", "missing.png does not exist"),  # a look at the folder and the headers finds these
                 ("../outside.png", "'../outside.png' leads outside the image folder"),
-                ("link.png", "'link.png' leads outside the image folder")]
-FOUND_WHEN_READ = [("broken.png", "broken.png cannot be read"),  # these need the file opened: lazily
-                   ("huge.png", "huge.png is 400x400 pixels, more than the limit")]
+                ("link.png", "'link.png' leads outside the image folder"),
+                ("broken.png", "broken.png cannot be read"),
+                ("text.png", "text.png cannot be read: cannot identify image file"),
+                ("huge.png", "huge.png is 400x400 pixels, more than the limit")]
+FOUND_WHEN_READ = [("cut.png", "cut.png cannot be read")]  # a good header: only decoding finds it
 BAD_IMAGES = FOUND_BEFORE + FOUND_WHEN_READ
 
 
 @pytest.mark.parametrize("image,message", FOUND_BEFORE)
-def test_missing_images_and_paths_leaving_the_folder_are_found_before_training(tmp_path, tok, folder, image, message):
+def test_bad_images_are_found_by_their_header_before_training(tmp_path, tok, folder, image, message):
     with pytest.raises(DataError, match=f"record img1: bad image: .*{message}"):
-        dataset(tmp_path, [GOOD, with_image(image, "img1")], tok, folder)
+        dataset(tmp_path, [GOOD, with_image(image, "img1")], tok, folder, max_pixels=100_000)
 
 
 @pytest.mark.parametrize("image,message", FOUND_WHEN_READ)
@@ -157,7 +163,8 @@ def test_unreadable_images_raise_when_read_with_record_id_and_file(tmp_path, tok
 
 def test_every_bad_record_is_reported_at_once_before_training(tmp_path, tok, folder):
     """Not at its batch, hours in: all of them, the first few named, the rest counted."""
-    records = [GOOD] * 5 + [with_image("gone.png", "late1"), {"id": "late2", "conversations": []}, GOOD,
+    records = [with_image("a.png", f"g{i}") for i in range(5)] + [
+        with_image("gone.png", "late1"), {"id": "late2", "conversations": []}, with_image("a.png", "g5"),
                             with_image("../outside.png", "late3"), with_image("gone2.png", "late4")]
     with pytest.raises(DataError, match=r"data.json: 4 of 10 records cannot be used: record late1: bad image: "
                                         r".*gone.png does not exist; record late2: empty conversation.*; record "
@@ -197,7 +204,7 @@ def test_skip_mode_counts_every_reason_and_drops(tmp_path, tok, folder):
 
 
 def test_a_look_before_training_does_not_count_skips(tmp_path, tok, folder):
-    ds = dataset(tmp_path, [GOOD, with_image("broken.png", "img0")], tok, folder, on_error="skip")
+    ds = dataset(tmp_path, [GOOD, with_image("cut.png", "img0")], tok, folder, on_error="skip")
     for view in (ds, torch.utils.data.Subset(ds, [1, 0])):
         with uncounted_skips(view):
             assert [view[i] is None for i in range(2)] == ([False, True] if view is ds else [True, False])
@@ -214,12 +221,12 @@ def test_truncation_keeps_alignment_and_skips_broken_samples(tmp_path, tok, fold
     first_target = int((full["labels"] != -100).nonzero()[0])
     assert dataset(tmp_path, [GOOD], tok, folder, max_length=first_target + 1)[0] is not None  # one target left
     with pytest.raises(DataError, match="record good: nothing to learn: no supervised token left within max_length"):
-        dataset(tmp_path, [GOOD], tok, folder, max_length=first_target)[0]
+        dataset(tmp_path, [GOOD], tok, folder, max_length=first_target)  # found before training, not at its batch
     image_start = int((full["input_ids"] == tok.vocab_size).nonzero()[0])
     with pytest.raises(DataError, match="record good: truncation cuts the image"):
-        dataset(tmp_path, [GOOD], tok, folder, max_length=image_start + 2)[0]
+        dataset(tmp_path, [GOOD], tok, folder, max_length=image_start + 2)
     skipping = dataset(tmp_path, [GOOD], tok, folder, max_length=image_start, on_error="skip")
-    assert skipping[0] is None and skipping.skipped == {"truncation cuts the image": 1}
+    assert len(skipping) == 0 and skipping.dropped == 1 and skipping.skipped == {"truncation cuts the image": 1}
 
 
 def test_real_tokenizer_record(tmp_path, llama_tokenizer_path, folder):
@@ -239,3 +246,11 @@ def test_bad_arguments(tmp_path, tok, folder):
                         ({"image_aspect": "stretch"}, "image_aspect must be 'crop' or 'pad'")]:
         with pytest.raises(ValueError, match=message):
             dataset(tmp_path, [GOOD], tok, folder, **kw)
+
+
+def test_duplicate_ids_are_bad_records_named_by_their_id(tmp_path, tok, folder):
+    records = [with_image("a.png", "same"), with_image("a.png", "other"), with_image("a.png", "same")]
+    with pytest.raises(DataError, match=r"record same: duplicate id: 'same' is also the id of record #0"):
+        dataset(tmp_path, records, tok, folder)
+    ds = dataset(tmp_path, records, tok, folder, on_error="skip")  # the first keeps the id
+    assert [rid for rid, _ in ds.records] == ["same", "other"] and ds.skipped == {"duplicate id": 1}

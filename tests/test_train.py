@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import llava_min
+from llava_min.errors import DataError, OptionError
 from llava_min.data.image import anyres_pixels
 import train
 from llava_min.train import stages
@@ -142,7 +143,7 @@ def test_resume_refuses_other_settings_naming_them(parts, tmp_path, change, name
 def test_nothing_left_after_skipping_is_said_so(parts, tmp_path):
     import json
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "only", "image": "x.png", "conversations": []}]))
-    with pytest.raises(SystemExit, match="no record left to train on, all 1 were skipped: record only: empty"):
+    with pytest.raises(DataError, match="no record left to train on, all 1 were skipped: record only: empty"):
         stage2_in_process(parts, tmp_path / "out", "--on-error", "skip", data=tmp_path / "bad.json")
 
 
@@ -252,8 +253,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(parts, tmp_path, mod
     for r in records[:4]:
         (images / r["image"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(parts / "data" / "images" / r["image"], images / r["image"])
-    for i in range(12):
-        (images / f"broken-{i}.png").write_bytes(b"\x89PNG cut short")
+    from PIL import Image
+    Image.effect_noise((64, 64), 64).save(images / "whole.png")
+    for i in range(12):  # a good header, the pixels cut short: found only when read
+        (images / f"broken-{i}.png").write_bytes((images / "whole.png").read_bytes()[:300])
     bad = [{**r, "id": f"bad-{i}", "image": f"broken-{i}.png"} for i, r in enumerate(records[4:16])]
     broken = {"id": "broken", "image": "x.png", "conversations": []}  # dropped before training
     (tmp_path / "mixed.json").write_text(json.dumps(records[:4] + bad + [broken]))
@@ -329,8 +332,8 @@ def test_stage1_crops_and_stage2_pads_as_the_official_scripts(parts, tmp_path, m
     """LLaVA-1.5: pretrain.sh leaves the plain CLIP processor (center crop), finetune.sh pads (image_aspect_ratio pad)."""
     import json
     seen = []
-    original = train.LlavaDataset
-    monkeypatch.setattr(train, "LlavaDataset", lambda *a, **kw: seen.append(kw["image_aspect"]) or original(*a, **kw))
+    original = stages.LlavaDataset
+    monkeypatch.setattr(stages, "LlavaDataset", lambda *a, **kw: seen.append(kw["image_aspect"]) or original(*a, **kw))
     common = ["--preset", "llava-v1.5-7b", "--tokenizer", str(parts / "tokenizer.model"), "--image-folder",
               str(parts / "data" / "images"), "--batch-size", "4", "--grad-accum", "1", "--max-steps", "1",
               "--no-progress", "--device", "cpu"]
@@ -357,7 +360,7 @@ def test_nan_loss_stops_with_a_clear_message(parts, tmp_path, monkeypatch):
         loss = clean(model, batch)
         return loss * float("nan") if len(calls) > 2 else loss
     monkeypatch.setattr(stages, "llava_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="loss is nan at step 2.*intact"):
+    with pytest.raises(OptionError, match="loss is nan at step 2.*intact"):
         fit(stage1_model(parts), "2", parts, data="instruct.json", steps=4, out=tmp_path, save_every=1)
     state = torch.load(tmp_path / "resume" / "state.pt", weights_only=True)
     assert state["step"] == 2  # the snapshot of the last good step survives

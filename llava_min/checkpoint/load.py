@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .configs import clip_vision_config, llama_config, llava_hf_config, read_config
+from ..errors import OptionError
 from ..files import read_json
 from ..model.clip import VisionTower
 from ..model.llama import Llama
@@ -72,8 +73,9 @@ def build_llava(vision_path, llm_path, projector_type="mlp2x_gelu", select_layer
     Vicuna, the vocabulary padded to a multiple of 64), so transformers can load what we train.
     """
     dtype = dtype or default_dtype(device)
-    text = llama_config(read_config(llm_path))
-    cfg = LlavaConfig(vision=clip_vision_config(vision_path), text=text, projector_type=projector_type,
+    text, vision = llama_config(read_config(llm_path)), clip_vision_config(vision_path)
+    check_select_layer(select_layer, vision, vision_path)
+    cfg = LlavaConfig(vision=vision, text=text, projector_type=projector_type,
                       select_layer=select_layer, select_feature=select_feature,
                       image_token_id=text.vocab_size if image_token_id is None else image_token_id, **cfg_kwargs)
     model = build_on_meta(Llava, cfg)
@@ -85,6 +87,14 @@ def build_llava(vision_path, llm_path, projector_type="mlp2x_gelu", select_layer
     if image_token_id is None:
         append_image_token(model)
     return model
+
+
+def check_select_layer(select_layer: int, vision, vision_path) -> None:
+    """The CLIP layer LLaVA reads must be one of this CLIP's hidden states (embeddings + its layers)."""
+    n = vision.num_hidden_layers
+    if not -(n + 1) <= select_layer <= n:
+        raise OptionError(f"--select-layer {select_layer}: the CLIP in {vision_path} has {n} layers, so the layer is "
+                          f"one of {-(n + 1)} to {n} (-2: the penultimate, LLaVA's)")
 
 
 def append_image_token(model: Llava) -> None:

@@ -1,9 +1,10 @@
 """The official LLaVA data format -> training batches (input_ids, labels, attention_mask, pixel_values).
 
 A record: `{"id", "image" (optional), "conversations": [{"from": "human"|"gpt", "value": str}, ...]}`,
-in a JSON list or JSONL. Every record's text and the presence of its image file are checked when the
-dataset is built, before the first step (cheap: no tokenizing, no decoding); its image's pixels and its
-tokens when it is read. Bad records either stop the run (`on_error="raise"`: one DataError naming the
+in a JSON list or JSONL. Every record is checked when the dataset is built, before the first step: its
+turns, a unique id, its image's header (format, size, the pixel limit; no pixel decoded) and its tokens
+after truncation; only a file whose pixels are broken past a good header is found when it is read. Bad
+records either stop the run (`on_error="raise"`: one DataError naming the
 first few and counting them all) or are skipped and counted with their reasons (`"skip"`); a record is
 never trained on silently, and never with a loss of 0. A bad record is a DataError or an ImageError, raised
 by an explicit check where the fault is found; any other error is a bug and stops the run with its traceback.
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from ..conversation import IGNORE_INDEX, IMAGE, TEMPLATES, check_turns, tokenize_conversation
 from ..errors import DataError, ImageError
-from .image import MAX_PIXELS, ImageInput, ImageSettings, check_image_folder, find_image, image_input, load_image
+from .image import (MAX_PIXELS, ImageInput, ImageSettings, check_image_folder, check_work_size, find_image,
+                    image_input, load_image, read_header)
 
 # ---------------------------------------------------------------- reading and checking records
 
@@ -84,14 +86,16 @@ def check_record(record, template: str = "vicuna_v1") -> None:
 
 
 def checked_records(path, image_folder=None, check=check_record, progress: bool = False) -> tuple:
-    """Every record of a file checked before training: `check(record)` and its image file inside `image_folder`
-    (nothing decoded). Returns ([(id, record)] of the good ones, [(id, what is wrong)] of the bad ones)."""
+    """Every record of a file checked before training: `check(record)`, its image file inside `image_folder`
+    and an id no earlier record has. Returns ([(id, record)] of the good ones, [(id, what is wrong)] of the bad
+    ones)."""
     check_image_folder(image_folder)
-    good, bad = [], []
+    good, bad, seen = [], [], {}
     records = read_records(path)
     for index, record in enumerate(tqdm(records, desc="checking records", unit="rec", delay=2, disable=not progress)):
         rid = record_id(index, record)
         try:
+            check_unique(rid, index, seen)
             check(record)
             if record.get("image"):
                 find_image(record["image"], image_folder)
@@ -102,6 +106,13 @@ def checked_records(path, image_folder=None, check=check_record, progress: bool 
         else:
             good.append((rid, record))
     return good, bad
+
+
+def check_unique(rid: str, index: int, seen: dict) -> None:
+    """An id names one record (a skip, a prediction or a log line points at it): a second use is an error."""
+    if rid in seen:
+        raise DataError(f"duplicate id: {rid!r} is also the id of record #{seen[rid]} (ids must be unique)")
+    seen[rid] = index
 
 
 def bad_records(path, bad: list, total: int, hint: str = "") -> DataError:
@@ -158,12 +169,29 @@ class LlavaDataset(torch.utils.data.Dataset):
                                     num_image_tokens)
         self.skipped, self.skip_log = Counter(), []  # reason -> count; the full messages
         # (id, record) of the records that passed the checks; the others stop the run, or are dropped here
-        self.records, bad = checked_records(data_path, image_folder, lambda r: check_record(r, template), progress)
+        self.records, bad = checked_records(data_path, image_folder, self.check, progress)
         if bad and on_error == "raise":
             raise bad_records(data_path, bad, len(self.records) + len(bad), " (--on-error skip trains without them)")
         for rid, reason in bad:
             self.fail(rid, reason)
         self.dropped = len(bad)  # records that failed the checks, never read again
+
+    def check(self, record) -> None:
+        """What training would find about a record, short of decoding its image: its turns, its image's
+        header and its tokens after truncation (a DataError or an ImageError)."""
+        check_record(record, self.template)
+        count = self.header_tokens(read_header(record["image"], self.image_folder, self.max_pixels)) \
+            if record.get("image") else 0
+        self.tokens(record, count)
+
+    def header_tokens(self, image) -> int:
+        """The visual tokens of an image known by its header (its size), as `view` will count them."""
+        if callable(self.num_image_tokens):
+            return self.num_image_tokens(image)
+        if self.anyres is not None:
+            return self.anyres.num_tokens((image.height, image.width))
+        check_work_size(image.width, image.height, self.images.image_size, self.images.aspect)
+        return self.num_image_tokens
 
     def fail(self, rid: str, reason: str) -> None:
         """Raise, or count the skip under the reason's first words ("<what is wrong>: <detail>")."""

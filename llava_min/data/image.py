@@ -93,9 +93,16 @@ def load_image(name, image_folder=None, max_pixels: int = MAX_PIXELS) -> Image.I
         return to_rgb(img)
 
 
-def decode(path: Path, max_pixels: int) -> Image.Image:
-    """The file's pixels, decoded once the header's size is within `max_pixels`. Pillow's errors for a broken
-    file are caught at its two calls that read the file, and nowhere else."""
+def read_header(name, image_folder=None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image opened by its header alone and closed again: its format, mode and size, the pixel limit
+    checked, nothing decoded (the check every record's image gets before training)."""
+    img = opened(find_image(name, image_folder), max_pixels)
+    img.close()
+    return img
+
+
+def opened(path: Path, max_pixels: int) -> Image.Image:
+    """The file opened by Pillow, its header's size within `max_pixels`; no pixel decoded yet."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
@@ -104,10 +111,17 @@ def decode(path: Path, max_pixels: int) -> Image.Image:
         raise ImageError(f"image {path} is too large, more than the limit of {max_pixels} pixels ({e})") from e
     except BROKEN_FILE as e:
         raise ImageError(f"image {path} cannot be read: {e}") from e
-    w, h = img.size  # from the header: nothing decoded yet
+    w, h = img.size
     if w * h > max_pixels:
         img.close()
         raise ImageError(f"image {path} is {w}x{h} pixels, more than the limit of {max_pixels}")
+    return img
+
+
+def decode(path: Path, max_pixels: int) -> Image.Image:
+    """The file's pixels, decoded once the header's size is within `max_pixels`. Pillow's errors for a broken
+    file are caught at its two calls that read the file, and nowhere else."""
+    img = opened(path, max_pixels)
     try:
         img.load()
     except BROKEN_FILE as e:

@@ -8,10 +8,9 @@ relative score (LLaVA Sec. 5.1). Greedy decoding, batched with left padding.
 import argparse
 import json
 
-import torch
 
 from ..checkpoint.peft import load_model, tokenizer_file
-from ..cli import existing, positive, run, writable
+from ..cli import default_device, device, existing, positive, run, writable
 from ..conversation import check_template
 from ..data.teacher import ChatClient
 from ..errors import OptionError
@@ -34,7 +33,7 @@ def main(argv=None):
     p.add_argument("--limit", type=positive())
     p.add_argument("--api-base", default="https://api.openai.com/v1")
     p.add_argument("--judge-model", default="gpt-4o-mini")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default=default_device(), help="default: cuda where there is one")
     p.add_argument("--out", type=writable(), help="write the results as JSON here")
     args = p.parse_args(argv)
     if not args.data and not args.bench:

@@ -70,6 +70,8 @@ def check_eval_record(r: dict) -> None:
 
 
 def check_eval_records(records: list, path, image_folder=None, blind: bool = False) -> None:
+    if records == []:  # an empty table and exit 0 would read as a finished evaluation
+        raise DataError(f"{path}: holds no records, nothing to evaluate")
     check_items(records, path, image_folder, check_eval_record, images=not blind)  # (blind: no image is read)
 
 

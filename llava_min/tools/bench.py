@@ -235,10 +235,10 @@ def table(rows: list) -> str:
 
 
 def main(argv=None):
-    from ..cli import positive, writable
+    from ..cli import default_device, device, positive, writable
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default=default_device(), help="default: cuda where there is one")
     p.add_argument("--warmup", type=positive(zero_ok=True), default=2)
     p.add_argument("--repeats", type=positive(), default=5)
     p.add_argument("--out", type=writable(), help="write the rows as JSON here")

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import device, positive
 from ..errors import DataError, InputError
 
 DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5: 336 px / patch 14 = 24 x 24
@@ -36,8 +37,9 @@ def pick_record(path, index=None, rid=None) -> dict:
         if not found:
             raise InputError(f"{path}: no record with id {rid!r}")
         return found[0]
-    if not -len(records) <= index < len(records):
-        raise InputError(f"record index {index} is out of range: {path} holds {len(records)} records")
+    if not 0 <= index < len(records):
+        raise InputError(f"record index {index} is out of range: {path} holds {len(records)} records "
+                         f"(--index 0 to {len(records) - 1})")
     return records[index]
 
 
@@ -220,14 +222,14 @@ def run_attention(args) -> None:
 
 def add_record_flags(p, image: bool) -> None:
     p.add_argument("--data", type=Path, help="a LLaVA-format JSON / JSONL file")
-    p.add_argument("--index", type=int, help="the record's position in --data")
+    p.add_argument("--index", type=positive(int, zero_ok=True), help="the record's position in --data (from 0)")
     p.add_argument("--id", help="the record's id in --data")
     p.add_argument("--image-folder", type=Path, help="where the records' image paths start")
     if image:
         p.add_argument("--image", type=Path, help="an image file (instead of a record's)")
         p.add_argument("--question", help="default: the record's first question, else 'Describe the image.'")
         p.add_argument("--model", type=Path, required=True, help="any layout llava_min.load reads")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", type=device, default="cpu")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="the weights' (attention weights are recomputed in float32 either way)")
 

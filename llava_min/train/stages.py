@@ -10,7 +10,10 @@ from typing import Optional
 import torch
 
 from ..conversation import IGNORE_INDEX
-from .settings import StageRun
+from ..data.dataset import LlavaDataset
+from ..errors import DataError
+from .devices import world
+from .settings import LlavaStage, StageRun
 from .trainer import TrainConfig, Trainer
 
 FROZEN, TRAINED = False, True
@@ -87,6 +90,25 @@ def llava_loss(model, batch) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- one stage
+
+def llava_dataset(run: StageRun, s: LlavaStage, model, tok, template: str, max_length: int):
+    """Stage 1's or 2's records, every one checked before the first step (dropped here with --on-error skip)."""
+    data = LlavaDataset(run.data, tok, image_folder=s.image_folder, template=template,
+                        num_image_tokens=model.num_image_tokens, image_token_id=model.cfg.image_token_id,
+                        image_size=model.cfg.vision.image_size, image_aspect=model.cfg.image_aspect_ratio,
+                        max_length=max_length, on_error=s.on_error, anyres=model.anyres,
+                        progress=run.loop.progress and world()[0] == 0)
+    if data.dropped and world()[0] == 0:
+        print(f"--on-error skip: {data.dropped} of {data.dropped + len(data)} records in {run.data} dropped before "
+              "training: " + "; ".join(data.skip_log[:3]) + ("; ..." if data.dropped > 3 else ""))
+    if len(data) == 0:
+        raise DataError(f"{run.data}: no record left to train on, all {len(data.skip_log)} were skipped: "
+                        + "; ".join(data.skip_log[:3]))
+    if s.data_fraction < 1.0:  # a fixed, seeded subset (the half-data ablation)
+        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(run.loop.seed))
+        data = torch.utils.data.Subset(data, keep[: int(len(data) * s.data_fraction)].tolist())
+    return data
+
 
 def run_stage(run: StageRun, model, groups, dataset, collate_fn, loss_fn, count_fn, save, flops=0.0,
               group_by_length=False, chosen: Optional[dict] = None):

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from tqdm import tqdm
 
 from .devices import peak_flops, shard, to_device, use_bf16, world
+from ..errors import OptionError
 from ..files import LOG, SNAPSHOT, DiskFullError, InputError, atomic_write, room_for
 from .snapshots import FULL, Snapshots, resume_signature
 
@@ -189,8 +190,8 @@ class Trainer:
         if not torch.isfinite(loss):
             saved = f"the last snapshot in {self.snapshots.directory} is intact" if self.snapshots.exists() else \
                 "no snapshot was saved (--save-every N makes them)"
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: stopping; {saved}. "
-                                     "Lower --lr or check the data.")
+            raise OptionError(f"loss is {loss.item()} at step {self.step}: stopping; {saved}. "
+                              "Lower --lr or check the data.")  # diverged: most often a learning rate too high
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad) if self.cfg.clip_grad else None
         lr_scale = lr_at(self.step, self.total_steps, self.warmup, 1.0)
         for group in self.optimizer.param_groups:
