@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 from ..files import InputError
+from . import anyres_view, chat_view, loss_view, scoring_view, square_view, stages_view, teacher_view
+
+VIEWS = (teacher_view, stages_view, loss_view, chat_view, scoring_view, square_view, anyres_view)  # the guide's
 
 DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5: 336 px / patch 14 = 24 x 24
 
@@ -71,14 +74,18 @@ def record_image(record, image_folder):
 def labels_settings(args, record) -> tuple:
     """(tokenizer, template, image_token_id, num_image_tokens) from the flags and the --model config."""
     from ..checkpoint.configs import llava_hf_config, read_config
+    from ..checkpoint.official import stage1_projector_file
     from ..tokenizer import Tokenizer
     cfg = None
     if args.model is not None:
         raw = read_config(args.model)
-        if raw.get("model_type") not in ("llava", "llava_next"):
-            raise InputError(f"{args.model}: labels reads llava-hf configs; for this layout pass --tokenizer and "
-                             "--num-image-tokens")
-        cfg = llava_hf_config(raw)
+        if stage1_projector_file(args.model):  # a stage-1 directory: its plain template, CLIP's patches
+            cfg = stages_view.stage1_config(args.model, raw)
+        elif raw.get("model_type") not in ("llava", "llava_next"):
+            raise InputError(f"{args.model}: labels reads llava-hf configs and stage-1 directories; for this layout "
+                             "pass --tokenizer and --num-image-tokens")
+        else:
+            cfg = llava_hf_config(raw)
     tok_path = args.tokenizer or (args.model / "tokenizer.model" if args.model else None)
     if tok_path is None:
         raise InputError("give --tokenizer or --model (its tokenizer.model)")
@@ -256,6 +263,8 @@ def parse_args(argv=None):
     attention.add_argument("--layer", type=int, help="one LLM layer (default: the mean over all)")
     attention.add_argument("--out", type=Path, default=Path("attention.png"))
     attention.add_argument("--max-new-tokens", type=int, default=32)
+    for view in VIEWS:
+        view.add_parser(sub)
     args = p.parse_args(argv)
     for flag in ("num_image_tokens", "max_length", "max_new_tokens"):
         if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
@@ -265,7 +274,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    run = {"labels": run_labels, "shapes": run_shapes, "attention": run_attention}[args.view]
+    run = getattr(args, "show", None) or {"labels": run_labels, "shapes": run_shapes,
+                                          "attention": run_attention}[args.view]
     try:
         run(args)
     except InputError as e:  # bad input, named (CheckpointError, ImageError and DataError are InputErrors)
