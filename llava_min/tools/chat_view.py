@@ -61,16 +61,16 @@ def run(args) -> None:
     from ..checkpoint.peft import load_model
     from ..data.image import load_image
     from ..eval.answer import model_pixels
-    from .inspect import tokenizer_of
+    from ..tokenizer import Tokenizer
     image = load_image(args.image)
     if not args.model.is_dir():
         raise InputError(f"model directory {args.model} does not exist")
     model = load_model(args.model, dtype=torch.float32)
     pixels = model_pixels(model, image)
     pixels = pixels if model.anyres else pixels[None]
-    size = (image.height, image.width)
+    size, tok = (image.height, image.width), Tokenizer(args.model / "tokenizer.model")
     for n, (question, reply, total, cached, images, generated) in enumerate(
-            turns(model, tokenizer_of(args.model), pixels, size, args.question, args.max_new_tokens), 1):
+            turns(model, tok, pixels, size, args.question, args.max_new_tokens), 1):
         print(f"turn {n}  USER: {question}\n        ASSISTANT: {reply}")
         print(f"        {total} tokens of conversation: {cached} from the KV cache, {total - cached} prefilled"
               f" ({images} of them the image's), then {generated} generated")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..files import InputError
 from . import anyres_view, chat_view, loss_view, scoring_view, square_view, stages_view, teacher_view
+from .records import pick_record
 
 VIEWS = (teacher_view, stages_view, loss_view, chat_view, scoring_view, square_view, anyres_view)  # the guide's
 
@@ -25,24 +26,6 @@ DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5: 336 px / patch 14 = 24 x 24
 
 
 # ---------------------------------------------------------------- records
-
-def pick_record(path, index=None, rid=None) -> dict:
-    """Record `index` (or the one whose id is `rid`) of a LLaVA-format JSON / JSONL file."""
-    from ..data.dataset import read_records
-    if not Path(path).is_file():
-        raise InputError(f"data file {path} does not exist")
-    records = read_records(path)
-    if not isinstance(records, list):
-        raise InputError(f"{path}: not a list of records")
-    if rid is not None:
-        found = [r for r in records if isinstance(r, dict) and str(r.get("id")) == rid]
-        if not found:
-            raise InputError(f"{path}: no record with id {rid!r}")
-        return found[0]
-    if not -len(records) <= index < len(records):
-        raise InputError(f"record index {index} is out of range: {path} holds {len(records)} records")
-    return records[index]
-
 
 def chosen_record(args):
     """The record --data/--index/--id or --conversation name, or None."""

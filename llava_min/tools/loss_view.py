@@ -28,9 +28,9 @@ def record_tensors(model, tok, record, template: str, image_folder) -> tuple:
     import torch
 
     from ..conversation import tokenize_conversation
+    from ..data.image import load_image
     from ..eval.answer import model_pixels
-    from .inspect import record_image
-    image = record_image(record, image_folder) if record.get("image") else None
+    image = load_image(record["image"], image_folder=image_folder) if record.get("image") else None
     count = model.image_token_count((image.height, image.width)) if image is not None else 0
     ids, labels = tokenize_conversation(record["conversations"], tok, template, count, model.cfg.image_token_id,
                                         has_image=image is not None)
@@ -57,15 +57,16 @@ def run(args) -> None:
 
     from ..checkpoint.peft import load_model
     from ..conversation import check_template
-    from .inspect import pick_record, tokenizer_of
+    from ..tokenizer import Tokenizer
     from .labels_view import token_texts
+    from .records import pick_record
     if (args.index is None) == (args.id is None):
         raise InputError("give one of --index N or --id ID")
     record = pick_record(args.data, args.index, args.id)
     if not args.model.is_dir():
         raise InputError(f"model directory {args.model} does not exist")
     model = load_model(args.model, dtype=torch.float32)
-    tok = tokenizer_of(args.model)
+    tok = Tokenizer(args.model / "tokenizer.model")
     template = check_template(args.template or model.cfg.template)
     ids, labels, pixels, image = record_tensors(model, tok, record, template, args.image_folder)
     with torch.no_grad():
