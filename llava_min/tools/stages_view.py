@@ -85,9 +85,10 @@ def spread(model, data_dir: Path, n: int) -> list:
     e = torch.linalg.eigvalsh(torch.cov(z.T)).flip(0).clamp_min(0)
     share = e / e.sum()
     return [f"CLIP's patch features on {len(records)} stage-1 images ({len(z)} vectors of {z.shape[1]}): the largest "
-            f"direction holds {share[0]:.0%} of the variance, the top 5 {share[:5].sum():.0%}; the smallest "
-            f"{e[-1] / e[0]:.1e} of the largest. The run trained the projector's first layer as W1' A (x - mu), "
-            "A = C^(-1/2) of these features (whitened coordinates), and saved W1 = W1' A."]
+            f"direction holds {share[0]:.0%} of the variance, the top 5 {share[:5].sum():.0%}, the smallest "
+            f"{e[-1] / e[0]:.1e} of the largest;",
+            "so the run trained the projector's first layer as W1' A (x - mu), A = C^(-1/2) of such features "
+            "(whitened coordinates), and saved W1 = W1' A."]
 
 
 def stage1_config(path: Path, raw: dict):
