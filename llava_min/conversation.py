@@ -105,7 +105,8 @@ def check_turns(conversations) -> list:
 
 def place_image(turns: list, has_image: bool) -> list:
     """`<image>` moves to the front of the first human turn ("<image>\\n" + the stripped text, as the
-    official trainer's `preprocess_multimodal` does); without an image, no placeholder anywhere."""
+    official trainer's `preprocess_multimodal` does: Eq. 2 puts the image before or after the first question
+    at random, the code always before); without an image, no placeholder anywhere."""
     turns = [(role, text.replace(IMAGE, "").strip() if IMAGE in text else text) for role, text in turns]
     if has_image:
         text = turns[0][1].strip()
@@ -119,7 +120,7 @@ def spans(turns: list, template: str) -> list:
     """The rendered conversation as (text, supervised) spans, as the official `Conversation.get_prompt`
     renders it. A conversation that ends with the user's turn is left open for the assistant ("... ASSISTANT:")."""
     t = TEMPLATES[check_template(template)]
-    if template == "plain":  # stage 1: the human text is only the image
+    if template == "plain":  # stage 1: the image, then the caption: Sec. 4.2's X_q dropped, as preprocess_plain
         if len(turns) > 2:
             raise DataError(f"the plain template takes one human turn and one reply, got {len(turns)} turns")
         image = IMAGE if turns[0][1].startswith(IMAGE) else ""

@@ -292,3 +292,144 @@ def test_bad_input_is_one_line(model_336, tmp_path):
                              "--image", str(image)], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"inspect.py: error: model directory {tmp_path / 'no'} does not exist"
+
+
+# ---------------------------------------------------------------- the reading guide's views
+
+def test_loss_is_the_mean_negative_log_likelihood(capsys, model_336, tmp_path):
+    import torch.nn.functional as F
+
+    from llava_min import load
+    from llava_min.eval.answer import model_pixels
+    picture(tmp_path / "f.png", 40, 30, seed=4)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "r", "image": "f.png", "conversations": TURNS}]))
+    out = run(capsys, "loss", "--model", model_336, "--data", data, "--id", "r", "--image-folder", tmp_path)
+    model, tok = load(model_336, dtype=torch.float32), Tokenizer(model_336 / "tokenizer.model")
+    ids, labels = tokenize_conversation(TURNS, tok, num_image_tokens=576, image_token_id=model.cfg.image_token_id)
+    pixels = model_pixels(model, Image.open(tmp_path / "f.png").convert("RGB"))[None]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), pixels)[0][0]
+    nll = F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=IGNORE_INDEX, reduction="none")
+    supervised = torch.tensor(labels[1:]) != IGNORE_INDEX
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s+['\"]", line)]
+    assert len(rows) == int(supervised.sum()) and f"{len(ids)} tokens, 576 of them the image's" in out
+    assert [int(r.split()[0]) for r in rows] == [i + 1 for i in supervised.nonzero().squeeze(1).tolist()]
+    torch.testing.assert_close(torch.tensor([float(r.split()[-1]) for r in rows]), nll[supervised], atol=1e-4, rtol=0)
+    by_hand = float(re.search(r"by hand here: ([\d.]+)", out).group(1))
+    returned = float(re.search(r"the model returns \(causal_lm_loss\): +([\d.]+)", out).group(1))
+    assert abs(by_hand - nll[supervised].mean().item()) < 1e-5 and abs(returned - by_hand) < 1e-5
+    assert "give one of --index N or --id ID" in error("loss", "--model", model_336, "--data", data)
+
+
+def test_chat_prefills_only_what_the_cache_lacks(model_336, tmp_path):
+    """Each turn's answer with the cache equals greedy decoding of the whole conversation from scratch."""
+    from llava_min import load
+    from llava_min.eval.answer import model_pixels
+    from llava_min.tools.chat_view import turns
+    model, tok = load(model_336, dtype=torch.float32), Tokenizer(model_336 / "tokenizer.model")
+    image = Image.open(picture(tmp_path / "g.png", 30, 30, seed=5)).convert("RGB")
+    pixels = model_pixels(model, image)[None]
+    questions = ["What is 12?", "And 3?", "Why?"]
+    conversation, previous = [], 0
+    for n, (question, reply, total, cached, images, generated) in enumerate(
+            turns(model, tok, pixels, (30, 30), questions, max_new_tokens=3)):
+        conversation.append({"from": "human", "value": ("<image>\n" if n == 0 else "") + question})
+        ids = tokenize_prompt(conversation, tok, image_token_id=model.cfg.image_token_id)
+        fresh = model.generate(torch.tensor([ids]), pixels, max_new_tokens=3)[0].tolist()
+        assert reply == tok.decode(fresh).strip() and generated == 3 and total == len(ids)
+        assert images == (576 if n == 0 else 0)  # the image is prefilled once, then read from the cache
+        assert cached == 0 if n == 0 else previous <= cached < total  # at least the whole previous prompt is reused
+        conversation.append({"from": "gpt", "value": reply})
+        previous = total
+
+
+def test_teacher_shows_each_response_type_with_its_context(capsys, parts):
+    from collections import Counter
+    data = parts / "data"
+    out = run(capsys, "teacher", "--data-dir", data, "--scene", 3)
+    instruct, scenes = json.loads((data / "instruct.json").read_text()), json.loads((data / "scenes.json").read_text())
+    for kind, n in Counter(r["type"] for r in instruct).items():
+        assert re.search(rf"^  {kind} +{n} ", out, flags=re.M), kind
+    for rtype in ("conversation", "detail", "complex"):
+        section = out.split(f"== {rtype}: record ")[1].split("\n== ")[0]
+        rid = section.split()[0]
+        index = int(rid.split("-")[1])
+        assert rid.endswith(f"-{rtype}") and index >= 3  # picked by type, from --scene on
+        assert not any(r["type"] == rtype and 3 <= int(r["id"].split("-")[1]) < index for r in instruct)
+        scene = next(s for s in scenes if s["split"] == "train" and s["index"] == index)
+        assert all(f"  | {c}" in section for c in scene["captions"])
+        assert ("[0." in section) == (rtype != "conversation")  # boxes for detail and complex only (Table 1)
+        record = next(r for r in instruct if r["id"] == rid)
+        assert f"  gpt: {record['conversations'][1]['value']!r}" in section
+
+
+def test_stages_and_stage1_labels(capsys, parts, tmp_path):
+    from llava_min import build_llava, save_llava
+    from llava_min.checkpoint.save import save_stage1
+    model = build_llava(parts / "clip", parts / "lm", image_aspect_ratio="crop")
+    run_dir = tmp_path / "run"
+    save_stage1(model, run_dir / "stage1", parts / "clip", parts / "lm", parts / "tokenizer.model")
+    model.cfg.image_aspect_ratio = "pad"
+    save_llava(model, run_dir / "stage2", parts / "tokenizer.model")
+    for stage, lrs in (("1", [1e-4, 2e-3, 1e-3]), ("2", [5e-5, 1e-5])):
+        (run_dir / f"stage{stage}" / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i + 1, "loss": 3.0 - i, "lr": lr}) + "\n" for i, lr in enumerate(lrs)))
+    out = run(capsys, "stages", "--run", run_dir)
+    rows = {line[:21].strip(): line[21:].split() for line in out.splitlines()}
+    projector = sum(p.numel() for p in model.projector.parameters())
+    llm = sum(p.numel() for p in model.language_model.parameters())
+    assert rows["trained parameters"] == [f"{projector:,}", f"{projector + llm:,}"]
+    assert rows["peak lr"] == ["0.002", "5e-05"] and rows["optimizer steps"] == ["3", "2"]
+    assert rows["template"] == ["plain", "vicuna_v1"] and rows["image"] == ["crop", "pad"]
+    out = run(capsys, "labels", "--model", run_dir / "stage1", "--data", parts / "data/pretrain.json", "--index", 0)
+    side = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    assert "template plain" in out and f"image tokens {side * side}" in out
+    instruction = json.loads((parts / "data/pretrain.json").read_text())[0]["conversations"][0]["value"]
+    assert instruction.replace("<image>", "").strip() not in out  # plain drops the instruction X_q
+
+
+def test_scoring_shows_what_the_scorer_read(capsys, tmp_path):
+    data, results = tmp_path / "eval.json", tmp_path / "results.json"
+    turn = [{"from": "human", "value": "<image>\nQ"}]
+    data.write_text(json.dumps([
+        {"id": "a", "format": "short", "answer": "2", "conversations": turn},
+        {"id": "b", "format": "choice", "answer": "B", "choices": ["x", "y", "z"], "conversations": turn},
+        {"id": "c", "format": "choice", "answer": "A", "choices": ["x", "y"], "conversations": turn}]))
+    results.write_text(json.dumps({"predictions": [{"id": "a", "prediction": "Two.", "answer": "2"},
+                                                   {"id": "b", "prediction": "The answer is B.", "answer": "B"},
+                                                   {"id": "c", "prediction": "maybe", "answer": "A"}]}))
+    lines = run(capsys, "scoring", "--results", results, "--data", data).splitlines()
+    assert re.fullmatch(r"a +short +'Two\.' +'2' +'2' +right", lines[1])
+    assert re.fullmatch(r"b +choice +'The answer is B\.' +'B' +'B' +right", lines[2])
+    assert re.fullmatch(r"c +choice +'maybe' +None +'A' +wrong", lines[3])
+    results.write_text(json.dumps({"predictions": [{"id": "zz", "prediction": "1", "answer": "1"}]}))
+    assert "prediction for 'zz'" in error("scoring", "--results", results, "--data", data)
+
+
+def test_square_pad_and_crop_in_numbers(capsys, tmp_path):
+    out = run(capsys, "square", "--image", picture(tmp_path / "w.png", 60, 20), "--out", tmp_path / "sq.png")
+    # crop: 20 px high -> 336, so 60 -> 1008, and the center 336 keeps a third: 20 of the 60 px cut on each side
+    assert "(1008x336)" in out and "about 20 px of the image cut off at the left and right each, 33%" in out
+    assert "60x60 square of (122, 116, 104) (20 px bands at the top and bottom)" in out and "33% of the square" in out
+    with Image.open(tmp_path / "sq.png") as png:
+        assert png.width > 3 * png.height // 2
+
+
+@pytest.mark.parametrize("size, lines", [
+    ("640x480", ["672x672 = 2 rows x 2 columns", "672x504, padded black to 672x672 (0 px left, 84 px top)",
+                 "48 rows x 48 columns", "36 x 48 = 1728", "+ 36 = 1764", "576 + 1764 = 2340 visual tokens"]),
+    ("300x900", ["336x1008 = 3 rows x 1 column", "336x1008, padded black to 336x1008 (0 px left, 0 px top)",
+                 "72 x 24 = 1728", "576 + 1800 = 2376 visual tokens"])])
+def test_anyres_steps(capsys, size, lines):
+    out = run(capsys, "anyres", "--size", size)
+    assert all(line in out for line in lines), out
+
+
+def test_anyres_of_a_model_and_bad_sizes(capsys, anyres_model, model_336):
+    from llava_min import load
+    out = run(capsys, "anyres", "--size", "60x20", "--model", anyres_model)
+    count = load(anyres_model, dtype=torch.float32).image_token_count((20, 60))
+    assert out.rstrip().endswith(f"= {count} visual tokens")
+    assert "give WIDTHxHEIGHT" in error("anyres", "--size", "640")
+    assert "is not an AnyRes model" in error("anyres", "--size", "64x64", "--model", model_336)

@@ -188,12 +188,12 @@ def positions_for(attention_mask: Optional[torch.Tensor], B: int, T: int, start:
 
 
 def causal_lm_loss(scores: torch.Tensor, labels: torch.Tensor, to_logits=None) -> torch.Tensor:
-    """Eq. 3: the mean over supervised tokens of -log p(x_i | x_<i); labels -100 are not supervised.
+    """Eq. 3 is the answer's likelihood, prod_i p(x_i | X_v, X_instruct, x_<i) over the supervised tokens (labels
+    -100 are not); this loss is its negative log divided by their number, the normalization chosen (training
+    divides by the whole optimizer step's count instead: Trainer.train_step).
 
-    `scores` are logits, or hidden states with `to_logits` (final norm + vocabulary projection), which
-    then runs only at the positions that carry a label: in stage 2 most positions are system prompt,
-    question or image (Table 2). The mean over a whole optimizer step's tokens is taken in
-    Trainer.train_step.
+    `scores` are logits, or hidden states with `to_logits` (final norm + vocabulary projection), which then runs
+    only at the positions that carry a label: in stage 2 most positions are system prompt, question or image (Table 2).
     """
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX

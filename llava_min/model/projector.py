@@ -20,7 +20,7 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(text_dim, text_dim) if kind == "mlp2x_gelu" else None
 
     def forward(self, z_v: torch.Tensor) -> torch.Tensor:
-        h_v = self.linear_1(z_v)  # Eq. 1: H_v = W · Z_v
-        if self.linear_2 is not None:
-            h_v = self.linear_2(F.gelu(h_v))  # LLaVA-1.5: Linear -> GELU -> Linear
+        if self.linear_2 is None:  # LLaVA: W is one layer (Eq. 1 writes no bias; the official nn.Linear has one)
+            return self.linear_1(z_v)  # Eq. 1: H_v = W · Z_v
+        h_v = self.linear_2(F.gelu(self.linear_1(z_v)))  # Eq. 1 with LLaVA-1.5's W: Linear -> GELU -> Linear
         return h_v

@@ -18,30 +18,15 @@ from pathlib import Path
 
 from ..cli import device, positive
 from ..errors import DataError, InputError
+from . import anyres_view, chat_view, loss_view, scoring_view, square_view, stages_view, teacher_view
+from .records import pick_record
+
+VIEWS = (teacher_view, stages_view, loss_view, chat_view, scoring_view, square_view, anyres_view)  # the guide's
 
 DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5: 336 px / patch 14 = 24 x 24
 
 
 # ---------------------------------------------------------------- records
-
-def pick_record(path, index=None, rid=None) -> dict:
-    """Record `index` (or the one whose id is `rid`) of a LLaVA-format JSON / JSONL file."""
-    from ..data.dataset import read_records
-    if not Path(path).is_file():
-        raise InputError(f"data file {path} does not exist")
-    records = read_records(path)
-    if not isinstance(records, list):
-        raise InputError(f"{path}: not a list of records")
-    if rid is not None:
-        found = [r for r in records if isinstance(r, dict) and str(r.get("id")) == rid]
-        if not found:
-            raise InputError(f"{path}: no record with id {rid!r}")
-        return found[0]
-    if not 0 <= index < len(records):
-        raise InputError(f"record index {index} is out of range: {path} holds {len(records)} records "
-                         f"(--index 0 to {len(records) - 1})")
-    return records[index]
-
 
 def chosen_record(args):
     """The record --data/--index/--id or --conversation name, or None."""
@@ -73,14 +58,18 @@ def record_image(record, image_folder):
 def labels_settings(args, record) -> tuple:
     """(tokenizer, template, image_token_id, num_image_tokens) from the flags and the --model config."""
     from ..checkpoint.configs import llava_hf_config, read_config
+    from ..checkpoint.official import stage1_projector_file
     from ..tokenizer import Tokenizer
     cfg = None
     if args.model is not None:
         raw = read_config(args.model)
-        if raw.get("model_type") not in ("llava", "llava_next"):
-            raise InputError(f"{args.model}: labels reads llava-hf configs; for this layout pass --tokenizer and "
-                             "--num-image-tokens")
-        cfg = llava_hf_config(raw)
+        if stage1_projector_file(args.model):  # a stage-1 directory: its plain template, CLIP's patches
+            cfg = stages_view.stage1_config(args.model, raw)
+        elif raw.get("model_type") not in ("llava", "llava_next"):
+            raise InputError(f"{args.model}: labels reads llava-hf configs and stage-1 directories; for this layout "
+                             "pass --tokenizer and --num-image-tokens")
+        else:
+            cfg = llava_hf_config(raw)
     tok_path = args.tokenizer or (args.model / "tokenizer.model" if args.model else None)
     if tok_path is None:
         raise InputError("give --tokenizer or --model (its tokenizer.model)")
@@ -256,6 +245,8 @@ def parse_args(argv=None):
     attention.add_argument("--layer", type=int, help="one LLM layer (default: the mean over all)")
     attention.add_argument("--out", type=Path, default=Path("attention.png"))
     attention.add_argument("--max-new-tokens", type=int, default=32)
+    for view in VIEWS:
+        view.add_parser(sub)
     args = p.parse_args(argv)
     for flag in ("num_image_tokens", "max_length", "max_new_tokens"):
         if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
@@ -265,7 +256,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    run = {"labels": run_labels, "shapes": run_shapes, "attention": run_attention}[args.view]
+    run = getattr(args, "show", None) or {"labels": run_labels, "shapes": run_shapes,
+                                          "attention": run_attention}[args.view]
     try:
         run(args)
     except InputError as e:  # bad input, named (CheckpointError, ImageError and DataError are InputErrors)
