@@ -22,17 +22,12 @@ from pathlib import Path
 
 from .errors import InputError
 
-FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
 def user_message(e: BaseException):
     """The one line a user's mistake is reported with; None for anything else (a bug: its traceback is shown)."""
     if isinstance(e, InputError):
         return worker_message(e)
     if isinstance(e, OSError) and e.filename is not None:
         return f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else "")
-    if isinstance(e, FILE_ERRORS):  # ours, with a message (a snapshot --resume cannot find, ...)
-        return str(e)
     return None
 
 

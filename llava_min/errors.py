@@ -7,6 +7,8 @@
       TokenizerError    a tokenizer file that cannot be used
       TeacherError      a request to the teacher's endpoint that failed for good (data/teacher.py)
       CheckpointError   a checkpoint that cannot be loaded (checkpoint/weights.py)
+      SnapshotError     a resumable snapshot that is missing, or not this run's (train/snapshots.py)
+      DiskFullError     a file that does not fit on its disk: its name, the space needed and free (files.py)
 
 The messages name the file, record or flag; the command lines print them as one line (cli.run). Anything
 else, a plain ValueError or TypeError included, is a bug and keeps its traceback: no code catches

@@ -100,7 +100,7 @@ class Tokenizer:
     def __init__(self, path):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {path} not found")
+            raise TokenizerError(f"tokenizer model {path} not found")
         try:
             proto = spm.SentencePieceProcessor(model_file=str(path)).serialized_model_proto()
         except (OSError, RuntimeError) as e:

@@ -300,14 +300,14 @@ def test_loss_is_the_mean_negative_log_likelihood(capsys, model_336, tmp_path):
     import torch.nn.functional as F
 
     from llava_min import load
-    from llava_min.eval.answer import model_pixels
+    from llava_min.data.image import preprocess
     picture(tmp_path / "f.png", 40, 30, seed=4)
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"id": "r", "image": "f.png", "conversations": TURNS}]))
     out = run(capsys, "loss", "--model", model_336, "--data", data, "--id", "r", "--image-folder", tmp_path)
     model, tok = load(model_336, dtype=torch.float32), Tokenizer(model_336 / "tokenizer.model")
     ids, labels = tokenize_conversation(TURNS, tok, num_image_tokens=576, image_token_id=model.cfg.image_token_id)
-    pixels = model_pixels(model, Image.open(tmp_path / "f.png").convert("RGB"))[None]
+    pixels = preprocess(Image.open(tmp_path / "f.png").convert("RGB"), 336, model.cfg.image_aspect_ratio)[None]
     with torch.no_grad():
         logits = model(torch.tensor([ids]), pixels)[0][0]
     nll = F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=IGNORE_INDEX, reduction="none")
@@ -325,11 +325,11 @@ def test_loss_is_the_mean_negative_log_likelihood(capsys, model_336, tmp_path):
 def test_chat_prefills_only_what_the_cache_lacks(model_336, tmp_path):
     """Each turn's answer with the cache equals greedy decoding of the whole conversation from scratch."""
     from llava_min import load
-    from llava_min.eval.answer import model_pixels
+    from llava_min.data.image import preprocess
     from llava_min.tools.chat_view import turns
     model, tok = load(model_336, dtype=torch.float32), Tokenizer(model_336 / "tokenizer.model")
     image = Image.open(picture(tmp_path / "g.png", 30, 30, seed=5)).convert("RGB")
-    pixels = model_pixels(model, image)[None]
+    pixels = preprocess(image, 336, model.cfg.image_aspect_ratio)[None]
     questions = ["What is 12?", "And 3?", "Why?"]
     conversation, previous = [], 0
     for n, (question, reply, total, cached, images, generated) in enumerate(

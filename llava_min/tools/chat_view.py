@@ -59,15 +59,13 @@ def run(args) -> None:
     import torch
 
     from ..checkpoint.peft import load_model
-    from ..data.image import load_image
-    from ..eval.answer import model_pixels
+    from ..data.image import ImageSettings, image_input, load_image
     from ..tokenizer import Tokenizer
     image = load_image(args.image)
     if not args.model.is_dir():
         raise InputError(f"model directory {args.model} does not exist")
     model = load_model(args.model, dtype=torch.float32)
-    pixels = model_pixels(model, image)
-    pixels = pixels if model.anyres else pixels[None]
+    pixels = image_input(image, ImageSettings.of(model.cfg)).pixel_values
     size, tok = (image.height, image.width), Tokenizer(args.model / "tokenizer.model")
     for n, (question, reply, total, cached, images, generated) in enumerate(
             turns(model, tok, pixels, size, args.question, args.max_new_tokens), 1):

@@ -28,16 +28,14 @@ def record_tensors(model, tok, record, template: str, image_folder) -> tuple:
     import torch
 
     from ..conversation import tokenize_conversation
-    from ..data.image import load_image
-    from ..eval.answer import model_pixels
+    from ..data.image import ImageSettings, image_input, load_image
     image = load_image(record["image"], image_folder=image_folder) if record.get("image") else None
     count = model.image_token_count((image.height, image.width)) if image is not None else 0
     ids, labels = tokenize_conversation(record["conversations"], tok, template, count, model.cfg.image_token_id,
                                         has_image=image is not None)
     pixels = None
     if image is not None:
-        pixels = model_pixels(model, image)
-        pixels = pixels if model.anyres else pixels[None]
+        pixels = image_input(image, ImageSettings.of(model.cfg)).pixel_values
     return torch.tensor([ids]), torch.tensor([labels]), pixels, image
 
 
