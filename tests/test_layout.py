@@ -63,6 +63,27 @@ def test_text_needs_no_model_and_the_model_no_image_or_text():
         assert not outside, f"{name} imports {outside}"
 
 
+# The pipeline's packages, each above what it may import (the shared errors, files and cli under all of them).
+LAYERS = {"model": set(), "text": set(), "checkpoint": {"model", "text"}, "data": {"model", "text"},
+          "train": {"model", "text", "data", "checkpoint"}, "eval": {"model", "text", "data", "checkpoint"},
+          "lora": {"model", "text", "checkpoint"}}
+SHARED = {"errors", "files", "cli"}
+
+
+def group(module: str) -> str:
+    part = module.split(".")[1] if module.count(".") else ""
+    return "text" if part in ("tokenizer", "conversation") else part
+
+
+def test_the_pipeline_packages_import_only_what_is_below_them():
+    for name, deps in MODULES.items():
+        if group(name) not in LAYERS:
+            continue
+        above = {group(m) for m in deps if m.startswith("llava_min.") and group(m) != group(name)}
+        wrong = above - LAYERS[group(name)] - SHARED
+        assert not wrong, f"{name} imports from {sorted(wrong)}"
+
+
 def test_no_import_cycles():
     graph = {m: {i for i in deps if i in MODULES and i != m} for m, deps in MODULES.items()}
     for m in graph:
