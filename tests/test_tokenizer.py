@@ -138,7 +138,8 @@ def test_tiny_tokenizer_matches_the_slow_reference(corpus, tmp_path):
 
 
 def test_bad_tokenizer_files_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothere.model"):
+    from llava_min.errors import TokenizerError
+    with pytest.raises(TokenizerError, match="nothere.model not found"):
         Tokenizer(tmp_path / "nothere.model")
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="junk.model is not a sentencepiece model"):
