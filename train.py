@@ -52,9 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", type=existing("dir"), help="LLaMA / Vicuna directory")
     p.add_argument("--tokenizer", type=existing(), help="tokenizer.model (default: the one beside the LLM / init)")
     p.add_argument("--out", type=writable("any"), help="one stage: its output directory (--stage tokenizer: file); "
-                   "the toy pipeline: default runs/toy (runs/toy-detail for --world detail)")
+                   "the toy pipeline: default runs/toy[-detail][-large] (by --world, --preset)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished model in --out")
-    p.add_argument("--data-dir", type=Path, help="toy pipeline: where the world lives (default: data/toy[-detail])")
+    p.add_argument("--data-dir", type=Path, help="toy pipeline: the world (default: data/toy[-detail][-large])")
     p.add_argument("--max-steps", type=positive(int))
     p.add_argument("--epochs", type=positive(float))
     p.add_argument("--batch-size", type=positive(int))
@@ -112,7 +112,7 @@ def parse_args(argv=None):
         p.error(f"the toy pipeline (no --stage) runs a toy preset ({', '.join(TOY_PRESETS)}), not {args.preset}")
     elif args.lora and args.no_stage1:
         p.error("--lora needs stage 1: an adapter is opened on the stage-1 model it was trained on")
-    suffix = "" if args.world == "shapes" else f"-{args.world}"
+    suffix = ("" if args.world == "shapes" else f"-{args.world}") + ("" if args.preset != "toy-large" else "-large")
     args.out = args.out or Path(f"runs/toy{suffix}")
     args.data_dir = args.data_dir or Path(f"data/toy{suffix}")
     if args.num_workers is None:

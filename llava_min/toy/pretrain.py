@@ -16,6 +16,7 @@ from ..train.stages import num_targets, run_stage
 from ..tokenizer import Tokenizer, train_tokenizer
 from .contrastive import ContrastiveCLIP
 from .presets import ToyPreset
+from .questions import CHOICE_PROMPT, SHORT_PROMPT
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -28,12 +29,13 @@ def clip_loss(model, batch) -> torch.Tensor:
 
 
 class PackedText(torch.utils.data.Dataset):
-    """`corpus.txt` (one document per line) as BOS doc EOS BOS doc EOS ..., cut into equal windows."""
+    """`corpus.txt` (one document per line) as BOS doc EOS BOS doc EOS ..., cut into equal windows; `skip`:
+    documents holding any of these strings are left out."""
 
-    def __init__(self, corpus_path, tok, seq_len: int):
+    def __init__(self, corpus_path, tok, seq_len: int, skip: tuple = ()):
         ids = []
         for line in Path(corpus_path).read_text(encoding="utf-8").splitlines():
-            if line.strip():
+            if line.strip() and not any(s in line for s in skip):
                 ids += tok.encode(line.strip(), bos=True, eos=True)
         self.windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
 
@@ -108,7 +110,9 @@ def stage_lm(run: StageRun, toy: ToyPreset, tokenizer: Path):
     tok = Tokenizer(tokenizer)
     torch.manual_seed(run.loop.seed)
     model = Llama(dataclasses.replace(toy.text, vocab_size=tok.vocab_size)).to(run.loop.device)
-    data = PackedText(run.data, tok, toy.lm_seq_len)
+    # An LM that has learned to guess the short answers blind is slow to learn to look (toy-research.md).
+    skip = () if toy.lm_sees_answer_formats else (SHORT_PROMPT.strip(), CHOICE_PROMPT)
+    data = PackedText(run.data, tok, toy.lm_seq_len, skip)
     groups = [{"params": list(model.parameters())}]
     return run_stage(run, model, groups, data, collate_text, lm_loss, num_targets,
                      lambda: save_llama(model, run.out, tokenizer))
