@@ -40,10 +40,10 @@ TOY_PRESETS = {
         clip=StageSettings(lr=1e-3, epochs=2, batch_size=128),
         lm=StageSettings(lr=2e-3, epochs=0.5, batch_size=32)),
     # Bigger where the research says the toy is short (docs/research/toy-research.md): twice the world, an LLM of
-    # width 256 with 8 heads, an LM that never learned to guess the answer formats blind, and 10 stage-2 epochs.
+    # width 256 with 8 heads, an LM that never learned to guess the answer formats blind.
     "toy-large": ToyPreset(
         recipe=Preset(stage1=StageSettings(lr=1e-3, epochs=1, batch_size=32),
-                      stage2=StageSettings(lr=1e-3, epochs=10, batch_size=32),  # run time: docs/toy.md
+                      stage2=StageSettings(lr=1e-3, epochs=6, batch_size=32),  # run time: docs/toy.md
                       image_aspect="crop", max_length=256, group_by_length=True),
         num_images=16000, num_eval=500, vocab_size=1024,
         vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
