@@ -20,6 +20,7 @@ import torch
 import llava_min
 from llava_min.train import stages
 from llava_min.cli import below_one, default_device, device, existing, fraction, positive, run, writable
+from llava_min.errors import OptionError
 from llava_min.files import only_run, recover_dir
 from llava_min.conversation import TEMPLATES
 from llava_min.data.dataset import collate
@@ -54,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=writable("any"), help="one stage: its output directory (--stage tokenizer: file); "
                    "the toy pipeline: default runs/toy[-detail][-large] (by --world, --preset)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished model in --out")
+    p.add_argument("--fallback-out", type=writable("dir"),
+                   help="one stage: where the trained model is written if --out's disk is full at the end")
     p.add_argument("--data-dir", type=Path, help="toy pipeline: the world (default: data/toy[-detail][-large])")
     p.add_argument("--max-steps", type=positive(int))
     p.add_argument("--epochs", type=positive(float))
@@ -110,6 +113,8 @@ def parse_args(argv=None):
         check_stage_args(p, args)
     elif args.preset not in TOY_PRESETS:
         p.error(f"the toy pipeline (no --stage) runs a toy preset ({', '.join(TOY_PRESETS)}), not {args.preset}")
+    elif args.fallback_out:
+        p.error("--fallback-out is for one stage (--stage 1, 2, clip or lm): the toy pipeline's models are small")
     elif args.lora and args.no_stage1:
         p.error("--lora needs stage 1: an adapter is opened on the stage-1 model it was trained on")
     suffix = ("" if args.world == "shapes" else f"-{args.world}") + ("" if args.preset != "toy-large" else "-large")
@@ -155,6 +160,21 @@ def check_stage_args(p, args) -> None:
     if done and not args.overwrite:
         p.error(f"--out {args.out} holds a finished {'tokenizer' if is_file else 'model'} ({done.name}): pass "
                 "--overwrite to replace it (the new one takes its place only once complete), or another --out")
+    check_fallback(p, args)
+
+
+def check_fallback(p, args) -> None:
+    """--fallback-out: another directory than --out, for a trained stage, holding no finished model."""
+    spare = args.fallback_out
+    if spare is None:
+        return
+    if args.stage == "tokenizer":
+        p.error("--fallback-out is for the trained stages (1, 2, clip, lm), not --stage tokenizer")
+    if spare.resolve() == args.out.resolve():
+        p.error(f"--fallback-out {spare} is --out: give a directory on another disk")
+    done = finished_checkpoint(spare, recover=False)
+    if done:
+        p.error(f"--fallback-out {spare} holds a finished model ({done.name}): give an empty directory")
 
 
 # ---------------------------------------------------------------- each stage's settings, from the command line
@@ -163,7 +183,7 @@ def check_stage_args(p, args) -> None:
 def loop(args) -> Loop:
     return Loop(seed=args.seed, max_steps=args.max_steps, save_every=args.save_every, stop_after=args.stop_after,
                 num_workers=args.num_workers, fsdp=args.fsdp, bf16=args.bf16, device=args.device,
-                progress=not args.no_progress)
+                progress=not args.no_progress, fallback_out=args.fallback_out)
 
 
 def choices(args) -> Choices:
@@ -221,7 +241,7 @@ def stage_1(run: StageRun, s: LlavaStage):
     model = llava_min.build_llava(s.vision, s.llm, s.recipe.projector, select_layer=s.recipe.select_layer,
                                   dtype=s.dtype, device=run.loop.device, template=s.recipe.template,
                                   image_aspect_ratio="crop")  # the plain CLIP processor, as the official pretrain.sh
-    save = lambda: save_stage1(model, run.out, s.vision, s.llm, tokenizer)  # noqa: E731
+    save = lambda out: save_stage1(model, out, s.vision, s.llm, tokenizer)  # noqa: E731
     return train_llava(run, s, model, Tokenizer(tokenizer), save)
 
 
@@ -241,9 +261,9 @@ def stage_2(run: StageRun, s: LlavaStage):
         tile = model.cfg.vision.image_size
         model.use_anyres([(h * tile, w * tile) for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))])
     if s.lora is not None:  # the adapter (LoRA + projector) alone; `python -m llava_min.lora merge` makes a full model
-        save = lambda: save_adapter(model, run.out, base=s.init, tokenizer_path=tokenizer)  # noqa: E731
+        save = lambda out: save_adapter(model, out, base=s.init, tokenizer_path=tokenizer)  # noqa: E731
     else:
-        save = lambda: llava_min.save_llava(model, run.out, tokenizer)  # noqa: E731
+        save = lambda out: llava_min.save_llava(model, out, tokenizer)  # noqa: E731
     return train_llava(run, s, model, Tokenizer(tokenizer), save)
 
 
@@ -268,6 +288,9 @@ def main(argv=None):
     with only_run(args.out):  # one run per --out: a second would replace the first's model (torchrun: rank 0 locks)
         if args.stage != "tokenizer" and os.environ.get("RANK", "0") == "0":
             recover_dir(args.out)  # a swap a crash interrupted, finished by the one process allowed to
+            if args.stage is not None and not args.overwrite and finished_checkpoint(args.out):
+                raise OptionError(f"--out {args.out} holds a finished model, from a run that ended after this one "
+                                  "started: pass --overwrite to replace it, or another --out")
         if args.stage is not None:
             torch.manual_seed(args.seed)  # fresh weights (a random projector, the toy models) depend on the seed only
             if args.stage in TOY_STAGES:

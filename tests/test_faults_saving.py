@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 import llava_min.checkpoint.weights
 import llava_min.files
 from llava_min.checkpoint.save import checkpoint_dir, finished_checkpoint, save_pretrained
+from llava_min.checkpoint.weights import load_safetensors
 from llava_min.files import DiskFullError, InputError, aside, only_run, write_json
 from llava_min.train.trainer import TrainConfig, Trainer
 from test_saving import Killed, killed_at
@@ -132,7 +133,7 @@ def fit(out, monkeypatch=None, **overrides):
     cfg = TrainConfig(out_dir=str(out), lr=0.1, max_steps=4, batch_size=2, progress=False, **overrides)
     trainer = Trainer(model, [{"params": list(model.parameters())}], data, lambda xs: {"x": torch.stack(xs)},
                       lambda m, b: m.w(b["x"]).pow(2).sum(), lambda b: len(b["x"]), cfg)
-    return trainer.fit(lambda: save_pretrained(dict(model.state_dict()), {"step": trainer.step}, out))
+    return trainer.fit(lambda where: save_pretrained(dict(model.state_dict()), {"step": trainer.step}, where))
 
 
 def logged_steps(file) -> list:
@@ -167,6 +168,66 @@ def test_a_full_disk_at_the_final_save_keeps_the_last_snapshot_and_says_so(tmp_p
     assert finished_checkpoint(out) is not None and logged_steps(out / "metrics.jsonl") == [1, 2, 3, 4]
 
 
+def test_a_full_disk_at_the_final_save_writes_the_trained_model_to_the_fallback_directory(tmp_path, monkeypatch):
+    out, spare = tmp_path / "out", tmp_path / "spare"
+    real = llava_min.files.free_space
+    monkeypatch.setattr(llava_min.files, "free_space",  # full only where --out is written (its temporary copy)
+                        lambda f: 10 if f.parent.name.startswith(".out.") else real(f))
+    with pytest.raises(DiskFullError) as e:
+        fit(out, fallback_out=str(spare))
+    said = str(e.value)
+    assert said.startswith(f"cannot write {out / 'model.safetensors'}: no space left on its disk"), said
+    assert said.endswith(f"no snapshot was kept (--save-every N makes them); the trained model was written to "
+                         f"--fallback-out {spare}"), said
+    assert finished_checkpoint(out) is None and json.loads((spare / "config.json").read_text()) == {"step": 4}
+    torch.manual_seed(0)  # fit's initial weights: the fallback holds the trained ones
+    assert not torch.equal(load_safetensors(spare / "model.safetensors")["w.weight"], Tiny().w.weight.detach())
+
+
+def test_a_fallback_directory_that_is_full_too_is_named_beside_the_first(tmp_path, monkeypatch):
+    out, spare = tmp_path / "out", tmp_path / "spare"
+    real = llava_min.files.free_space
+    monkeypatch.setattr(llava_min.files, "free_space",
+                        lambda f: 10 if str(f).endswith("model.safetensors") else real(f))
+    with pytest.raises(DiskFullError) as e:
+        fit(out, fallback_out=str(spare))
+    said = str(e.value)
+    assert f"cannot write {out / 'model.safetensors'}: no space" in said
+    assert f"cannot write {spare / 'model.safetensors'}: no space" in said, said
+    assert finished_checkpoint(out) is None and finished_checkpoint(spare) is None
+
+
+def test_fallback_out_is_checked_with_the_options(tmp_path, capsys):
+    import train
+    save_pretrained({"w": torch.zeros(1)}, {}, tmp_path / "done")
+    base = ["--stage", "lm", "--preset", "smoke", "--data", str(tmp_path / "c.txt"), "--tokenizer",
+            str(tmp_path / "t.model"), "--out", str(tmp_path / "out")]
+    (tmp_path / "c.txt").write_text("a\n")
+    (tmp_path / "t.model").write_text("")
+    for extra, said in [(["--fallback-out", str(tmp_path / "out")], "is --out: give a directory on another disk"),
+                        (["--fallback-out", str(tmp_path / "done")], "holds a finished model (config.json)")]:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(base + extra)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--fallback-out", str(tmp_path / "x")])  # the toy pipeline: no second place
+    assert "--fallback-out is for one stage" in capsys.readouterr().err
+
+
+def test_a_model_another_run_finished_after_the_options_were_read_is_not_replaced(tmp_path, monkeypatch):
+    import train
+    from llava_min.errors import OptionError
+    (tmp_path / "c.txt").write_text("a\n")
+    (tmp_path / "t.model").write_text("")
+    args = train.parse_args(["--stage", "lm", "--preset", "smoke", "--data", str(tmp_path / "c.txt"), "--tokenizer",
+                             str(tmp_path / "t.model"), "--out", str(tmp_path / "out")])
+    save_pretrained({"w": torch.zeros(1)}, {"theirs": True}, tmp_path / "out")  # the other run ends and unlocks
+    monkeypatch.setattr(train, "parse_args", lambda argv=None: args)
+    with pytest.raises(OptionError, match="holds a finished model, from a run that ended after this one started"):
+        train.main([])
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"theirs": True}
+
+
 # ---------------------------------------------------------------- a full disk at each kind of write
 
 
@@ -198,7 +259,7 @@ def test_a_real_small_disk(small_disk, monkeypatch, where):
                           stop_after=1)
         Trainer(big, [{"params": list(big.parameters())}], [torch.randn(4) for _ in range(8)],
                 lambda xs: {"x": torch.stack(xs)}, lambda m, b: m.w(b["x"]).pow(2).sum(), lambda b: len(b["x"]),
-                cfg).fit(lambda: None)
+                cfg).fit(lambda out: None)
     assert sorted(p.name for p in small_disk.iterdir() if not p.name.startswith("run")) == []
 
 
@@ -208,6 +269,24 @@ def test_gen_data_on_a_small_disk_names_what_did_not_fit(small_disk):
         gen_data.main(["--out", str(small_disk / "world"), "--num-images", "200", "--num-eval", "20",
                        "--image-size", "32", "--workers", "1"])
     assert not (small_disk / "world" / "eval.json").exists()  # (the file whose presence means "done")
+
+
+@pytest.mark.parametrize("where", ["the probe", "the write"])
+def test_teacher_answers_that_fill_the_disk_end_in_one_error_naming_the_file_and_a_rerun_goes_on(small_disk,
+                                                                                                  monkeypatch, where):
+    from llava_min.data.teacher import run_requests
+    if where == "the write":  # the probe said there was room: the append itself meets the full disk
+        monkeypatch.setattr(llava_min.files, "free_space", lambda f: 1 << 40)
+    out, filler = small_disk / "responses.jsonl", small_disk / "filler"
+    filler.write_bytes(b"x" * 150_000)
+    requests = [(f"k{i}", [{"role": "user", "content": str(i)}], None) for i in range(40)]
+    with pytest.raises(DiskFullError, match=f"cannot write {out}: no space left on its disk"):
+        run_requests(requests, lambda messages, meta: "y" * 4000, out, workers=2)
+    assert 0 < len(out.read_bytes()) < 40 * 4000
+    filler.unlink()  # the user frees space and reruns: the answers on disk are kept, the rest asked
+    counts = run_requests(requests, lambda messages, meta: "y" * 4000, out, workers=2)
+    keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]
+    assert sorted(keys) == sorted(k for k, _, _ in requests) and counts["skipped"] + counts["answered"] == 40
 
 
 def test_lora_merge_overwrite_on_a_full_disk_says_so_in_one_line_and_keeps_the_old_model(chat_model, tmp_path):

@@ -35,7 +35,7 @@ def fit(model, stage, parts, data="pretrain.json", steps=3, out=None, lr=1e-3, *
     cfg = TrainConfig(out_dir=str(out or parts / f"fit{stage}"), lr=lr, max_steps=steps, progress=False,
                       **{"batch_size": 4, **cfg})
     trainer = Trainer(model, groups, ds, collate, stages.llava_loss, stages.num_targets, cfg)
-    return trainer.fit(save=lambda: None)
+    return trainer.fit(save=lambda out: None)
 
 
 def test_caption_pairs_name_the_file_and_record_of_a_bad_one(tmp_path):

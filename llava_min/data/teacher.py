@@ -23,6 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..errors import InputError, OptionError, TeacherError
+from ..files import room_for
 
 URL = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[^\s/:?#\[\]@]+)(:\d{1,5})?(/\S*)?")  # what urllib can send to
 
@@ -229,6 +230,15 @@ def drop_torn_line(path) -> None:
                 f.truncate(data.rfind(b"\n") + 1)
 
 
+def append_line(out, path, line: str) -> None:
+    """One answer, written through (an unbuffered file: nothing is left to fail when it closes); a disk that fills
+    is a DiskFullError naming the file, and the torn line it may leave is cut on the next run (drop_torn_line)."""
+    data = (line + "\n").encode("utf-8")
+    with room_for(path, len(data)):
+        while data:
+            data = data[out.write(data):]
+
+
 def run_requests(requests: list, teacher, results_path, workers: int = 4, progress=None, stop=None) -> dict:
     """Sends the (key, messages, meta) requests not answered yet, `workers` at a time, and appends a
     {"key", "response"} line per answer as it arrives (flushed). `stop` (a threading.Event) or Ctrl-C ends
@@ -246,7 +256,7 @@ def run_requests(requests: list, teacher, results_path, workers: int = 4, progre
     if progress is not None:
         progress.update(counts["skipped"])
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(results_path, "a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, workers)) as pool:
+    with open(results_path, "ab", buffering=0) as out, ThreadPoolExecutor(max(1, workers)) as pool:
         running = {}
         while True:
             while not stop.is_set() and len(running) < 2 * max(1, workers):
@@ -278,8 +288,7 @@ def run_requests(requests: list, teacher, results_path, workers: int = 4, progre
                     counts["failed"] += 1
                     print(f"request {key} failed: {e}", flush=True)
                     continue
-                out.write(line + "\n")
-                out.flush()
+                append_line(out, results_path, line)
                 counts["answered"] += 1
                 if progress is not None:
                     progress.update(1)

@@ -103,7 +103,7 @@ def stage_clip(run: StageRun, toy: ToyPreset, tokenizer: Path, image_folder: Pat
     data = CaptionPairs(run.data, image_folder, tok, toy.vision.image_size)
     groups = [{"params": list(model.parameters())}]
     return run_stage(run, model, groups, data, collate_pairs, clip_loss, lambda batch: 1,
-                     lambda: save_vision(model.vision_tower, run.out))
+                     lambda out: save_vision(model.vision_tower, out))
 
 
 def stage_lm(run: StageRun, toy: ToyPreset, tokenizer: Path):
@@ -115,4 +115,4 @@ def stage_lm(run: StageRun, toy: ToyPreset, tokenizer: Path):
     data = PackedText(run.data, tok, toy.lm_seq_len, skip)
     groups = [{"params": list(model.parameters())}]
     return run_stage(run, model, groups, data, collate_text, lm_loss, num_targets,
-                     lambda: save_llama(model, run.out, tokenizer))
+                     lambda out: save_llama(model, out, tokenizer))

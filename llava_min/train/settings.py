@@ -24,6 +24,7 @@ class Loop:
     bf16: Optional[bool] = None  # bf16 autocast; None: where the hardware has it
     device: str = "cpu"
     progress: bool = True
+    fallback_out: Optional[Path] = None  # where the trained model goes if --out's disk is full at the final save
 
 
 @dataclass

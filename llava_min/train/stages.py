@@ -119,7 +119,7 @@ def run_stage(run: StageRun, model, groups, dataset, collate_fn, loss_fn, count_
                       save_every=loop.save_every, stop_after=loop.stop_after, num_workers=loop.num_workers,
                       fsdp=loop.fsdp, group_by_length=group_by_length, bf16=loop.bf16, progress=loop.progress,
                       name=f"stage {run.stage}" if run.stage in ("1", "2") else run.stage,
-                      data_file=str(run.data))
+                      data_file=str(run.data), fallback_out=loop.fallback_out and str(loop.fallback_out))
     trainer = Trainer(model, groups, dataset, collate_fn, loss_fn, count_fn, cfg, loop.device, flops, chosen)
     losses = trainer.fit(save)
     base = getattr(dataset, "dataset", dataset)  # (under a Subset)

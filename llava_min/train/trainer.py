@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from tqdm import tqdm
 
 from .devices import peak_flops, shard, to_device, use_bf16, world
+from ..checkpoint.save import finished_checkpoint
 from ..errors import OptionError
 from ..files import LOG, SNAPSHOT, DiskFullError, InputError, atomic_write, room_for
 from .snapshots import FULL, Snapshots, resume_signature
@@ -51,6 +52,7 @@ class TrainConfig:
     progress: bool = True
     name: str = ""  # the stage: the progress bar's label, and part of the resume signature
     data_file: Optional[str] = None  # the training file: a resumed run must read the same (resume_signature)
+    fallback_out: Optional[str] = None  # the final save's second place, where out_dir's disk is full
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -201,8 +203,8 @@ class Trainer:
         return loss.item(), grad_norm
 
     # ------------------------------------------------------------ the loop
-    def fit(self, save: Callable[[], None]) -> list:
-        """Runs to `total_steps` (or `stop_after`), calls `save()` at the end; returns the step losses."""
+    def fit(self, save: Callable[[Path], None]) -> list:
+        """Runs to `total_steps` (or `stop_after`), calls `save(out_dir)` at the end; returns the step losses."""
         torch.manual_seed(self.cfg.seed + self.rank)
         random.seed(self.cfg.seed + self.rank)
         self.snapshots.check_start(self.cfg.resume)
@@ -237,13 +239,29 @@ class Trainer:
                 state = get_model_state_dict(self.model, options=FULL)
                 self.model.state_dict = lambda *args, **kwargs: state  # what the stage's save() reads
             if self.rank == 0:
-                with self.kept():
-                    save()
+                self.save_final(save)
                 self.snapshots.remove()
         else:
             with self.kept():
                 self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)  # interrupted on purpose
         return losses
+
+    def save_final(self, save: Callable[[Path], None]) -> None:
+        """The trained model into out_dir; where its disk is full, into fallback_out (if given) before the error."""
+        try:
+            with self.kept():
+                save(Path(self.cfg.out_dir))
+        except DiskFullError as e:
+            spare = self.cfg.fallback_out
+            if spare is None:
+                raise
+            if finished_checkpoint(spare):  # (it held none when the options were read)
+                raise DiskFullError(f"{e}; --fallback-out {spare} now holds a finished model: not replaced") from e
+            try:
+                save(Path(spare))
+            except DiskFullError as again:
+                raise DiskFullError(f"{e}; {again}") from e
+            raise DiskFullError(f"{e}; the trained model was written to --fallback-out {spare}") from e
 
     @contextlib.contextmanager
     def kept(self):
