@@ -1,5 +1,6 @@
 """The whole toy pipeline (`python train.py`) at the smallest size: every step runs, every field of the
 results file is filled, a rerun skips what exists, and the ablation table is produced."""
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import llava_min
 import train
 from llava_min.errors import OptionError
 from llava_min.toy.pipeline import check_settings
+from llava_min.toy.presets import TOY_PRESETS
 from llava_min.toy.plan import ABLATIONS, made_with, plan, stage_epochs, variant_name, with_row
 
 
@@ -58,6 +60,45 @@ def test_smoke_pipeline_and_ablations(tmp_path, capsys):
         assert f"| {row} |" in table
     for row in ("linear", "no-stage1"):  # every row runs with the command line's settings (--max-steps 2)
         assert len((tmp_path / "runs" / row / "stage2" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def changed(a, b) -> dict:
+    """The fields of two presets that differ, with what each part of the LLM's shape is relative to the other's."""
+    out = {}
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x != y:
+            out[f.name] = {g.name: getattr(y, g.name) / getattr(x, g.name) for g in dataclasses.fields(x)
+                           if getattr(x, g.name) != getattr(y, g.name)} if dataclasses.is_dataclass(x) else y / x \
+                if isinstance(x, (int, float)) and not isinstance(x, bool) else y
+    return out
+
+
+def test_the_large_presets_smoke_twin_changes_what_toy_large_changes_and_runs(tmp_path, monkeypatch):
+    from llava_min.toy import pretrain
+    large, twin = changed(TOY_PRESETS["toy"], TOY_PRESETS["toy-large"]), changed(TOY_PRESETS["smoke"],
+                                                                                 TOY_PRESETS["smoke-large"])
+    assert large == twin and twin["lm_sees_answer_formats"] is False, (large, twin)
+    documents = []
+    monkeypatch.setattr(pretrain.PackedText, "__init__", record_documents(pretrain.PackedText.__init__, documents))
+    train.main(["--preset", "smoke-large", "--out", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+                "--max-steps", "2", "--no-progress"])
+    results = json.loads((tmp_path / "runs" / "full" / "results.json").read_text())
+    assert filled(results["scores"]) and results["num_train_images"] == 96
+    corpus = (tmp_path / "data" / "corpus.txt").read_text().splitlines()
+    asked = [d for d in corpus if "single word or phrase" in d or "option's letter" in d]
+    assert asked and documents == [d for d in corpus if d not in asked]  # the LM read the rest, in order
+
+
+def record_documents(init, documents: list):
+    def wrapped(self, corpus_path, tok, seq_len, skip=()):
+        encode = tok.encode
+        tok.encode = lambda text, **kw: documents.append(text) or encode(text, **kw)
+        try:
+            init(self, corpus_path, tok, seq_len, skip)
+        finally:
+            tok.encode = encode
+    return wrapped
 
 
 def test_a_rerun_retrains_a_lost_stage_as_the_first_run_did(tmp_path):

@@ -1,5 +1,6 @@
 """The toy presets: the synthetic world, the tiny CLIP and LLaMA that stand in for the real ones, how they
 are pretrained, and LLaVA's recipe for stages 1 and 2 on them."""
+import dataclasses
 from dataclasses import dataclass
 
 from ..model.clip import VisionConfig
@@ -67,3 +68,9 @@ TOY_PRESETS = {
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
         clip=StageSettings(lr=1e-3, batch_size=8), lm=StageSettings(lr=1e-3, batch_size=8), lm_seq_len=64),
 }
+# toy-large's changes to the toy, made to smoke: what the tests run of it.
+TOY_PRESETS["smoke-large"] = dataclasses.replace(
+    TOY_PRESETS["smoke"], num_images=2 * TOY_PRESETS["smoke"].num_images,
+    text=dataclasses.replace(TOY_PRESETS["smoke"].text, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                             num_key_value_heads=2),
+    lm=dataclasses.replace(TOY_PRESETS["smoke"].lm, epochs=2.0), lm_sees_answer_formats=False)

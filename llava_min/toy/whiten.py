@@ -111,7 +111,7 @@ def whitened(model, dataset, save, fresh: bool):
     the plain layer."""
     whiten_projector(model, dataset, fresh)
 
-    def save_folded():
+    def save_folded(out):
         with folded(model):
-            save()
+            save(out)
     return save_folded

@@ -237,7 +237,7 @@ class Trainer:
         if self.step >= self.total_steps:
             if self.fsdp:  # gather the whole model (every process takes part); rank 0 writes it
                 state = get_model_state_dict(self.model, options=FULL)
-                self.model.state_dict = lambda *args, **kwargs: state  # what the stage's save() reads
+                self.model.state_dict = lambda *args, **kwargs: state  # what the stage's save(out) reads
             if self.rank == 0:
                 self.save_final(save)
                 self.snapshots.remove()
