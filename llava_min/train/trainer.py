@@ -255,7 +255,7 @@ class Trainer:
             spare = self.cfg.fallback_out
             if spare is None:
                 raise
-            if finished_checkpoint(spare):  # (it held none when the options were read)
+            if finished_checkpoint(spare, recover=False):  # (it held none when the options were read)
                 raise DiskFullError(f"{e}; --fallback-out {spare} now holds a finished model: not replaced") from e
             try:
                 save(Path(spare))
