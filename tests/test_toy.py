@@ -90,6 +90,16 @@ def test_the_large_presets_smoke_twin_changes_what_toy_large_changes_and_runs(tm
     assert asked and documents == [d for d in corpus if d not in asked]  # the LM read the rest, in order
 
 
+def test_each_toy_preset_has_its_own_default_directories():
+    from pathlib import Path
+    made = {(preset, world): (a.out, a.data_dir) for preset in ("toy", "toy-large") for world in ("shapes", "detail")
+            for a in [train.parse_args(["--preset", preset, "--world", world])]}
+    assert made == {("toy", "shapes"): (Path("runs/toy"), Path("data/toy")),
+                    ("toy", "detail"): (Path("runs/toy-detail"), Path("data/toy-detail")),
+                    ("toy-large", "shapes"): (Path("runs/toy-large"), Path("data/toy-large")),
+                    ("toy-large", "detail"): (Path("runs/toy-detail-large"), Path("data/toy-detail-large"))}
+
+
 def record_documents(init, documents: list):
     def wrapped(self, corpus_path, tok, seq_len, skip=()):
         encode = tok.encode
