@@ -500,19 +500,19 @@ def test_bad_world_flags_and_a_run_with_nothing_to_train_on_exit_nonzero(tmp_pat
 
 
 def test_ctrl_c_sends_nothing_more_than_what_is_in_flight(tmp_path, requests, monkeypatch):
-    import time
     import llava_min.data.teacher as gd
-    sent, real_wait, calls = [], gd.wait, []
+    sent, real_wait, calls, cancelled = [], gd.wait, [], threading.Event()
 
     def teacher(messages, meta):
         sent.append(messages[-1]["content"])
-        time.sleep(0.2)
+        cancelled.wait(10)  # in flight until the queued request has been cancelled (however slow the machine)
         return "Question:\nQ?\n===\nAnswer:\nA."
 
     def interrupted_once(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise KeyboardInterrupt
+        cancelled.set()  # (the loop waits again only after cancelling what had not started)
         return real_wait(*args, **kwargs)
     monkeypatch.setattr(gd, "wait", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
