@@ -29,7 +29,7 @@ from llava_min.train.recipes import RECIPES, given
 from llava_min.checkpoint.load import append_image_token
 from llava_min.checkpoint.save import finished_checkpoint, save_adapter, save_stage1
 from llava_min.model.low_rank import LoRAConfig
-from llava_min.train.settings import Choices, LlavaStage, Loop, StageRun, resolve, stage_steps
+from llava_min.train.settings import Choices, LlavaStage, Loop, StageRun, fallback_problem, resolve, stage_steps
 from llava_min.train.stages import master_weights, run_stage
 from llava_min.tokenizer import Tokenizer
 from llava_min.toy.plan import ToyRun
@@ -160,21 +160,10 @@ def check_stage_args(p, args) -> None:
     if done and not args.overwrite:
         p.error(f"--out {args.out} holds a finished {'tokenizer' if is_file else 'model'} ({done.name}): pass "
                 "--overwrite to replace it (the new one takes its place only once complete), or another --out")
-    check_fallback(p, args)
+    wrong = args.fallback_out and fallback_problem(args.fallback_out, args.out, args.stage)
+    if wrong:
+        p.error(wrong)
 
-
-def check_fallback(p, args) -> None:
-    """--fallback-out: another directory than --out, for a trained stage, holding no finished model."""
-    spare = args.fallback_out
-    if spare is None:
-        return
-    if args.stage == "tokenizer":
-        p.error("--fallback-out is for the trained stages (1, 2, clip, lm), not --stage tokenizer")
-    if spare.resolve() == args.out.resolve():
-        p.error(f"--fallback-out {spare} is --out: give a directory on another disk")
-    done = finished_checkpoint(spare, recover=False)
-    if done:
-        p.error(f"--fallback-out {spare} holds a finished model ({done.name}): give an empty directory")
 
 
 # ---------------------------------------------------------------- each stage's settings, from the command line

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.save import finished_checkpoint
 from ..model.low_rank import LoRAConfig
 from .recipes import Preset, StageSettings, given
 
@@ -94,3 +95,12 @@ def resolve(preset: Preset, stage: str, choices: Choices, whiten: bool = False, 
                   group_by_length=choices.group_by_length, anyres=choices.anyres or None)
     whiten = whiten if choices.whiten_features is None else choices.whiten_features
     return steps, LlavaStage(model, projector_lr=projector_lr, lora=lora, whiten_features=whiten, **parts)
+
+
+def fallback_problem(spare: Path, out: Path, stage: str) -> Optional[str]:
+    """What is wrong with --fallback-out: it must differ from --out, serve a trained stage, hold no finished model."""
+    done = finished_checkpoint(spare, recover=False)
+    why = ("is for the trained stages (1, 2, clip, lm)" if stage == "tokenizer" else
+           "is --out: give a directory on another disk" if spare.resolve() == out.resolve() else
+           f"holds a finished model ({done.name}): give an empty directory" if done else None)
+    return why and f"--fallback-out {spare} {why}"

@@ -1,19 +1,22 @@
 """Resumable snapshots of a training run: the trained weights, the optimizer, the step and every process's
 random generators, written atomically; a resumed run must share the interrupted run's settings (its
 `resume_signature`)."""
+import contextlib
 import errno
 import hashlib
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from ..files import LOG, InputError, atomic_dir, recover_dir, room_for
+from ..checkpoint.save import finished_checkpoint
+from ..files import LOG, DiskFullError, InputError, atomic_dir, recover_dir, room_for
 from ..checkpoint.weights import load_safetensors, save_safetensors
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, whatever the sharding
@@ -140,6 +143,17 @@ class Snapshots:
             raise SnapshotError(f"{self.directory}: this run's settings differ from the interrupted run's ("
                                 + "; ".join(diff) + "): resume with the same settings, or start over in another --out")
 
+    @contextlib.contextmanager
+    def kept(self):
+        """A save the disk has no room for says what is kept: the last snapshot (atomic: a failed one leaves the
+        one before), from which --resume goes on once there is room; a finished model in --out is untouched."""
+        try:
+            yield
+        except DiskFullError as e:
+            kept = f"the snapshot of step {self.step()} in {self.directory} is kept: free space and rerun with " \
+                "--resume" if self.exists() else "no snapshot was kept (--save-every N makes them)"
+            raise DiskFullError(f"{e}; {kept}") from e
+
     def step(self) -> int:
         return torch.load(self.directory / "state.pt", weights_only=True)["step"]
 
@@ -156,3 +170,20 @@ class Snapshots:
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
+
+
+def save_or_fall_back(save, out_dir: Path, spare: Optional[str], snapshots: Snapshots) -> None:
+    """The trained model into `out_dir`; where its disk is full, into `spare` (--fallback-out) before the error."""
+    try:
+        with snapshots.kept():
+            save(out_dir)
+    except DiskFullError as e:
+        if spare is None:
+            raise
+        if finished_checkpoint(spare, recover=False):  # (it held none when the options were read)
+            raise DiskFullError(f"{e}; --fallback-out {spare} now holds a finished model: not replaced") from e
+        try:
+            save(Path(spare))
+        except DiskFullError as again:
+            raise DiskFullError(f"{e}; {again}") from e
+        raise DiskFullError(f"{e}; the trained model was written to --fallback-out {spare}") from e

@@ -23,10 +23,9 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from tqdm import tqdm
 
 from .devices import peak_flops, shard, to_device, use_bf16, world
-from ..checkpoint.save import finished_checkpoint
 from ..errors import OptionError
-from ..files import LOG, SNAPSHOT, DiskFullError, InputError, atomic_write, room_for
-from .snapshots import FULL, Snapshots, resume_signature
+from ..files import LOG, SNAPSHOT, InputError, atomic_write, room_for
+from .snapshots import FULL, Snapshots, resume_signature, save_or_fall_back
 
 
 @dataclass
@@ -230,7 +229,7 @@ class Trainer:
             losses.append(loss)
             self.log(loss, grad_norm, tokens, dt, bar)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
-                with self.kept():
+                with self.snapshots.kept():
                     self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)
         bar.close()
         self.skipped_total = self.skipped_in_all()  # (a collective: before rank 0 alone saves)
@@ -239,41 +238,12 @@ class Trainer:
                 state = get_model_state_dict(self.model, options=FULL)
                 self.model.state_dict = lambda *args, **kwargs: state  # what the stage's save(out) reads
             if self.rank == 0:
-                self.save_final(save)
+                save_or_fall_back(save, Path(self.cfg.out_dir), self.cfg.fallback_out, self.snapshots)
                 self.snapshots.remove()
         else:
-            with self.kept():
+            with self.snapshots.kept():
                 self.snapshots.save(self.model, self.optimizer, self.step, self.skipped)  # interrupted on purpose
         return losses
-
-    def save_final(self, save: Callable[[Path], None]) -> None:
-        """The trained model into out_dir; where its disk is full, into fallback_out (if given) before the error."""
-        try:
-            with self.kept():
-                save(Path(self.cfg.out_dir))
-        except DiskFullError as e:
-            spare = self.cfg.fallback_out
-            if spare is None:
-                raise
-            if finished_checkpoint(spare, recover=False):  # (it held none when the options were read)
-                raise DiskFullError(f"{e}; --fallback-out {spare} now holds a finished model: not replaced") from e
-            try:
-                save(Path(spare))
-            except DiskFullError as again:
-                raise DiskFullError(f"{e}; {again}") from e
-            raise DiskFullError(f"{e}; the trained model was written to --fallback-out {spare}") from e
-
-    @contextlib.contextmanager
-    def kept(self):
-        """A save the disk has no room for says what is kept: the last snapshot (atomic: a failed one leaves the
-        one before), from which --resume goes on once there is room; a finished model in --out is untouched."""
-        try:
-            yield
-        except DiskFullError as e:
-            kept = f"the snapshot of step {self.snapshots.step()} in {self.snapshots.directory} is kept: free space " \
-                "and rerun with --resume" if self.snapshots.exists() else "no snapshot was kept (--save-every N " \
-                "makes them)"
-            raise DiskFullError(f"{e}; {kept}") from e
 
     def skipped_in_all(self) -> int:
         """Records skipped so far by every process together (each counts its own)."""
